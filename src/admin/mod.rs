@@ -1,0 +1,74 @@
+//! The internal listener: `/metrics`, `/healthz`, `/readyz` (and, as the
+//! other planes land, the `/v1/…` API). Bind it to a private address.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::http::{self, Body};
+
+/// What `/readyz` reports.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    /// Kafka answered a metadata request recently.
+    pub kafka: AtomicBool,
+    /// The contacts state has caught up with its topics.
+    pub contacts: AtomicBool,
+    /// Shutdown has begun: not ready, whatever else holds.
+    pub draining: AtomicBool,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.kafka.load(Ordering::Relaxed)
+            && self.contacts.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Shared state of the internal listener.
+pub struct Admin {
+    pub metrics: PrometheusHandle,
+    pub ready: Arc<Readiness>,
+}
+
+impl Admin {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => {
+                let mut r = http::text(StatusCode::OK, self.metrics.render());
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            (&Method::GET, "/healthz") => http::text(StatusCode::OK, "ok"),
+            (&Method::GET, "/readyz") => {
+                let r = &self.ready;
+                if r.is_ready() {
+                    http::text(StatusCode::OK, "ready")
+                } else {
+                    let why = if r.draining.load(Ordering::Relaxed) {
+                        "shutting down"
+                    } else if !r.kafka.load(Ordering::Relaxed) {
+                        "kafka unreachable"
+                    } else {
+                        "contacts state catching up"
+                    };
+                    http::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"))
+                }
+            }
+            (_, "/metrics" | "/healthz" | "/readyz") => http::json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET",
+            ),
+            _ => http::json_error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        }
+    }
+}

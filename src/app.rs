@@ -1,0 +1,203 @@
+//! The composition root: builds every plane from a [`Config`], binds the two
+//! listeners, runs the background tasks, and shuts everything down in order.
+//!
+//! Shutdown order: readiness false → stop accepting → open connections finish
+//! (in-flight webhooks are acknowledged or answered 503) → the producer is
+//! flushed under the deadline → report whether the drain completed.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{Admin, Readiness};
+use crate::config::Config;
+use crate::http::{self, Limits};
+use crate::ingress::dedupe::Dedupe;
+use crate::ingress::Ingress;
+use crate::kafka::KafkaProducer;
+use crate::metrics as m;
+
+/// A running gateway.
+pub struct Gateway {
+    pub public_addr: SocketAddr,
+    pub internal_addr: SocketAddr,
+    pub ready: Arc<Readiness>,
+    pub metrics: PrometheusHandle,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<JoinHandle<bool>>,
+    background: Vec<JoinHandle<()>>,
+    producer: KafkaProducer,
+    shutdown_timeout: Duration,
+}
+
+impl Gateway {
+    /// Builds and starts every plane. Ports are bound before this returns
+    /// (use port 0 to get free ones; see `public_addr`).
+    pub async fn start(cfg: Config) -> anyhow::Result<Gateway> {
+        let metrics = m::install();
+        let producer = KafkaProducer::new(&cfg.kafka)
+            .map_err(|e| anyhow::anyhow!("kafka.brokers: cannot create the producer: {e}"))?;
+        let dedupe = Arc::new(Dedupe::new(
+            cfg.ingress.dedupe_window,
+            cfg.ingress.dedupe_max_entries,
+        ));
+        let ingress = Arc::new(Ingress::new(&cfg, producer.clone(), dedupe.clone()));
+        let ready = Arc::new(Readiness::default());
+        // No contacts plane yet: nothing to catch up with.
+        ready.contacts.store(true, Ordering::Relaxed);
+        let admin = Arc::new(Admin {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        });
+
+        let public = http::bind("listen", cfg.listen).await?;
+        let internal = http::bind("internal_listen", cfg.internal_listen).await?;
+        let public_addr = public.local_addr()?;
+        let internal_addr = internal.local_addr()?;
+        let (shutdown, rx) = watch::channel(false);
+        let limits = Limits {
+            max_connections: cfg.max_connections,
+            header_read_timeout: cfg.header_read_timeout,
+            shutdown_timeout: cfg.shutdown_timeout,
+        };
+        let servers = vec![
+            tokio::spawn(http::serve(
+                "public",
+                public,
+                limits,
+                move |req| ingress.clone().handle(req),
+                rx.clone(),
+            )),
+            tokio::spawn(http::serve(
+                "internal",
+                internal,
+                limits,
+                move |req| admin.clone().handle(req),
+                rx.clone(),
+            )),
+        ];
+        let background = vec![
+            tokio::spawn(kafka_pinger(producer.clone(), ready.clone(), rx.clone())),
+            tokio::spawn(gauges(producer.clone(), dedupe, ready.clone(), rx.clone())),
+        ];
+        tracing::info!(public = %public_addr, internal = %internal_addr, brokers = %cfg.kafka.brokers, "wagate serving");
+        Ok(Gateway {
+            public_addr,
+            internal_addr,
+            ready,
+            metrics,
+            shutdown,
+            servers,
+            background,
+            producer,
+            shutdown_timeout: cfg.shutdown_timeout,
+        })
+    }
+
+    /// Waits until Kafka answered and `/readyz` is 200, or `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.ready.is_ready() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Graceful shutdown; returns true when everything drained in time.
+    pub async fn shutdown(self) -> bool {
+        let start = Instant::now();
+        self.ready.draining.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        let mut drained = true;
+        for s in self.servers {
+            drained &= s.await.unwrap_or(false);
+        }
+        for b in self.background {
+            b.abort();
+        }
+        let left = self
+            .shutdown_timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(100));
+        let producer = self.producer.clone();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(left).is_ok())
+            .await
+            .unwrap_or(false);
+        drained &= flushed;
+        tracing::info!(
+            drained,
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "wagate stopped"
+        );
+        drained
+    }
+}
+
+/// Keeps `ready.kafka` true while a broker answers metadata requests.
+async fn kafka_pinger(
+    producer: KafkaProducer,
+    ready: Arc<Readiness>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut was = None;
+    loop {
+        let p = producer.clone();
+        let ok = tokio::task::spawn_blocking(move || p.ping(Duration::from_secs(3)).is_ok())
+            .await
+            .unwrap_or(false);
+        ready.kafka.store(ok, Ordering::Relaxed);
+        if was != Some(ok) {
+            if ok {
+                tracing::info!("kafka reachable");
+            } else {
+                tracing::warn!("kafka unreachable (metadata request failed)");
+            }
+            was = Some(ok);
+        }
+        let pause = if ok {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_millis(500)
+        };
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Publishes gauges that are sampled rather than counted, and sweeps the
+/// dedupe set.
+async fn gauges(
+    producer: KafkaProducer,
+    dedupe: Arc<Dedupe>,
+    ready: Arc<Readiness>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        if n % 10 == 0 {
+            dedupe.sweep();
+        }
+        metrics::gauge!(m::KAFKA_PRODUCER_QUEUE_DEPTH).set(producer.queue_depth() as f64);
+        let st = dedupe.stats();
+        metrics::gauge!(m::DEDUPE_ENTRIES).set(st.entries as f64);
+        metrics::gauge!(m::DEDUPE_MEMORY_BYTES).set(st.approx_bytes as f64);
+        metrics::counter!(m::DEDUPE_EVICTED_EARLY).absolute(dedupe.evicted_early());
+        metrics::gauge!(m::READY).set(if ready.is_ready() { 1.0 } else { 0.0 });
+    }
+}

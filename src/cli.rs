@@ -1,0 +1,193 @@
+//! Command line: `serve`, `check-config`, `topics create`, `sign`, `tail`.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use wagate::config::{self, Config, LoadOptions, ProcessEnv};
+use wagate::kafka;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wagate",
+    version,
+    about = "Gateway between Meta's WhatsApp Cloud API and Kafka"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config file (default: the embedded config/example.toml).
+        #[arg(long, env = "WAGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Zero-setup mode: in-process Kafka (librdkafka's mock cluster) and
+        /// documented development secrets. Never expose it to the internet.
+        #[arg(long)]
+        dev: bool,
+    },
+    /// Validate a config (and the environment it needs) and exit.
+    CheckConfig {
+        #[arg(long, env = "WAGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Topic administration.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Print the X-Hub-Signature-256 value for the body on standard input.
+    Sign {
+        /// Name of the environment variable holding the app secret.
+        #[arg(long, default_value = "WAGATE_APP_SECRET")]
+        secret_env: String,
+    },
+    /// Print a topic's records as JSON lines (key, headers, value).
+    Tail {
+        /// Topic: a full name, or a short one such as `inbound.messages`
+        /// (the configured prefix is added).
+        topic: String,
+        /// Start at the oldest record instead of the newest.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        max: Option<usize>,
+        /// Stop after this many seconds without a record.
+        #[arg(long)]
+        idle_exit_secs: Option<u64>,
+        /// Bootstrap servers (default: kafka.brokers of the config).
+        #[arg(long)]
+        brokers: Option<String>,
+        #[arg(long, env = "WAGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopicsCommand {
+    /// Create every topic wagate uses, with its cleanup policy.
+    Create {
+        #[arg(long, env = "WAGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Loads a config for a tool command: secrets are not needed, so missing
+/// ones fall back to placeholders that are never used.
+fn tool_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    Ok(config::load(
+        path.map(|p| p.as_path()),
+        &ProcessEnv,
+        LoadOptions { dev: true },
+    )?)
+}
+
+pub fn check_config(path: Option<&PathBuf>) -> anyhow::Result<()> {
+    let cfg = config::load(
+        path.map(|p| p.as_path()),
+        &ProcessEnv,
+        LoadOptions::default(),
+    )?;
+    println!(
+        "config OK: listen {} internal {} kafka {} prefix {:?} apps [{}] tenants [{}]",
+        cfg.listen,
+        cfg.internal_listen,
+        cfg.kafka.brokers,
+        cfg.kafka.topic_prefix,
+        cfg.apps
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        cfg.tenants
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    Ok(())
+}
+
+pub async fn topics_create(path: Option<&PathBuf>) -> anyhow::Result<()> {
+    let cfg = tool_config(path)?;
+    let res = tokio::time::timeout(Duration::from_secs(30), kafka::create_topics(&cfg.kafka))
+        .await
+        .with_context(|| {
+            format!(
+                "kafka.brokers: no answer from {} within 30s",
+                cfg.kafka.brokers
+            )
+        })?
+        .with_context(|| format!("creating topics on {}", cfg.kafka.brokers))?;
+    for (name, created) in res {
+        println!("{name}\t{}", if created { "created" } else { "exists" });
+    }
+    Ok(())
+}
+
+pub fn sign(secret_env: &str) -> anyhow::Result<()> {
+    let secret = std::env::var(secret_env)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .with_context(|| {
+            format!("--secret-env: the environment variable {secret_env} is not set")
+        })?;
+    let mut body = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut body)
+        .context("reading the body from standard input")?;
+    println!(
+        "{}",
+        wagate::meta::signature::sign(secret.as_bytes(), &body)
+    );
+    Ok(())
+}
+
+pub fn tail(
+    topic: &str,
+    from_beginning: bool,
+    max: Option<usize>,
+    idle_exit_secs: Option<u64>,
+    brokers: Option<&str>,
+    path: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    let cfg = tool_config(path)?;
+    let brokers = brokers.unwrap_or(&cfg.kafka.brokers).to_string();
+    let full = if kafka::TOPICS.iter().any(|t| t.name == topic) {
+        format!("{}{topic}", cfg.kafka.topic_prefix)
+    } else {
+        topic.to_string()
+    };
+    if max == Some(0) {
+        bail!("--max must be at least 1");
+    }
+    let opts = kafka::ReadOptions {
+        from_beginning,
+        max,
+        idle_timeout: idle_exit_secs.map(Duration::from_secs),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_err = None;
+    kafka::read_topic(&brokers, &full, &opts, |rec| {
+        if write_err.is_none() {
+            let line = serde_json::to_string(&rec).unwrap_or_default();
+            if let Err(e) = writeln!(out, "{line}").and_then(|_| out.flush()) {
+                write_err = Some(e);
+            }
+        }
+    })
+    .with_context(|| format!("reading {full} from {brokers}"))?;
+    match write_err {
+        Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}

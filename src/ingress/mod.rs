@@ -1,0 +1,506 @@
+//! Ingress: Meta's webhooks into Kafka.
+//!
+//! A POST goes through these phases, each of which can end it:
+//! 1. route: `/webhook` (app `default`) or `/webhook/{app}` → 404 unknown app;
+//! 2. admission: in-flight limit → 503; `Content-Length` over the limit → 413;
+//! 3. body: a limited read under a deadline → 413 / 408;
+//! 4. signature: HMAC-SHA256 over the raw bytes, constant-time → 401;
+//! 5. fan-out: parse a *copy* with simd-json into one record per event
+//!    (unparseable: keep the raw body, 200);
+//! 6. dedupe: claim each event id; ids already stored are dropped;
+//! 7. produce every new record (and the raw body) and wait for Kafka's
+//!    acknowledgements up to `ack_timeout` → 200 `OK`, else 503 + Retry-After.
+//!
+//! Architecture invariant: 200 is sent only after every record derived from
+//! the POST is acknowledged by Kafka (or was acknowledged by an earlier
+//! delivery of the same event). Ingress never imports egress.
+
+pub mod dedupe;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::CONTENT_LENGTH;
+use hyper::{Method, Request, Response, StatusCode};
+use rdkafka::producer::DeliveryFuture;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::{oneshot, Semaphore};
+
+use crate::config::{AppConfig, Config};
+use crate::http::{self, Body};
+use crate::kafka::{KafkaProducer, SendError, TopicNames};
+use crate::meta::signature;
+use crate::meta::webhook::{self, Event, Topic};
+use crate::metrics::{self as m, WebhookOutcome};
+use dedupe::{Batch, Claim, Dedupe, IdHash};
+
+/// The ingress plane: shared by every connection of the public listener.
+pub struct Ingress {
+    apps: HashMap<String, AppConfig>,
+    producer: KafkaProducer,
+    topics: IngressTopics,
+    dedupe: Arc<Dedupe>,
+    raw_enabled: bool,
+    ack_timeout: Duration,
+    retry_after_secs: u64,
+    max_body_bytes: usize,
+    body_read_timeout: Duration,
+    in_flight: Semaphore,
+}
+
+struct IngressTopics {
+    messages: String,
+    statuses: String,
+    events: String,
+    raw: String,
+}
+
+impl IngressTopics {
+    fn of(&self, t: Topic) -> &str {
+        match t {
+            Topic::Messages => &self.messages,
+            Topic::Statuses => &self.statuses,
+            Topic::Events => &self.events,
+        }
+    }
+}
+
+/// The outcome of one request: status, label, response.
+type Outcome = (WebhookOutcome, Response<Body>);
+
+impl Ingress {
+    pub fn new(cfg: &Config, producer: KafkaProducer, dedupe: Arc<Dedupe>) -> Ingress {
+        let names = TopicNames::new(&cfg.kafka.topic_prefix);
+        Ingress {
+            apps: cfg
+                .apps
+                .iter()
+                .map(|a| (a.name.clone(), a.clone()))
+                .collect(),
+            producer,
+            topics: IngressTopics {
+                messages: names.full(Topic::Messages.name()),
+                statuses: names.full(Topic::Statuses.name()),
+                events: names.full(Topic::Events.name()),
+                raw: names.full("inbound.raw"),
+            },
+            dedupe,
+            raw_enabled: cfg.ingress.raw_enabled,
+            ack_timeout: cfg.ingress.ack_timeout,
+            retry_after_secs: cfg.ingress.retry_after_secs,
+            max_body_bytes: cfg.max_body_bytes,
+            body_read_timeout: cfg.body_read_timeout,
+            in_flight: Semaphore::new(cfg.ingress.max_in_flight),
+        }
+    }
+
+    /// The dedupe set (for metrics).
+    pub fn dedupe(&self) -> &Arc<Dedupe> {
+        &self.dedupe
+    }
+
+    /// Handles one request of the public listener.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let path = req.uri().path();
+        let app_name = match path.strip_prefix("/webhook") {
+            Some("") | Some("/") => "default".to_string(),
+            Some(rest) if rest.starts_with('/') && !rest[1..].contains('/') => {
+                rest[1..].to_string()
+            }
+            _ => return http::json_error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        };
+        let Some(app) = self.apps.get(&app_name) else {
+            // Unknown app names are not used as metric labels.
+            metrics::counter!(m::WEBHOOK_REQUESTS, "app" => "unknown", "outcome" => WebhookOutcome::UnknownApp.label()).increment(1);
+            return http::json_error(
+                StatusCode::NOT_FOUND,
+                "unknown_app",
+                "no Meta app of that name is configured",
+            );
+        };
+        let is_post = req.method() == Method::POST;
+        let (outcome, resp) = match *req.method() {
+            Method::GET => self.handshake(app, &req),
+            Method::POST => self.post(app, req, start).await,
+            _ => {
+                let mut r = http::json_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "use GET (handshake) or POST (events)",
+                );
+                r.headers_mut().insert(
+                    hyper::header::ALLOW,
+                    hyper::header::HeaderValue::from_static("GET, POST"),
+                );
+                return r;
+            }
+        };
+        metrics::counter!(m::WEBHOOK_REQUESTS, "app" => app.name.clone(), "outcome" => outcome.label()).increment(1);
+        if is_post {
+            metrics::histogram!(m::WEBHOOK_ACK_SECONDS).record(start.elapsed().as_secs_f64());
+        }
+        resp
+    }
+
+    /// Meta's GET handshake: `hub.mode=subscribe` and the app's verify token
+    /// (constant-time) → 200 with the challenge as text/plain; else 403.
+    fn handshake(&self, app: &AppConfig, req: &Request<Incoming>) -> Outcome {
+        let q = req.uri().query().unwrap_or("");
+        let (mut mode, mut token, mut challenge) = (None, None, None);
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            match &*k {
+                "hub.mode" => mode = Some(v.into_owned()),
+                "hub.verify_token" => token = Some(v.into_owned()),
+                "hub.challenge" => challenge = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        let token_ok = token
+            .as_deref()
+            .is_some_and(|t| bool::from(t.as_bytes().ct_eq(app.verify_token.expose().as_bytes())));
+        match (mode.as_deref(), token_ok, challenge) {
+            (Some("subscribe"), true, Some(c)) => {
+                (WebhookOutcome::HandshakeOk, http::text(StatusCode::OK, c))
+            }
+            _ => (
+                WebhookOutcome::HandshakeForbidden,
+                http::text(StatusCode::FORBIDDEN, "verification failed"),
+            ),
+        }
+    }
+
+    async fn post(&self, app: &AppConfig, req: Request<Incoming>, start: Instant) -> Outcome {
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return (
+                WebhookOutcome::Unavailable,
+                http::unavailable(self.retry_after_secs, "too many webhooks in flight"),
+            );
+        };
+        let _gauge = InFlightGauge::new();
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return too_large(self.max_body_bytes);
+        }
+        let signature = req
+            .headers()
+            .get("x-hub-signature-256")
+            .map(|v| v.as_bytes().to_vec());
+        let body = match tokio::time::timeout(
+            self.body_read_timeout,
+            Limited::new(req.into_body(), self.max_body_bytes).collect(),
+        )
+        .await
+        {
+            Err(_) => {
+                return (
+                    WebhookOutcome::BodyTimeout,
+                    http::json_error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        "the body was not received in time",
+                    ),
+                )
+            }
+            Ok(Err(e))
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return too_large(self.max_body_bytes)
+            }
+            Ok(Err(_)) => {
+                return (
+                    WebhookOutcome::BadRequest,
+                    http::json_error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        "the body could not be read",
+                    ),
+                )
+            }
+            Ok(Ok(c)) => c.to_bytes(),
+        };
+        if let Err(e) = signature::verify(signature.as_deref(), &body, &app.secrets) {
+            let outcome = match e {
+                signature::SignatureError::Missing => WebhookOutcome::SignatureMissing,
+                signature::SignatureError::Malformed => WebhookOutcome::SignatureMalformed,
+                signature::SignatureError::Mismatch => WebhookOutcome::SignatureMismatch,
+            };
+            tracing::debug!(app = %app.name, reason = e.label(), "webhook rejected");
+            return (
+                outcome,
+                http::json_error(StatusCode::UNAUTHORIZED, e.label(), &e.to_string()),
+            );
+        }
+        let received_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let deadline = start + self.ack_timeout;
+        let raw = RawBody {
+            body: &body,
+            signature: signature.as_deref().unwrap_or_default(),
+            received_at_ms,
+        };
+
+        // simd-json rewrites its input: parse a copy, never the verified bytes.
+        let mut copy = body.to_vec();
+        let ctx = webhook::Context {
+            app: &app.name,
+            received_at_ms,
+        };
+        let events = match webhook::fan_out(&mut copy, ctx) {
+            Ok(evs) => evs,
+            Err(e) => {
+                metrics::counter!(m::WEBHOOK_UNPARSEABLE).increment(1);
+                tracing::warn!(app = %app.name, bytes = body.len(), error = %e, "signed body did not parse; keeping it on the raw topic");
+                // Kept even if the raw topic is switched off: nothing accepted is lost.
+                return match self.produce(&app.name, &[], Some(raw), deadline).await {
+                    Ok(()) => (
+                        WebhookOutcome::Unparseable,
+                        http::text(StatusCode::OK, "OK"),
+                    ),
+                    Err(msg) => (
+                        WebhookOutcome::Unavailable,
+                        http::unavailable(self.retry_after_secs, msg),
+                    ),
+                };
+            }
+        };
+        let raw = self.raw_enabled.then_some(raw);
+        match self.produce(&app.name, &events, raw, deadline).await {
+            Ok(()) => (WebhookOutcome::Ok, http::text(StatusCode::OK, "OK")),
+            Err(msg) => {
+                tracing::warn!(app = %app.name, events = events.len(), reason = msg, "webhook not acknowledged; answering 503");
+                (
+                    WebhookOutcome::Unavailable,
+                    http::unavailable(self.retry_after_secs, msg),
+                )
+            }
+        }
+    }
+
+    /// Dedupes and produces `events` (plus the raw body), waiting for every
+    /// acknowledgement until `deadline`. Events that another POST is producing
+    /// right now are waited for, then re-claimed if that POST failed.
+    async fn produce(
+        &self,
+        app: &str,
+        events: &[Event],
+        mut raw: Option<RawBody<'_>>,
+        deadline: Instant,
+    ) -> Result<(), &'static str> {
+        let mut todo: Vec<&Event> = events.iter().collect();
+        let mut acks: Vec<oneshot::Receiver<bool>> = Vec::new();
+        for _round in 0..3 {
+            let batch = Batch::new();
+            let mut fresh: Vec<(&Event, IdHash)> = Vec::with_capacity(todo.len());
+            let mut waits = Vec::new();
+            for ev in todo.drain(..) {
+                match self.dedupe.claim(&ev.event_id, &batch) {
+                    Claim::New(h) => fresh.push((ev, h)),
+                    Claim::Duplicate => metrics::counter!(m::WEBHOOK_DUPLICATES).increment(1),
+                    Claim::InFlight(rx) => waits.push((ev, rx)),
+                }
+            }
+            if !fresh.is_empty() || raw.is_some() {
+                acks.push(self.enqueue(app, fresh, raw.take(), batch)?);
+            }
+            if waits.is_empty() {
+                break;
+            }
+            for (ev, mut rx) in waits {
+                let waited =
+                    tokio::time::timeout_at(deadline.into(), rx.wait_for(|v| v.is_some())).await;
+                if waited.is_err() {
+                    return Err("kafka did not acknowledge in time");
+                }
+                // Acknowledged elsewhere → the re-claim finds it stored; failed
+                // elsewhere → the re-claim produces it here.
+                todo.push(ev);
+            }
+        }
+        if !todo.is_empty() {
+            return Err("events are still being produced by another delivery");
+        }
+        for rx in acks {
+            match tokio::time::timeout_at(deadline.into(), rx).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) | Ok(Err(_)) => return Err("kafka did not acknowledge every record"),
+                Err(_) => return Err("kafka did not acknowledge in time"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Enqueues the records of one round and spawns the task that waits for
+    /// their acknowledgements, commits or releases their ids, and reports.
+    /// The task outlives the request if the deadline passes first, so a late
+    /// acknowledgement still marks the events stored (and a retry by Meta is
+    /// then deduplicated instead of producing a second record).
+    fn enqueue(
+        &self,
+        app: &str,
+        fresh: Vec<(&Event, IdHash)>,
+        raw: Option<RawBody<'_>>,
+        batch: Arc<Batch>,
+    ) -> Result<oneshot::Receiver<bool>, &'static str> {
+        let mut futs: Vec<(Option<IdHash>, DeliveryFuture)> = Vec::with_capacity(fresh.len() + 1);
+        let mut failed = false;
+        let mut not_sent: Vec<IdHash> = Vec::new();
+        if let Some(r) = raw {
+            let id = hex::encode(&Sha256::digest(r.body)[..16]);
+            let ts = r.received_at_ms.to_string();
+            let headers: [(&str, &[u8]); 5] = [
+                ("wagate-event-id", id.as_bytes()),
+                ("wagate-kind", b"raw"),
+                ("wagate-app", app.as_bytes()),
+                ("wagate-signature", r.signature),
+                ("wagate-received-at-ms", ts.as_bytes()),
+            ];
+            match self
+                .producer
+                .send(&self.topics.raw, app.as_bytes(), r.body, &headers)
+            {
+                Ok(f) => futs.push((None, f)),
+                Err(e) => {
+                    note_send_error(&e);
+                    failed = true;
+                }
+            }
+        }
+        let mut kinds: Vec<&'static str> = Vec::with_capacity(fresh.len());
+        for (ev, h) in fresh {
+            if failed {
+                not_sent.push(h);
+                continue;
+            }
+            let headers: [(&str, &[u8]); 3] = [
+                ("wagate-event-id", ev.event_id.as_bytes()),
+                ("wagate-kind", ev.kind.as_bytes()),
+                ("wagate-app", app.as_bytes()),
+            ];
+            match self.producer.send(
+                self.topics.of(ev.topic),
+                ev.key.as_bytes(),
+                &ev.value,
+                &headers,
+            ) {
+                Ok(f) => {
+                    futs.push((Some(h), f));
+                    kinds.push(m::event_kind_label(&ev.kind));
+                }
+                Err(e) => {
+                    note_send_error(&e);
+                    failed = true;
+                    not_sent.push(h);
+                }
+            }
+        }
+        self.dedupe.release(&not_sent);
+        let (tx, rx) = oneshot::channel();
+        let dedupe = self.dedupe.clone();
+        let enqueued = Instant::now();
+        tokio::spawn(async move {
+            let (ids, futs): (Vec<_>, Vec<_>) = futs.into_iter().unzip();
+            let results = futures_util::future::join_all(futs).await;
+            let mut stored = Vec::with_capacity(ids.len());
+            let mut lost = Vec::new();
+            let mut all_ok = !failed;
+            for (id, res) in ids.into_iter().zip(results) {
+                let ok = matches!(res, Ok(Ok(_)));
+                if !ok {
+                    all_ok = false;
+                    let reason = match res {
+                        Ok(Err((e, _))) => kafka_error_label(&e),
+                        _ => "canceled",
+                    };
+                    metrics::counter!(m::KAFKA_PRODUCE_ERRORS, "reason" => reason).increment(1);
+                }
+                match (id, ok) {
+                    (Some(h), true) => stored.push(h),
+                    (Some(h), false) => lost.push(h),
+                    (None, _) => {}
+                }
+            }
+            metrics::histogram!(m::KAFKA_PRODUCE_SECONDS).record(enqueued.elapsed().as_secs_f64());
+            for k in &kinds {
+                // Counted once acknowledged, so the counter means "stored".
+                if all_ok {
+                    metrics::counter!(m::WEBHOOK_EVENTS, "kind" => *k).increment(1);
+                }
+            }
+            dedupe.commit(&stored);
+            dedupe.release(&lost);
+            batch.finish(all_ok);
+            let _ = tx.send(all_ok);
+        });
+        if failed {
+            Err("kafka producer queue is full")
+        } else {
+            Ok(rx)
+        }
+    }
+}
+
+fn too_large(limit: usize) -> Outcome {
+    (
+        WebhookOutcome::TooLarge,
+        http::json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!("the body exceeds the limit of {limit} bytes"),
+        ),
+    )
+}
+
+#[derive(Clone, Copy)]
+struct RawBody<'a> {
+    body: &'a Bytes,
+    signature: &'a [u8],
+    received_at_ms: u64,
+}
+
+fn note_send_error(e: &SendError) {
+    let reason = match e {
+        SendError::QueueFull => "queue_full",
+        SendError::Kafka(_) => "enqueue_failed",
+    };
+    metrics::counter!(m::KAFKA_PRODUCE_ERRORS, "reason" => reason).increment(1);
+}
+
+fn kafka_error_label(e: &rdkafka::error::KafkaError) -> &'static str {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
+    match e.rdkafka_error_code() {
+        Some(C::MessageTimedOut) => "timed_out",
+        Some(C::MessageSizeTooLarge) => "too_large",
+        Some(C::UnknownTopicOrPartition) | Some(C::UnknownTopic) => "unknown_topic",
+        _ if matches!(e, KafkaError::Canceled) => "canceled",
+        _ => "broker_error",
+    }
+}
+
+/// Keeps `wagate_webhook_in_flight` right even when a request future is dropped.
+struct InFlightGauge;
+
+impl InFlightGauge {
+    fn new() -> InFlightGauge {
+        metrics::gauge!(m::WEBHOOK_IN_FLIGHT).increment(1.0);
+        InFlightGauge
+    }
+}
+
+impl Drop for InFlightGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(m::WEBHOOK_IN_FLIGHT).decrement(1.0);
+    }
+}

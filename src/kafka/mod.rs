@@ -1,0 +1,344 @@
+//! Kafka: the producer, topic names and creation, and a reader for `tail` and
+//! tests.
+//!
+//! Architecture invariant: this module knows bytes, keys and headers, never
+//! Meta's types. Producing is non-blocking: a full librdkafka queue is
+//! reported as [`SendError::QueueFull`] (the caller sheds load with 503), never
+//! slept through.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::config::KafkaConfig;
+
+/// Every topic of DESIGN §4 (without prefix): name, compacted, retention.
+pub const TOPICS: &[TopicSpec] = &[
+    TopicSpec::delete("inbound.messages", DAYS_30),
+    TopicSpec::delete("inbound.statuses", DAYS_30),
+    TopicSpec::delete("inbound.events", DAYS_30),
+    TopicSpec::delete("inbound.raw", DAYS_3),
+    TopicSpec::delete("outbound.requests", DAYS_7),
+    TopicSpec::delete("outbound.results", DAYS_7),
+    TopicSpec::delete("outbound.dlq", DAYS_30),
+    TopicSpec::compact("consent"),
+    TopicSpec::compact("windows"),
+];
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
+const DAYS_3: i64 = 3 * DAY_MS;
+const DAYS_7: i64 = 7 * DAY_MS;
+const DAYS_30: i64 = 30 * DAY_MS;
+
+/// A topic wagate uses.
+#[derive(Debug, Clone, Copy)]
+pub struct TopicSpec {
+    pub name: &'static str,
+    pub compact: bool,
+    /// `retention.ms` for delete topics.
+    pub retention_ms: i64,
+}
+
+impl TopicSpec {
+    const fn delete(name: &'static str, retention_ms: i64) -> TopicSpec {
+        TopicSpec {
+            name,
+            compact: false,
+            retention_ms,
+        }
+    }
+    const fn compact(name: &'static str) -> TopicSpec {
+        TopicSpec {
+            name,
+            compact: true,
+            retention_ms: -1,
+        }
+    }
+}
+
+/// Full topic names for one prefix.
+#[derive(Debug, Clone)]
+pub struct TopicNames {
+    pub prefix: String,
+}
+
+impl TopicNames {
+    pub fn new(prefix: &str) -> TopicNames {
+        TopicNames {
+            prefix: prefix.to_string(),
+        }
+    }
+    pub fn full(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+}
+
+/// Why a record could not be enqueued.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("kafka producer queue is full")]
+    QueueFull,
+    #[error("kafka producer: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+/// A record header.
+pub type HeaderPair<'a> = (&'a str, &'a [u8]);
+
+/// The shared producer (acks=all, idempotent, murmur2 partitioner).
+#[derive(Clone)]
+pub struct KafkaProducer {
+    inner: FutureProducer,
+}
+
+impl KafkaProducer {
+    pub fn new(cfg: &KafkaConfig) -> Result<KafkaProducer, KafkaError> {
+        let inner: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("client.id", &cfg.client_id)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", cfg.linger_ms.to_string())
+            .set(
+                "queue.buffering.max.messages",
+                cfg.queue_max_messages.to_string(),
+            )
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set(
+                "message.timeout.ms",
+                cfg.message_timeout.as_millis().to_string(),
+            )
+            .set("compression.type", &cfg.compression)
+            .set("socket.keepalive.enable", "true")
+            .create()?;
+        Ok(KafkaProducer { inner })
+    }
+
+    /// Enqueues one record; the future resolves when Kafka acknowledges it
+    /// (or librdkafka gives up after `message.timeout.ms`).
+    pub fn send(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        headers: &[HeaderPair<'_>],
+    ) -> Result<DeliveryFuture, SendError> {
+        let mut hs = OwnedHeaders::new_with_capacity(headers.len());
+        for (k, v) in headers {
+            hs = hs.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let rec = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload)
+            .headers(hs);
+        self.inner.send_result(rec).map_err(|(e, _)| match e {
+            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
+            other => SendError::Kafka(other),
+        })
+    }
+
+    /// Records enqueued but not yet acknowledged.
+    pub fn queue_depth(&self) -> i32 {
+        self.inner.in_flight_count()
+    }
+
+    /// Waits (blocking) until every enqueued record is acknowledged or `timeout`.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.inner.flush(timeout)
+    }
+
+    /// Asks a broker for cluster metadata (blocking): is Kafka reachable?
+    pub fn ping(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.inner
+            .client()
+            .fetch_metadata(None, timeout)
+            .map(|_| ())
+    }
+}
+
+/// Creates every topic of [`TOPICS`] with its cleanup policy; topics that
+/// exist already are left as they are. Returns (name, created?) pairs.
+pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, bool)>, KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", &cfg.client_id)
+        .create()?;
+    let names: Vec<String> = TOPICS
+        .iter()
+        .map(|t| format!("{}{}", cfg.topic_prefix, t.name))
+        .collect();
+    let retention: Vec<String> = TOPICS.iter().map(|t| t.retention_ms.to_string()).collect();
+    let new: Vec<NewTopic<'_>> = TOPICS
+        .iter()
+        .zip(&names)
+        .zip(&retention)
+        .map(|((t, name), ret)| {
+            let nt = NewTopic::new(
+                name,
+                cfg.partitions,
+                TopicReplication::Fixed(cfg.replication_factor),
+            );
+            if t.compact {
+                nt.set("cleanup.policy", "compact")
+            } else {
+                nt.set("cleanup.policy", "delete").set("retention.ms", ret)
+            }
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(new.iter(), &opts).await?;
+    let mut out = Vec::new();
+    for r in results {
+        match r {
+            Ok(name) => out.push((name, true)),
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => out.push((name, false)),
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code)).map_err(|e| {
+                    tracing::error!(topic = %name, "create topic failed");
+                    e
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One consumed record, as `tail` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TailRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<String>,
+    pub headers: serde_json::Map<String, serde_json::Value>,
+    /// The value as JSON when it parses, else as a string (lossy UTF-8);
+    /// `null` for a tombstone.
+    pub value: serde_json::Value,
+}
+
+/// Options for [`read_topic`].
+#[derive(Debug, Clone)]
+pub struct ReadOptions {
+    pub from_beginning: bool,
+    /// Stop after this many records.
+    pub max: Option<usize>,
+    /// Stop when no record arrived for this long (None: follow forever).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Reads a topic's partitions directly (no consumer group, nothing committed),
+/// calling `each` per record. Blocking: run it on a blocking thread.
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    opts: &ReadOptions,
+    mut each: impl FnMut(TailRecord),
+) -> Result<usize, KafkaError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "wagate-tail")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let parts = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    if parts == 0 {
+        return Err(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..parts as i32 {
+        let off = if opts.from_beginning {
+            Offset::Beginning
+        } else {
+            Offset::End
+        };
+        tpl.add_partition_offset(topic, p, off)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut n = 0usize;
+    let mut last = std::time::Instant::now();
+    loop {
+        if opts.max.is_some_and(|m| n >= m) {
+            break;
+        }
+        if opts.idle_timeout.is_some_and(|t| last.elapsed() >= t) {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(m)) => {
+                last = std::time::Instant::now();
+                n += 1;
+                each(to_tail_record(&m));
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn to_tail_record<M: Message>(m: &M) -> TailRecord {
+    let mut headers = serde_json::Map::new();
+    if let Some(hs) = m.headers() {
+        for h in hs.iter() {
+            let v = h
+                .value
+                .map(|v| serde_json::Value::String(String::from_utf8_lossy(v).into_owned()))
+                .unwrap_or(serde_json::Value::Null);
+            headers.insert(h.key.to_string(), v);
+        }
+    }
+    let value = match m.payload() {
+        None => serde_json::Value::Null,
+        Some(p) => serde_json::from_slice(p)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(p).into_owned())),
+    };
+    TailRecord {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        headers,
+        value,
+    }
+}
+
+/// librdkafka's in-process mock cluster, for `--dev` and fault-injection
+/// tests. It listens on loopback, so other Kafka clients can attach.
+pub mod mock {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
+
+    use super::TOPICS;
+
+    pub type Cluster = MockCluster<'static, DefaultProducerContext>;
+
+    /// Starts a one-broker mock cluster with every topic created.
+    pub fn start(prefix: &str, partitions: i32) -> Result<Cluster, rdkafka::error::KafkaError> {
+        let cluster = MockCluster::new(1)?;
+        for t in TOPICS {
+            cluster.create_topic(&format!("{prefix}{}", t.name), partitions, 1)?;
+        }
+        Ok(cluster)
+    }
+}

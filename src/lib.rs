@@ -1,0 +1,11 @@
+//! wagate: a gateway between Meta's WhatsApp Business Platform (Cloud API)
+//! and Kafka. See ARCHITECTURE.md for the map of this crate.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod http;
+pub mod ingress;
+pub mod kafka;
+pub mod meta;
+pub mod metrics;

@@ -1,0 +1,134 @@
+//! The `wagate` binary: parses the command line and hands over to the library.
+//! Configuration errors exit non-zero (2) before any port is bound.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::{Cli, Command, TopicsCommand};
+use wagate::config::{self, LoadOptions, ProcessEnv};
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = match args.command {
+        Command::Serve { config, dev } => return rt.block_on(serve(config, dev)),
+        Command::CheckConfig { config } => cli::check_config(config.as_ref()),
+        Command::Topics {
+            command: TopicsCommand::Create { config },
+        } => rt.block_on(cli::topics_create(config.as_ref())),
+        Command::Sign { secret_env } => cli::sign(&secret_env),
+        Command::Tail {
+            topic,
+            from_beginning,
+            max,
+            idle_exit_secs,
+            brokers,
+            config,
+        } => cli::tail(
+            &topic,
+            from_beginning,
+            max,
+            idle_exit_secs,
+            brokers.as_deref(),
+            config.as_ref(),
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(json: bool, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WAGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn serve(path: Option<std::path::PathBuf>, dev: bool) -> ExitCode {
+    let mut cfg = match config::load(path.as_deref(), &ProcessEnv, LoadOptions { dev }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.log.json, &cfg.log.level);
+    // The mock cluster must outlive the gateway; it stays on this stack.
+    let _mock = if dev {
+        match wagate::kafka::mock::start(&cfg.kafka.topic_prefix, 3) {
+            Ok(m) => {
+                cfg.kafka.brokers = m.bootstrap_servers();
+                Some(m)
+            }
+            Err(e) => {
+                eprintln!("error: --dev: cannot start the in-process Kafka: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
+    let gw = match wagate::app::Gateway::start(cfg.clone()).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if dev {
+        println!("wagate --dev");
+        println!("  kafka (in-process mock cluster): {}", cfg.kafka.brokers);
+        println!("  webhooks:  http://{}/webhook", gw.public_addr);
+        println!("  metrics:   http://{}/metrics", gw.internal_addr);
+        println!(
+            "  read records: wagate tail inbound.messages --from-beginning --brokers {}",
+            cfg.kafka.brokers
+        );
+        println!("  dev secrets: app secret {:?}, verify token {:?} (see README; never use --dev in production)",
+            wagate::config::DEV_APP_SECRET, wagate::config::DEV_VERIFY_TOKEN);
+    }
+    wait_for_signal().await;
+    tracing::info!("shutdown signal received");
+    if gw.shutdown().await {
+        ExitCode::SUCCESS
+    } else {
+        tracing::warn!("shutdown deadline passed before everything drained");
+        ExitCode::from(1)
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,190 @@
+//! Every metric name wagate exports, in one place (DESIGN §8), and the
+//! Prometheus recorder.
+//!
+//! Labels take values from closed sets (outcomes, kinds, codes), never phone
+//! numbers, user ids, message ids or raw paths. Histograms have explicit
+//! buckets.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const WEBHOOK_REQUESTS: &str = "wagate_webhook_requests_total";
+pub const WEBHOOK_EVENTS: &str = "wagate_webhook_events_total";
+pub const WEBHOOK_DUPLICATES: &str = "wagate_webhook_duplicates_total";
+pub const WEBHOOK_UNPARSEABLE: &str = "wagate_webhook_unparseable_total";
+pub const WEBHOOK_ACK_SECONDS: &str = "wagate_webhook_ack_seconds";
+pub const WEBHOOK_IN_FLIGHT: &str = "wagate_webhook_in_flight";
+pub const KAFKA_PRODUCE_SECONDS: &str = "wagate_kafka_produce_seconds";
+pub const KAFKA_PRODUCER_QUEUE_DEPTH: &str = "wagate_kafka_producer_queue_depth";
+pub const KAFKA_PRODUCE_ERRORS: &str = "wagate_kafka_produce_errors_total";
+pub const DEDUPE_ENTRIES: &str = "wagate_dedupe_entries";
+pub const DEDUPE_MEMORY_BYTES: &str = "wagate_dedupe_memory_bytes";
+pub const DEDUPE_EVICTED_EARLY: &str = "wagate_dedupe_evicted_early_total";
+pub const HTTP_CONNECTIONS: &str = "wagate_http_connections";
+pub const HTTP_CONNECTIONS_REJECTED: &str = "wagate_http_connections_rejected_total";
+pub const READY: &str = "wagate_ready";
+pub const BUILD_INFO: &str = "wagate_build_info";
+
+/// Buckets for latency histograms, in seconds (0.5 ms … 10 s).
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Outcomes of a webhook request (the `outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// 200: every record acknowledged (or all were duplicates).
+    Ok,
+    /// 200: signed but unparseable, kept on the raw topic.
+    Unparseable,
+    /// 401.
+    SignatureMissing,
+    SignatureMalformed,
+    SignatureMismatch,
+    /// 404: unknown app.
+    UnknownApp,
+    /// 413.
+    TooLarge,
+    /// 408: body not received in time.
+    BodyTimeout,
+    /// 400: body could not be read.
+    BadRequest,
+    /// 503: Kafka did not acknowledge in time, queue full, or overloaded.
+    Unavailable,
+    /// GET handshake answered 200 / 403.
+    HandshakeOk,
+    HandshakeForbidden,
+}
+
+impl WebhookOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            WebhookOutcome::Ok => "ok",
+            WebhookOutcome::Unparseable => "unparseable",
+            WebhookOutcome::SignatureMissing => "signature_missing",
+            WebhookOutcome::SignatureMalformed => "signature_malformed",
+            WebhookOutcome::SignatureMismatch => "signature_mismatch",
+            WebhookOutcome::UnknownApp => "unknown_app",
+            WebhookOutcome::TooLarge => "too_large",
+            WebhookOutcome::BodyTimeout => "body_timeout",
+            WebhookOutcome::BadRequest => "bad_request",
+            WebhookOutcome::Unavailable => "unavailable",
+            WebhookOutcome::HandshakeOk => "handshake_ok",
+            WebhookOutcome::HandshakeForbidden => "handshake_forbidden",
+        }
+    }
+}
+
+/// Webhook fields Meta documents; any other field is counted as `other` so a
+/// sender cannot grow the label set.
+pub fn event_kind_label(kind: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "message",
+        "status",
+        "error",
+        "messages",
+        "message_template_status_update",
+        "message_template_quality_update",
+        "message_template_components_update",
+        "template_category_update",
+        "phone_number_quality_update",
+        "phone_number_name_update",
+        "business_capability_update",
+        "account_alerts",
+        "account_update",
+        "account_review_update",
+        "user_preferences",
+        "security",
+        "history",
+        "smb_message_echoes",
+        "smb_app_state_sync",
+        "partner_solutions",
+        "payment_configuration_update",
+        "automatic_events",
+        "calls",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == kind)
+        .copied()
+        .unwrap_or("other")
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global Prometheus recorder (once per process) and returns the
+/// handle that renders the exposition.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("buckets are non-empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may be installed by an embedding program; then
+            // ours simply renders nothing of theirs.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        WEBHOOK_REQUESTS,
+        "Webhook HTTP requests by app and outcome."
+    );
+    describe_counter!(
+        WEBHOOK_EVENTS,
+        "Events produced to Kafka from webhooks, by kind."
+    );
+    describe_counter!(
+        WEBHOOK_DUPLICATES,
+        "Redelivered events dropped by the dedupe set."
+    );
+    describe_counter!(
+        WEBHOOK_UNPARSEABLE,
+        "Signed bodies that did not parse, kept on the raw topic."
+    );
+    describe_histogram!(
+        WEBHOOK_ACK_SECONDS,
+        Unit::Seconds,
+        "Webhook receipt to response (200 only once Kafka acknowledged)."
+    );
+    describe_gauge!(WEBHOOK_IN_FLIGHT, "Webhook POSTs being processed.");
+    describe_histogram!(
+        KAFKA_PRODUCE_SECONDS,
+        Unit::Seconds,
+        "Enqueue to Kafka acknowledgement, per POST's records."
+    );
+    describe_gauge!(
+        KAFKA_PRODUCER_QUEUE_DEPTH,
+        "Records enqueued in the producer and not yet acknowledged."
+    );
+    describe_counter!(
+        KAFKA_PRODUCE_ERRORS,
+        "Records Kafka did not acknowledge, by reason."
+    );
+    describe_gauge!(DEDUPE_ENTRIES, "Event ids held by the dedupe set.");
+    describe_gauge!(
+        DEDUPE_MEMORY_BYTES,
+        Unit::Bytes,
+        "Approximate memory held by the dedupe set."
+    );
+    describe_counter!(
+        DEDUPE_EVICTED_EARLY,
+        "Event ids evicted before their window ended (dedupe_max_entries reached)."
+    );
+    describe_gauge!(HTTP_CONNECTIONS, "Open HTTP connections by listener.");
+    describe_counter!(
+        HTTP_CONNECTIONS_REJECTED,
+        "Connections refused because the connection limit was reached."
+    );
+    describe_gauge!(READY, "1 when /readyz answers 200.");
+    describe_gauge!(BUILD_INFO, "Build information.");
+}

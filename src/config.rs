@@ -620,18 +620,19 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
             secrets.push(prev);
         }
         let key = format!("apps.{name}.verify_token");
-        let verify_token =
-            match secret(&key, &a.verify_token_env, &a.verify_token_file, env)? {
-                Some(s) => s,
-                None if opts.dev => Secret::new(DEV_VERIFY_TOKEN),
-                None => return Err(invalid(
+        let verify_token = match secret(&key, &a.verify_token_env, &a.verify_token_file, env)? {
+            Some(s) => s,
+            None if opts.dev => Secret::new(DEV_VERIFY_TOKEN),
+            None => {
+                return Err(invalid(
                     key,
                     format!(
                         "no verify token: set the environment variable {} (or verify_token_file)",
                         show_env(&a.verify_token_env)
                     ),
-                )),
-            };
+                ))
+            }
+        };
         apps.push(AppConfig {
             name: name.clone(),
             secrets,

@@ -227,6 +227,9 @@ pub struct TailRecord {
     /// The value as JSON when it parses, else as a string (lossy UTF-8);
     /// `null` for a tombstone.
     pub value: serde_json::Value,
+    /// The value's exact bytes (not printed).
+    #[serde(skip)]
+    pub payload: Option<Vec<u8>>,
 }
 
 /// Options for [`read_topic`].
@@ -320,6 +323,7 @@ fn to_tail_record<M: Message>(m: &M) -> TailRecord {
         key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
         headers,
         value,
+        payload: m.payload().map(|p| p.to_vec()),
     }
 }
 

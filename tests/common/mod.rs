@@ -1,0 +1,177 @@
+//! Shared test harness: a real gateway on loopback, a real HTTP client, and a
+//! real Kafka reader. Broker tests need a Kafka-protocol broker at
+//! `WAGATE_TEST_BROKERS` (the README's test command starts Tansu and sets it).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use wagate::app::Gateway;
+use wagate::config::{self, KafkaConfig, LoadOptions};
+use wagate::kafka::{self, TailRecord};
+
+pub const SECRET: &str = "test-app-secret";
+pub const VERIFY: &str = "test-verify-token";
+
+/// The broker under test. Panics (fails the test) if none is configured:
+/// a broker test that silently skips would prove nothing.
+pub fn brokers() -> String {
+    std::env::var("WAGATE_TEST_BROKERS").unwrap_or_else(|_| {
+        panic!("WAGATE_TEST_BROKERS is not set: run the README's test command (make test), which starts a Tansu broker")
+    })
+}
+
+/// A topic prefix no other test uses.
+pub fn unique_prefix(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    format!("t{}{}{}-{tag}.", std::process::id(), t % 1_000_000_000, n)
+}
+
+pub fn env() -> BTreeMap<String, String> {
+    [
+        ("WAGATE_APP_SECRET", SECRET),
+        ("WAGATE_VERIFY_TOKEN", VERIFY),
+        ("WAGATE_API_TOKEN", "test-api-token"),
+        ("WAGATE_ACCESS_TOKEN", "test-access-token"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// A config for a gateway on free loopback ports. `extra` is TOML appended
+/// to the example config's sections via environment overrides.
+pub fn config(brokers: &str, prefix: &str, overrides: &[(&str, &str)]) -> config::Config {
+    let mut e = env();
+    e.insert("WAGATE_KAFKA_BROKERS".into(), brokers.into());
+    e.insert("WAGATE_TOPIC_PREFIX".into(), prefix.into());
+    e.insert("WAGATE_LISTEN".into(), "127.0.0.1:0".into());
+    e.insert("WAGATE_INTERNAL_LISTEN".into(), "127.0.0.1:0".into());
+    e.insert("WAGATE_KAFKA_PARTITIONS".into(), "3".into());
+    for (k, v) in overrides {
+        e.insert(k.to_string(), v.to_string());
+    }
+    config::load(None, &e, LoadOptions::default()).expect("test config")
+}
+
+pub async fn create_topics(cfg: &KafkaConfig) {
+    let created = kafka::create_topics(cfg).await.expect("create topics");
+    assert_eq!(created.len(), kafka::TOPICS.len());
+}
+
+/// Creates the topics and starts a gateway, waiting until it is ready.
+pub async fn start(brokers: &str, prefix: &str, overrides: &[(&str, &str)]) -> Gateway {
+    let cfg = config(brokers, prefix, overrides);
+    create_topics(&cfg.kafka).await;
+    let gw = Gateway::start(cfg).await.expect("gateway starts");
+    assert!(
+        gw.wait_ready(Duration::from_secs(20)).await,
+        "gateway never became ready"
+    );
+    gw
+}
+
+pub fn sign(body: &[u8]) -> String {
+    wagate::meta::signature::sign(SECRET.as_bytes(), body)
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+pub async fn request(req: Request<Full<Bytes>>) -> Resp {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("response within 30s")
+        .expect("request");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// POSTs a body signed with the test secret.
+pub async fn post_signed(addr: SocketAddr, path: &str, body: &[u8]) -> Resp {
+    post(addr, path, body, Some(&sign(body))).await
+}
+
+pub async fn post(addr: SocketAddr, path: &str, body: &[u8], sig: Option<&str>) -> Resp {
+    let mut b =
+        Request::post(format!("http://{addr}{path}")).header("content-type", "application/json");
+    if let Some(s) = sig {
+        b = b.header("x-hub-signature-256", s);
+    }
+    request(b.body(Full::new(Bytes::copy_from_slice(body))).unwrap()).await
+}
+
+pub async fn get(url: &str) -> Resp {
+    request(Request::get(url).body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// Reads every record of `prefix` + `name` until none arrived for `idle`.
+pub async fn read_all(brokers: &str, prefix: &str, name: &str, idle: Duration) -> Vec<TailRecord> {
+    let brokers = brokers.to_string();
+    let topic = format!("{prefix}{name}");
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let opts = kafka::ReadOptions {
+            from_beginning: true,
+            max: None,
+            idle_timeout: Some(idle),
+        };
+        kafka::read_topic(&brokers, &topic, &opts, |r| out.push(r)).expect("read topic");
+        out
+    })
+    .await
+    .unwrap()
+}
+
+/// A fixture from tests/fixtures, minified to Meta's compact wire form.
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// A text-message webhook with the given wamids, one entry.
+pub fn text_webhook(phone_number_id: &str, wamids: &[&str]) -> Vec<u8> {
+    let msgs: Vec<serde_json::Value> = wamids
+        .iter()
+        .map(|id| serde_json::json!({"from":"14155550123","id":id,"timestamp":"1781600500","type":"text","text":{"body":format!("hello {id}")}}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "object":"whatsapp_business_account",
+        "entry":[{"id":"102345678901234","changes":[{"field":"messages","value":{
+            "messaging_product":"whatsapp",
+            "metadata":{"display_phone_number":"15550199999","phone_number_id":phone_number_id},
+            "contacts":[{"profile":{"name":"Ana"},"wa_id":"14155550123"}],
+            "messages":msgs}}]}]
+    }))
+    .unwrap()
+}
+
+pub fn event_ids(recs: &[TailRecord]) -> Vec<String> {
+    recs.iter()
+        .map(|r| r.headers["wagate-event-id"].as_str().unwrap().to_string())
+        .collect()
+}

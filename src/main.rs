@@ -75,6 +75,10 @@ async fn serve(path: Option<std::path::PathBuf>, dev: bool) -> ExitCode {
         }
     };
     init_logging(cfg.log.json, &cfg.log.level);
+    if dev && cfg.listen.ip().is_unspecified() && std::env::var_os("WAGATE_LISTEN").is_none() {
+        // --dev is for one machine: do not listen on every interface by default.
+        cfg.listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
     // The mock cluster must outlive the gateway; it stays on this stack.
     let _mock = if dev {
         match wagate::kafka::mock::start(&cfg.kafka.topic_prefix, 3) {
@@ -106,8 +110,7 @@ async fn serve(path: Option<std::path::PathBuf>, dev: bool) -> ExitCode {
             "  read records: wagate tail inbound.messages --from-beginning --brokers {}",
             cfg.kafka.brokers
         );
-        println!("  dev secrets: app secret {:?}, verify token {:?} (see README; never use --dev in production)",
-            wagate::config::DEV_APP_SECRET, wagate::config::DEV_VERIFY_TOKEN);
+        println!("  secrets: $WAGATE_APP_SECRET / $WAGATE_VERIFY_TOKEN if set, else the development values in the README (never use --dev in production)");
     }
     wait_for_signal().await;
     tracing::info!("shutdown signal received");

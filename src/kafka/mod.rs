@@ -205,10 +205,8 @@ pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, bool)>, Kaf
             Ok(name) => out.push((name, true)),
             Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => out.push((name, false)),
             Err((name, code)) => {
-                return Err(KafkaError::AdminOp(code)).map_err(|e| {
-                    tracing::error!(topic = %name, "create topic failed");
-                    e
-                })
+                tracing::error!(topic = %name, error = %code, "create topic failed");
+                return Err(KafkaError::AdminOp(code));
             }
         }
     }

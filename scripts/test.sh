@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, as the README's test command runs it: installs Tansu
+# if missing, starts it on loopback, runs every test of the workspace against
+# it, stops it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+dir="target/test-env"
+mkdir -p "$dir"
+scripts/tansu.sh stop "$dir" || true
+brokers=$(scripts/tansu.sh start "$dir")
+trap 'scripts/tansu.sh stop "$dir"' EXIT
+echo "tansu broker on $brokers (log: $dir/tansu.log)"
+export WAGATE_TEST_BROKERS="$brokers"
+cargo test --workspace --all-targets "$@"

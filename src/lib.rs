@@ -4,8 +4,10 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod egress;
 pub mod http;
 pub mod ingress;
 pub mod kafka;
 pub mod meta;
 pub mod metrics;
+pub mod ratelimit;

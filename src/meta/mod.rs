@@ -5,5 +5,6 @@
 //! HTTP servers; it turns bytes into bytes, so it can be benchmarked and
 //! property-tested in isolation.
 
+pub mod errors;
 pub mod signature;
 pub mod webhook;

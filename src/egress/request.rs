@@ -1,0 +1,382 @@
+//! SendRequest (what upstream apps produce) and SendResult (one per request),
+//! DESIGN §5, with validation that names what is wrong.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A message category; templates must name theirs, free-form is `service`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Category {
+    Marketing,
+    Utility,
+    Authentication,
+    Service,
+}
+
+impl Category {
+    pub fn label(self) -> &'static str {
+        match self {
+            Category::Marketing => "marketing",
+            Category::Utility => "utility",
+            Category::Authentication => "authentication",
+            Category::Service => "service",
+        }
+    }
+}
+
+/// A send request as produced to `wa.outbound.requests`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendRequest {
+    pub v: u32,
+    pub request_id: String,
+    pub phone_number_id: String,
+    pub to: String,
+    pub category: Category,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+    /// The Graph API message body without messaging_product / recipient_type / to.
+    pub message: Value,
+}
+
+/// Message types that are not templates (free-form, need an open window).
+const FREE_FORM: &[&str] = &[
+    "text",
+    "image",
+    "video",
+    "audio",
+    "document",
+    "sticker",
+    "location",
+    "contacts",
+    "interactive",
+    "reaction",
+];
+
+impl SendRequest {
+    /// Parses and validates a request. The error names the field at fault.
+    pub fn parse(bytes: &[u8]) -> Result<SendRequest, String> {
+        let req: SendRequest =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a SendRequest: {e}"))?;
+        req.validate()?;
+        Ok(req)
+    }
+
+    /// The message type (`text`, `template`, …).
+    pub fn message_type(&self) -> &str {
+        self.message
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+
+    pub fn is_template(&self) -> bool {
+        self.message_type() == "template"
+    }
+
+    /// The user's digits (the pair key's second half).
+    pub fn to_digits(&self) -> String {
+        self.to.chars().filter(|c| c.is_ascii_digit()).collect()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.v != 1 {
+            return Err(format!("v: unsupported version {}", self.v));
+        }
+        if self.request_id.is_empty() || self.request_id.len() > 128 {
+            return Err("request_id: must be 1 to 128 characters".into());
+        }
+        if self.request_id.chars().any(|c| c.is_control()) {
+            return Err("request_id: must not contain control characters".into());
+        }
+        if self.phone_number_id.is_empty()
+            || self.phone_number_id.len() > 32
+            || !self.phone_number_id.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err("phone_number_id: must be the business number's id (digits)".into());
+        }
+        let digits = self.to_digits();
+        if !self.to.starts_with('+') {
+            return Err("to: must start with + and the country code (without it Meta may reach the wrong person)".into());
+        }
+        if !(7..=15).contains(&digits.len())
+            || !self.to[1..]
+                .chars()
+                .all(|c| c.is_ascii_digit() || matches!(c, ' ' | '-' | '(' | ')'))
+        {
+            return Err("to: must be an E.164 phone number such as +5511987654321".into());
+        }
+        let obj = self
+            .message
+            .as_object()
+            .ok_or("message: must be a JSON object")?;
+        for forbidden in [
+            "messaging_product",
+            "to",
+            "recipient_type",
+            "biz_opaque_callback_data",
+        ] {
+            if obj.contains_key(forbidden) {
+                return Err(format!("message.{forbidden}: set by wagate; leave it out"));
+            }
+        }
+        let ty = self.message_type();
+        if ty.is_empty() {
+            return Err("message.type: required (text, template, image, …)".into());
+        }
+        if !obj.get(ty).is_some_and(Value::is_object) && ty != "contacts" {
+            return Err(format!(
+                "message.{ty}: the object named by message.type is missing"
+            ));
+        }
+        if ty == "template" {
+            let t = &obj["template"];
+            if !t.get("name").is_some_and(Value::is_string) {
+                return Err("message.template.name: required".into());
+            }
+            if !t
+                .get("language")
+                .and_then(|l| l.get("code"))
+                .is_some_and(Value::is_string)
+            {
+                return Err("message.template.language.code: required".into());
+            }
+            if self.category == Category::Service {
+                return Err("category: a template send must name its template's category (marketing, utility or authentication)".into());
+            }
+        } else if FREE_FORM.contains(&ty) {
+            if self.category != Category::Service {
+                return Err(format!(
+                    "category: free-form messages ({ty}) are category service"
+                ));
+            }
+        } else {
+            return Err(format!("message.type: unsupported type {ty:?}"));
+        }
+        if ty == "text" {
+            let body = obj["text"]
+                .get("body")
+                .and_then(Value::as_str)
+                .ok_or("message.text.body: required")?;
+            if body.chars().count() > 4096 {
+                return Err("message.text.body: at most 4096 characters".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Accepted,
+    Blocked,
+    Failed,
+    Expired,
+    Unknown,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Blocked => "blocked",
+            Outcome::Failed => "failed",
+            Outcome::Expired => "expired",
+            Outcome::Unknown => "unknown",
+        }
+    }
+}
+
+/// Who said no.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorSource {
+    Meta,
+    Gateway,
+}
+
+/// The error of a result: Meta's numeric code or a gateway code.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultError {
+    pub source: ErrorSource,
+    pub code: Value,
+    pub title: String,
+    #[serde(default)]
+    pub details: Option<String>,
+}
+
+impl ResultError {
+    pub fn gateway(code: &str, title: impl Into<String>, details: Option<String>) -> ResultError {
+        ResultError {
+            source: ErrorSource::Gateway,
+            code: Value::String(code.into()),
+            title: title.into(),
+            details,
+        }
+    }
+    pub fn meta(code: i64, title: impl Into<String>, details: Option<String>) -> ResultError {
+        ResultError {
+            source: ErrorSource::Meta,
+            code: Value::from(code),
+            title: title.into(),
+            details,
+        }
+    }
+}
+
+/// One result per request, on `wa.outbound.results`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendResult {
+    pub v: u32,
+    pub request_id: String,
+    pub phone_number_id: String,
+    pub to: String,
+    pub outcome: Outcome,
+    pub wamid: Option<String>,
+    pub message_status: Option<String>,
+    pub error: Option<ResultError>,
+    pub attempts: u32,
+    pub completed_at_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: serde_json::Value) -> Result<SendRequest, String> {
+        SendRequest::parse(&serde_json::to_vec(&v).unwrap())
+    }
+
+    fn text() -> serde_json::Value {
+        serde_json::json!({"v":1,"request_id":"r1","phone_number_id":"109876543210987","to":"+5511987654321","category":"service","message":{"type":"text","text":{"body":"hi"}}})
+    }
+
+    #[test]
+    fn valid_text_and_template() {
+        let r = req(text()).unwrap();
+        assert_eq!(r.message_type(), "text");
+        assert_eq!(r.to_digits(), "5511987654321");
+        let t = serde_json::json!({"v":1,"request_id":"r2","phone_number_id":"1","to":"+1 (415) 555-0123","category":"utility","expires_at_ms":5,
+            "message":{"type":"template","template":{"name":"order_shipped","language":{"code":"en_US"}}}});
+        let r = req(t).unwrap();
+        assert!(r.is_template());
+        assert_eq!(r.expires_at_ms, Some(5));
+    }
+
+    #[test]
+    fn invalid_requests_name_the_field() {
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (serde_json::json!({"v":1}), "not a SendRequest"),
+            (
+                {
+                    let mut v = text();
+                    v["to"] = "5511987654321".into();
+                    v
+                },
+                "to:",
+            ),
+            (
+                {
+                    let mut v = text();
+                    v["to"] = "+55abc".into();
+                    v
+                },
+                "to:",
+            ),
+            (
+                {
+                    let mut v = text();
+                    v["request_id"] = "".into();
+                    v
+                },
+                "request_id",
+            ),
+            (
+                {
+                    let mut v = text();
+                    v["request_id"] = "x".repeat(129).into();
+                    v
+                },
+                "request_id",
+            ),
+            (
+                {
+                    let mut v = text();
+                    v["phone_number_id"] = "+1".into();
+                    v
+                },
+                "phone_number_id",
+            ),
+            (
+                {
+                    let mut v = text();
+                    v["category"] = "marketing".into();
+                    v
+                },
+                "category",
+            ),
+            (
+                {
+                    let mut v = text();
+                    v["category"] = "spam".into();
+                    v
+                },
+                "not a SendRequest",
+            ),
+            (
+                {
+                    let mut v = text();
+                    v["message"] = serde_json::json!({"type":"text"});
+                    v
+                },
+                "message.text",
+            ),
+            (
+                {
+                    let mut v = text();
+                    v["message"]["to"] = "+1".into();
+                    v
+                },
+                "message.to",
+            ),
+            (
+                {
+                    let mut v = text();
+                    v["message"] = serde_json::json!({"type":"hologram","hologram":{}});
+                    v
+                },
+                "message.type",
+            ),
+            (
+                {
+                    let mut v = text();
+                    v["message"]["text"]["body"] = "x".repeat(4097).into();
+                    v
+                },
+                "message.text.body",
+            ),
+            (
+                serde_json::json!({"v":1,"request_id":"r","phone_number_id":"1","to":"+15550100","category":"service","message":{"type":"template","template":{"name":"x","language":{"code":"en"}}}}),
+                "category",
+            ),
+            (
+                serde_json::json!({"v":1,"request_id":"r","phone_number_id":"1","to":"+15550100","category":"marketing","message":{"type":"template","template":{"language":{"code":"en"}}}}),
+                "template.name",
+            ),
+            (
+                {
+                    let mut v = text();
+                    v["v"] = 2.into();
+                    v
+                },
+                "v:",
+            ),
+        ];
+        for (v, want) in cases {
+            let err = req(v.clone()).unwrap_err();
+            assert!(err.contains(want), "{v}: {err}");
+        }
+    }
+}

@@ -5,7 +5,7 @@
 #   scripts/tansu.sh stop DIR
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
-TANSU_VERSION="${TANSU_VERSION:-}"
+TANSU_VERSION="${TANSU_VERSION:-0.6.0}"
 
 install() {
   if command -v tansu >/dev/null 2>&1; then return 0; fi

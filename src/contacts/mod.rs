@@ -1,0 +1,183 @@
+//! Contacts: consent, marketing preference and last-inbound time per
+//! (business number, user), in a sharded in-memory map (dashmap).
+//!
+//! Entries are keyed by two integers (the phone_number_id and the user's
+//! digits both fit in a `u64`), never by strings, so an entry costs a few
+//! dozen bytes. Egress reads it through [`Contacts`]; the Kafka-backed
+//! bootstrap and sync (compacted `wa.consent` / `wa.windows`) come with the
+//! contacts issue.
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+
+/// Consent to be messaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Consent {
+    OptedIn,
+    OptedOut,
+    #[default]
+    Unknown,
+}
+
+/// The user's marketing preference (`user_preferences` webhooks, 131050).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Marketing {
+    #[default]
+    Allowed,
+    Stopped,
+}
+
+/// What wagate knows of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ContactState {
+    pub consent: Consent,
+    pub marketing: Marketing,
+    /// Last inbound message, Unix ms.
+    pub last_inbound_ms: Option<u64>,
+}
+
+/// The interface egress calls.
+pub trait Contacts: Send + Sync + 'static {
+    fn get(&self, phone_number_id: &str, wa_id: &str) -> ContactState;
+    fn set_consent(&self, phone_number_id: &str, wa_id: &str, consent: Consent);
+    fn set_marketing(&self, phone_number_id: &str, wa_id: &str, marketing: Marketing);
+    fn record_inbound(&self, phone_number_id: &str, wa_id: &str, at_ms: u64);
+    fn erase(&self, phone_number_id: &str, wa_id: &str);
+}
+
+/// A pair as two integers. Ids that are not plain digits (never seen from
+/// Meta) are folded into a hash so they still work.
+pub fn pair_key(phone_number_id: &str, wa_id: &str) -> (u64, u64) {
+    (digits_or_hash(phone_number_id), digits_or_hash(wa_id))
+}
+
+fn digits_or_hash(s: &str) -> u64 {
+    let d = s.trim_start_matches('+');
+    if !d.is_empty() && d.len() <= 19 && d.bytes().all(|b| b.is_ascii_digit()) {
+        d.parse().unwrap_or(0)
+    } else {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        s.hash(&mut h);
+        h.finish() | (1 << 63)
+    }
+}
+
+/// Packed entry: consent (2 bits) | marketing (1 bit) | last inbound in
+/// seconds (rest), in one u64.
+#[derive(Debug, Clone, Copy, Default)]
+struct Packed(u64);
+
+impl Packed {
+    fn unpack(self) -> ContactState {
+        let consent = match self.0 & 0b11 {
+            1 => Consent::OptedIn,
+            2 => Consent::OptedOut,
+            _ => Consent::Unknown,
+        };
+        let marketing = if self.0 & 0b100 != 0 {
+            Marketing::Stopped
+        } else {
+            Marketing::Allowed
+        };
+        let secs = self.0 >> 3;
+        ContactState {
+            consent,
+            marketing,
+            last_inbound_ms: (secs != 0).then_some(secs * 1000),
+        }
+    }
+    fn pack(s: ContactState) -> Packed {
+        let c = match s.consent {
+            Consent::OptedIn => 1,
+            Consent::OptedOut => 2,
+            Consent::Unknown => 0,
+        };
+        let m = if s.marketing == Marketing::Stopped {
+            0b100
+        } else {
+            0
+        };
+        let secs = s.last_inbound_ms.map(|ms| ms / 1000).unwrap_or(0);
+        Packed(c | m | (secs << 3))
+    }
+}
+
+/// The in-memory cache.
+#[derive(Default)]
+pub struct MemoryContacts {
+    map: DashMap<(u64, u64), Packed>,
+}
+
+impl MemoryContacts {
+    pub fn new() -> MemoryContacts {
+        MemoryContacts::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn update(&self, phone_number_id: &str, wa_id: &str, f: impl FnOnce(&mut ContactState)) {
+        let mut e = self
+            .map
+            .entry(pair_key(phone_number_id, wa_id))
+            .or_default();
+        let mut s = e.unpack();
+        f(&mut s);
+        *e = Packed::pack(s);
+    }
+}
+
+impl Contacts for MemoryContacts {
+    fn get(&self, phone_number_id: &str, wa_id: &str) -> ContactState {
+        self.map
+            .get(&pair_key(phone_number_id, wa_id))
+            .map(|p| p.unpack())
+            .unwrap_or_default()
+    }
+    fn set_consent(&self, phone_number_id: &str, wa_id: &str, consent: Consent) {
+        self.update(phone_number_id, wa_id, |s| s.consent = consent);
+    }
+    fn set_marketing(&self, phone_number_id: &str, wa_id: &str, marketing: Marketing) {
+        self.update(phone_number_id, wa_id, |s| s.marketing = marketing);
+    }
+    fn record_inbound(&self, phone_number_id: &str, wa_id: &str, at_ms: u64) {
+        self.update(phone_number_id, wa_id, |s| {
+            if s.last_inbound_ms.is_none_or(|t| t < at_ms) {
+                s.last_inbound_ms = Some(at_ms);
+            }
+        });
+    }
+    fn erase(&self, phone_number_id: &str, wa_id: &str) {
+        self.map.remove(&pair_key(phone_number_id, wa_id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_erases() {
+        let c = MemoryContacts::new();
+        assert_eq!(c.get("1", "+5511"), ContactState::default());
+        c.set_consent("1", "5511", Consent::OptedOut);
+        c.set_marketing("1", "5511", Marketing::Stopped);
+        c.record_inbound("1", "5511", 1_781_600_000_000);
+        c.record_inbound("1", "5511", 1_700_000_000_000); // older: ignored
+        let s = c.get("1", "+5511");
+        assert_eq!(s.consent, Consent::OptedOut);
+        assert_eq!(s.marketing, Marketing::Stopped);
+        assert_eq!(s.last_inbound_ms, Some(1_781_600_000_000));
+        assert_eq!(c.get("2", "5511"), ContactState::default());
+        c.erase("1", "5511");
+        assert!(c.is_empty());
+    }
+}

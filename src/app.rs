@@ -16,6 +16,8 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{Admin, Readiness};
 use crate::config::Config;
+use crate::contacts::{Contacts, MemoryContacts};
+use crate::egress::drain::Egress;
 use crate::http::{self, Limits};
 use crate::ingress::dedupe::Dedupe;
 use crate::ingress::Ingress;
@@ -28,7 +30,10 @@ pub struct Gateway {
     pub internal_addr: SocketAddr,
     pub ready: Arc<Readiness>,
     pub metrics: PrometheusHandle,
+    /// The contacts cache egress consults.
+    pub contacts: Arc<MemoryContacts>,
     shutdown: watch::Sender<bool>,
+    egress: Option<JoinHandle<()>>,
     servers: Vec<JoinHandle<bool>>,
     background: Vec<JoinHandle<()>>,
     producer: KafkaProducer,
@@ -81,9 +86,32 @@ impl Gateway {
                 rx.clone(),
             )),
         ];
+        let contacts = Arc::new(MemoryContacts::new());
+        let egress_plane = cfg.egress.enabled.then(|| {
+            Arc::new(Egress::new(
+                &cfg,
+                producer.clone(),
+                contacts.clone() as Arc<dyn Contacts>,
+            ))
+        });
+        let egress = egress_plane.clone().map(|e| {
+            let stop = rx.clone();
+            tokio::spawn(async move {
+                if let Err(err) = e.run(stop).await {
+                    tracing::error!(error = %err, "egress stopped");
+                }
+            })
+        });
         let background = vec![
             tokio::spawn(kafka_pinger(producer.clone(), ready.clone(), rx.clone())),
-            tokio::spawn(gauges(producer.clone(), dedupe, ready.clone(), rx.clone())),
+            tokio::spawn(gauges(
+                producer.clone(),
+                dedupe,
+                egress_plane,
+                contacts.clone(),
+                ready.clone(),
+                rx.clone(),
+            )),
         ];
         tracing::info!(public = %public_addr, internal = %internal_addr, brokers = %cfg.kafka.brokers, "wagate serving");
         Ok(Gateway {
@@ -91,7 +119,9 @@ impl Gateway {
             internal_addr,
             ready,
             metrics,
+            contacts,
             shutdown,
+            egress,
             servers,
             background,
             producer,
@@ -119,6 +149,10 @@ impl Gateway {
         let mut drained = true;
         for s in self.servers {
             drained &= s.await.unwrap_or(false);
+        }
+        if let Some(e) = self.egress {
+            let left = self.shutdown_timeout.saturating_sub(start.elapsed());
+            drained &= tokio::time::timeout(left, e).await.is_ok();
         }
         for b in self.background {
             b.abort();
@@ -179,6 +213,8 @@ async fn kafka_pinger(
 async fn gauges(
     producer: KafkaProducer,
     dedupe: Arc<Dedupe>,
+    egress: Option<Arc<Egress>>,
+    contacts: Arc<MemoryContacts>,
     ready: Arc<Readiness>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -199,5 +235,10 @@ async fn gauges(
         metrics::gauge!(m::DEDUPE_MEMORY_BYTES).set(st.approx_bytes as f64);
         metrics::counter!(m::DEDUPE_EVICTED_EARLY).absolute(dedupe.evicted_early());
         metrics::gauge!(m::READY).set(if ready.is_ready() { 1.0 } else { 0.0 });
+        metrics::gauge!(m::CONTACTS_ENTRIES).set(contacts.len() as f64);
+        if let Some(e) = &egress {
+            metrics::gauge!(m::EGRESS_BACKLOG).set(e.backlog() as f64);
+            metrics::gauge!(m::EGRESS_OLDEST_AGE_SECONDS).set(e.oldest_age().as_secs_f64());
+        }
     }
 }

@@ -94,7 +94,27 @@ pub struct RawIngress {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawEgress {
+    pub enabled: bool,
     pub default_throughput: u64,
+    pub group_id: String,
+    pub max_buffered: u64,
+    pub lane_max_in_flight: u64,
+    pub send_timeout_ms: u64,
+    pub max_attempts: u64,
+    pub circuit_hold_max_ms: u64,
+    pub history_window_secs: u64,
+    pub marketing_requires_opt_in: bool,
+    /// Per business number: throughput override, own access token.
+    pub numbers: BTreeMap<String, RawNumber>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawNumber {
+    /// Messages/s for this number (0: egress.default_throughput).
+    pub throughput: u64,
+    pub access_token_env: String,
+    pub access_token_file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,7 +216,17 @@ impl Default for RawIngress {
 impl Default for RawEgress {
     fn default() -> Self {
         RawEgress {
+            enabled: true,
             default_throughput: 80,
+            group_id: "wagate-egress".into(),
+            max_buffered: 10_000,
+            lane_max_in_flight: 16,
+            send_timeout_ms: 15_000,
+            max_attempts: 5,
+            circuit_hold_max_ms: 600_000,
+            history_window_secs: 86_400,
+            marketing_requires_opt_in: true,
+            numbers: BTreeMap::new(),
         }
     }
 }
@@ -313,7 +343,24 @@ pub struct IngressConfig {
 
 #[derive(Debug, Clone)]
 pub struct EgressConfig {
+    pub enabled: bool,
     pub default_throughput: u32,
+    pub group_id: String,
+    pub max_buffered: usize,
+    pub lane_max_in_flight: usize,
+    pub send_timeout: Duration,
+    pub max_attempts: u32,
+    pub circuit_hold_max: Duration,
+    pub history_window: Duration,
+    pub marketing_requires_opt_in: bool,
+    pub numbers: BTreeMap<String, NumberConfig>,
+}
+
+/// Per-number egress settings.
+#[derive(Debug, Clone, Default)]
+pub struct NumberConfig {
+    pub throughput: Option<u32>,
+    pub access_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -577,6 +624,24 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
         ));
     }
     let throughput = positive("egress.default_throughput", raw.egress.default_throughput)?;
+    let e = &raw.egress;
+    let mut numbers = BTreeMap::new();
+    for (id, n) in &e.numbers {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid(
+                format!("egress.numbers.{id}"),
+                "keys are phone_number_ids (digits)",
+            ));
+        }
+        let key = format!("egress.numbers.{id}.access_token");
+        numbers.insert(
+            id.clone(),
+            NumberConfig {
+                throughput: (n.throughput > 0).then(|| n.throughput.min(u32::MAX as u64) as u32),
+                access_token: secret(&key, &n.access_token_env, &n.access_token_file, env)?,
+            },
+        );
+    }
 
     let mut apps = Vec::new();
     if raw.apps.is_empty() {
@@ -744,7 +809,27 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
             max_in_flight: positive("ingress.max_in_flight", i.max_in_flight)? as usize,
         },
         egress: EgressConfig {
+            enabled: e.enabled,
             default_throughput: throughput.min(u32::MAX as u64) as u32,
+            group_id: e.group_id.clone(),
+            max_buffered: positive("egress.max_buffered", e.max_buffered)? as usize,
+            lane_max_in_flight: positive("egress.lane_max_in_flight", e.lane_max_in_flight)?
+                as usize,
+            send_timeout: Duration::from_millis(positive(
+                "egress.send_timeout_ms",
+                e.send_timeout_ms,
+            )?),
+            max_attempts: positive("egress.max_attempts", e.max_attempts)?.min(100) as u32,
+            circuit_hold_max: Duration::from_millis(positive(
+                "egress.circuit_hold_max_ms",
+                e.circuit_hold_max_ms,
+            )?),
+            history_window: Duration::from_secs(positive(
+                "egress.history_window_secs",
+                e.history_window_secs,
+            )?),
+            marketing_requires_opt_in: e.marketing_requires_opt_in,
+            numbers,
         },
         graph: GraphConfig {
             base_url: g.base_url.trim_end_matches('/').to_string(),

@@ -24,6 +24,15 @@ pub const DEDUPE_EVICTED_EARLY: &str = "wagate_dedupe_evicted_early_total";
 pub const HTTP_CONNECTIONS: &str = "wagate_http_connections";
 pub const HTTP_CONNECTIONS_REJECTED: &str = "wagate_http_connections_rejected_total";
 pub const READY: &str = "wagate_ready";
+pub const EGRESS_REQUESTS: &str = "wagate_egress_requests_total";
+pub const EGRESS_BACKLOG: &str = "wagate_egress_backlog";
+pub const EGRESS_OLDEST_AGE_SECONDS: &str = "wagate_egress_oldest_age_seconds";
+pub const EGRESS_THROTTLED: &str = "wagate_egress_throttled_total";
+pub const META_API_SECONDS: &str = "wagate_meta_api_seconds";
+pub const META_ERRORS: &str = "wagate_meta_errors_total";
+pub const CIRCUIT_OPEN: &str = "wagate_circuit_open";
+pub const CONSENT_BLOCKED: &str = "wagate_consent_blocked_total";
+pub const CONTACTS_ENTRIES: &str = "wagate_contacts_entries";
 pub const BUILD_INFO: &str = "wagate_build_info";
 
 /// Buckets for latency histograms, in seconds (0.5 ms … 10 s).
@@ -186,5 +195,34 @@ fn describe() {
         "Connections refused because the connection limit was reached."
     );
     describe_gauge!(READY, "1 when /readyz answers 200.");
+    describe_counter!(
+        EGRESS_REQUESTS,
+        "Send requests completed, by outcome and code (Meta's or the gateway's)."
+    );
+    describe_gauge!(EGRESS_BACKLOG, "Send requests held in memory by egress.");
+    describe_gauge!(
+        EGRESS_OLDEST_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest send request held by egress."
+    );
+    describe_counter!(
+        EGRESS_THROTTLED,
+        "Sends delayed by a limit: throughput, pair, meta_throughput, meta_pair, meta_hold."
+    );
+    describe_histogram!(
+        META_API_SECONDS,
+        Unit::Seconds,
+        "Graph API send latency (attempt record + HTTP call)."
+    );
+    describe_counter!(META_ERRORS, "Graph API errors by Meta error code.");
+    describe_gauge!(
+        CIRCUIT_OPEN,
+        "Business numbers whose circuit is open, by scope."
+    );
+    describe_counter!(CONSENT_BLOCKED, "Sends blocked by policy, by reason.");
+    describe_gauge!(
+        CONTACTS_ENTRIES,
+        "(number, user) pairs in the contacts cache."
+    );
     describe_gauge!(BUILD_INFO, "Build information.");
 }

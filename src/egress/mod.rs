@@ -1,8 +1,9 @@
 //! Egress: send requests from Kafka into Meta's Graph API under Meta's
-//! limits, one result per request. (In progress: request/result types, the
-//! Graph client and the error table are here; the drain is next.)
+//! limits, one result per request. See `drain` for the lanes and the ordering/commit invariants.
 //!
 //! Architecture invariant: egress never imports ingress.
 
+pub mod drain;
 pub mod graph;
+pub mod policy;
 pub mod request;

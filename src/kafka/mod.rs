@@ -29,6 +29,8 @@ pub const TOPICS: &[TopicSpec] = &[
     TopicSpec::delete("outbound.requests", DAYS_7),
     TopicSpec::delete("outbound.results", DAYS_7),
     TopicSpec::delete("outbound.dlq", DAYS_30),
+    // Internal: an attempt is recorded before each Graph API call (guarantee 5).
+    TopicSpec::delete("outbound.attempts", DAYS_7),
     TopicSpec::compact("consent"),
     TopicSpec::compact("windows"),
 ];
@@ -291,6 +293,81 @@ pub fn read_topic(
                 last = std::time::Instant::now();
                 n += 1;
                 each(to_tail_record(&m));
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Reads every record of `topic` written since `since_ms` up to the high
+/// watermarks at the time of the call, calling `each(key, payload)`.
+/// Blocking: run it on a blocking thread.
+pub fn read_since(
+    brokers: &str,
+    topic: &str,
+    since_ms: u64,
+    mut each: impl FnMut(Option<&[u8]>, &[u8]),
+) -> Result<usize, KafkaError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "wagate-history")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let timeout = Duration::from_secs(10);
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let parts = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0) as i32;
+    let mut ends = std::collections::HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..parts {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        if high > low {
+            ends.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Offset(since_ms as i64))?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    let mut tpl = consumer.offsets_for_times(tpl, timeout)?;
+    // A partition with nothing since `since_ms` answers End: skip it.
+    for e in tpl.elements() {
+        if !matches!(e.offset(), Offset::Offset(o) if o < ends[&e.partition()]) {
+            ends.remove(&e.partition());
+        }
+    }
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    tpl = {
+        let mut t = TopicPartitionList::new();
+        for e in tpl.elements() {
+            if ends.contains_key(&e.partition()) {
+                t.add_partition_offset(topic, e.partition(), e.offset())?;
+            }
+        }
+        t
+    };
+    consumer.assign(&tpl)?;
+    let mut n = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !ends.is_empty() && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(m)) => {
+                n += 1;
+                each(m.key(), m.payload().unwrap_or_default());
+                if ends
+                    .get(&m.partition())
+                    .is_some_and(|end| m.offset() + 1 >= *end)
+                {
+                    ends.remove(&m.partition());
+                }
             }
         }
     }

@@ -33,7 +33,9 @@ fn bench_signature(c: &mut Criterion) {
         let header = signature::sign(secrets[0].expose().as_bytes(), &body);
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
-            b.iter(|| signature::verify(Some(header.as_bytes()), black_box(body), &secrets).unwrap())
+            b.iter(|| {
+                signature::verify(Some(header.as_bytes()), black_box(body), &secrets).unwrap()
+            })
         });
     }
     g.finish();

@@ -58,6 +58,14 @@ impl Gateway {
         let admin = Arc::new(Admin {
             metrics: metrics.clone(),
             ready: ready.clone(),
+            api: crate::admin::api::Api {
+                tenants: cfg.tenants.clone(),
+                producer: producer.clone(),
+                requests_topic: crate::kafka::TopicNames::new(&cfg.kafka.topic_prefix)
+                    .full("outbound.requests"),
+                ack_timeout: cfg.ingress.ack_timeout,
+                body_timeout: cfg.body_read_timeout,
+            },
         });
 
         let public = http::bind("listen", cfg.listen).await?;

@@ -49,6 +49,11 @@ pub enum Command {
         #[arg(long, default_value = "WAGATE_APP_SECRET")]
         secret_env: String,
     },
+    /// Dead-letter queue administration.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Print a topic's records as JSON lines (key, headers, value).
     Tail {
         /// Topic: a full name, or a short one such as `inbound.messages`
@@ -66,6 +71,30 @@ pub enum Command {
         /// Bootstrap servers (default: kafka.brokers of the config).
         #[arg(long)]
         brokers: Option<String>,
+        #[arg(long, env = "WAGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// Re-publish DLQ records to the requests topic (each at most once).
+    Redrive {
+        /// Only records with this error code (e.g. 131049).
+        #[arg(long)]
+        code: Option<String>,
+        /// Only records deferred at least this many seconds ago.
+        #[arg(long)]
+        min_age_secs: Option<u64>,
+        /// Only records whose retry_after_ms has passed.
+        #[arg(long)]
+        ready: bool,
+        /// At most this many records.
+        #[arg(long)]
+        max: Option<usize>,
+        /// Count what would be redriven, change nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long, env = "WAGATE_CONFIG")]
         config: Option<PathBuf>,
     },
@@ -190,4 +219,29 @@ pub fn tail(
         Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
     }
+}
+
+pub async fn dlq_redrive(
+    filter: wagate::egress::redrive::Filter,
+    dry_run: bool,
+    path: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    let cfg = tool_config(path)?;
+    let producer = kafka::KafkaProducer::new(&cfg.kafka)?;
+    let r = wagate::egress::redrive::redrive(
+        &cfg.kafka.brokers,
+        &cfg.kafka.topic_prefix,
+        &producer,
+        &filter,
+        dry_run,
+    )
+    .await?;
+    println!(
+        "scanned {} matched {} redriven {}{}",
+        r.scanned,
+        r.matched,
+        r.redriven,
+        if dry_run { " (dry run)" } else { "" }
+    );
+    Ok(())
 }

@@ -6,7 +6,7 @@ mod cli;
 use std::process::ExitCode;
 
 use clap::Parser;
-use cli::{Cli, Command, TopicsCommand};
+use cli::{Cli, Command, DlqCommand, TopicsCommand};
 use wagate::config::{self, LoadOptions, ProcessEnv};
 
 fn main() -> ExitCode {
@@ -28,6 +28,26 @@ fn main() -> ExitCode {
             command: TopicsCommand::Create { config },
         } => rt.block_on(cli::topics_create(config.as_ref())),
         Command::Sign { secret_env } => cli::sign(&secret_env),
+        Command::Dlq {
+            command:
+                DlqCommand::Redrive {
+                    code,
+                    min_age_secs,
+                    ready,
+                    max,
+                    dry_run,
+                    config,
+                },
+        } => rt.block_on(cli::dlq_redrive(
+            wagate::egress::redrive::Filter {
+                code,
+                min_age: min_age_secs.map(std::time::Duration::from_secs),
+                ready_only: ready,
+                max,
+            },
+            dry_run,
+            config.as_ref(),
+        )),
         Command::Tail {
             topic,
             from_beginning,

@@ -27,7 +27,11 @@ fn check_config_accepts_the_example_with_the_contract_env() {
         .args(["check-config", "--config", "config/example.toml"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("config OK"));
 }
 
@@ -48,7 +52,10 @@ fn check_config_names_the_bad_key_and_exits_non_zero() {
     assert!(err.contains("linger_msec"), "{err}");
 
     // A missing secret names the variable.
-    let out = wagate().args(["check-config", "--config", "config/example.toml"]).output().unwrap();
+    let out = wagate()
+        .args(["check-config", "--config", "config/example.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("WAGATE_APP_SECRET"));
 }
@@ -66,8 +73,10 @@ fn serve_with_bad_config_exits_before_binding() {
 
 #[test]
 fn sign_prints_metas_header_for_the_vector() {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read("tests/fixtures/signature_test_vector.json").unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read("tests/fixtures/signature_test_vector.json").unwrap(),
+    )
+    .unwrap();
     let mut child = wagate()
         .env("MY_SECRET", v["app_secret"].as_str().unwrap())
         .args(["sign", "--secret-env", "MY_SECRET"])
@@ -75,14 +84,22 @@ fn sign_prints_metas_header_for_the_vector() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(v["raw_body"].as_str().unwrap().as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(v["raw_body"].as_str().unwrap().as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         v["expected_X-Hub-Signature-256"].as_str().unwrap()
     );
-    let out = wagate().args(["sign", "--secret-env", "UNSET_VAR"]).output().unwrap();
+    let out = wagate()
+        .args(["sign", "--secret-env", "UNSET_VAR"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("UNSET_VAR"));
 }
@@ -100,15 +117,27 @@ fn topics_create_then_tail_against_the_broker() {
             .unwrap()
     };
     let out = run(&["topics", "create"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     for t in wagate::kafka::TOPICS {
-        assert!(text.contains(&format!("{prefix}{}\tcreated", t.name)), "{text}");
+        assert!(
+            text.contains(&format!("{prefix}{}\tcreated", t.name)),
+            "{text}"
+        );
     }
     // Idempotent: the second run finds them all.
     let out = run(&["topics", "create"]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("\texists").count(), wagate::kafka::TOPICS.len());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("\texists")
+            .count(),
+        wagate::kafka::TOPICS.len()
+    );
 
     // Produce one record through the library, read it back with the CLI.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -116,13 +145,31 @@ fn topics_create_then_tail_against_the_broker() {
         let cfg = common::config(&brokers, &prefix, &[]);
         let p = wagate::kafka::KafkaProducer::new(&cfg.kafka).unwrap();
         let f = p
-            .send(&format!("{prefix}inbound.events"), b"k1", br#"{"v":1,"x":"y"}"#, &[("wagate-kind", b"test")])
+            .send(
+                &format!("{prefix}inbound.events"),
+                b"k1",
+                br#"{"v":1,"x":"y"}"#,
+                &[("wagate-kind", b"test")],
+            )
             .unwrap();
         f.await.unwrap().unwrap();
     });
-    let out = run(&["tail", "inbound.events", "--from-beginning", "--max", "1", "--idle-exit-secs", "10"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let line: serde_json::Value = serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let out = run(&[
+        "tail",
+        "inbound.events",
+        "--from-beginning",
+        "--max",
+        "1",
+        "--idle-exit-secs",
+        "10",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
     assert_eq!(line["key"], "k1");
     assert_eq!(line["headers"]["wagate-kind"], "test");
     assert_eq!(line["value"]["x"], "y");

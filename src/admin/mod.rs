@@ -1,5 +1,7 @@
-//! The internal listener: `/metrics`, `/healthz`, `/readyz` (and, as the
-//! other planes land, the `/v1/…` API). Bind it to a private address.
+//! The internal listener: `/metrics`, `/healthz`, `/readyz` and the upstream
+//! API (`POST /v1/messages`). Bind it to a private address.
+
+pub mod api;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,6 +36,7 @@ impl Readiness {
 pub struct Admin {
     pub metrics: PrometheusHandle,
     pub ready: Arc<Readiness>,
+    pub api: api::Api,
 }
 
 impl Admin {

@@ -39,6 +39,11 @@ use crate::meta::errors::{self, Action};
 use crate::metrics as m;
 use crate::ratelimit::{PairKey, PairRate, Throughput};
 
+/// Wall clock in Unix milliseconds.
+pub fn now_ms_pub() -> u64 {
+    now_ms()
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

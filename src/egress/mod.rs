@@ -6,4 +6,5 @@
 pub mod drain;
 pub mod graph;
 pub mod policy;
+pub mod redrive;
 pub mod request;

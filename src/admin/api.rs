@@ -61,7 +61,7 @@ impl Api {
             Err(why) => return http::json_error(StatusCode::BAD_REQUEST, "invalid_request", &why),
         };
         if let Some(nums) = &tenant.numbers {
-            if !nums.iter().any(|n| *n == send.phone_number_id) {
+            if !nums.contains(&send.phone_number_id) {
                 return http::json_error(
                     StatusCode::FORBIDDEN,
                     "forbidden",

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Bounded load test on loopback: a bare hyper server (the ceiling) and the
+# gateway with Tansu behind it, driven by wagate-loadgen in the same run.
+#   scripts/loadtest.sh [DURATION_SECS] [CONNECTIONS...]
+# Prints one line per run; the numbers in BENCHMARKS.md come from it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+dur="${1:-10}"; shift || true
+conns=("$@"); [ ${#conns[@]} -gt 0 ] || conns=(32 128)
+dir="target/loadtest"; mkdir -p "$dir"
+cargo build --release --bin wagate --bin wagate-loadgen >&2
+W=target/release/wagate; L=target/release/wagate-loadgen
+export WAGATE_APP_SECRET=loadtest-secret WAGATE_VERIFY_TOKEN=v WAGATE_API_TOKEN=a WAGATE_ACCESS_TOKEN=t
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; scripts/tansu.sh stop "$dir" || true; }
+trap cleanup EXIT
+
+echo "== baseline: bare hyper server (reads the body, answers 200)"
+$L baseline --listen 127.0.0.1:0 --max-secs $((dur * ${#conns[@]} + 60)) >"$dir/baseline.out" &
+pids+=($!)
+for _ in $(seq 50); do grep -q "listening on" "$dir/baseline.out" 2>/dev/null && break; sleep 0.1; done
+base=$(sed -n 's/.*listening on //p' "$dir/baseline.out" | head -1)
+for c in "${conns[@]}"; do
+  echo "-- baseline connections=$c"
+  $L run --url "http://$base/webhook" --connections "$c" --duration-secs "$dur" --warmup-secs 1
+done
+kill "${pids[0]}" 2>/dev/null || true
+
+echo "== gateway: wagate serve (acks=all, raw topic on) with Tansu on loopback"
+brokers=$(scripts/tansu.sh start "$dir")
+export WAGATE_KAFKA_BROKERS="$brokers" WAGATE_TOPIC_PREFIX="lt$(date +%s)." \
+       WAGATE_LISTEN=127.0.0.1:18080 WAGATE_INTERNAL_LISTEN=127.0.0.1:19090 \
+       WAGATE_EGRESS_ENABLED=false WAGATE_LOG=warn
+$W topics create >/dev/null
+$W serve >"$dir/gateway.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -sf http://127.0.0.1:19090/readyz >/dev/null 2>&1 && break; sleep 0.1; done
+for c in "${conns[@]}"; do
+  echo "-- gateway connections=$c"
+  $L run --url "http://127.0.0.1:18080/webhook" --connections "$c" --duration-secs "$dur" --warmup-secs 1
+done
+echo "-- gateway metrics"
+curl -s http://127.0.0.1:19090/metrics | grep -E '^wagate_(webhook_requests_total|webhook_events_total|webhook_duplicates_total|kafka_produce_errors_total)' || true

@@ -9,7 +9,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 dur="${1:-10}"; shift || true
 conns=("$@"); [ ${#conns[@]} -gt 0 ] || conns=(32 128)
 dir="target/loadtest"; mkdir -p "$dir"
-cargo build --release --bin wagate --bin wagate-loadgen >&2
+cargo build --release --workspace --bins >&2
 W=target/release/wagate; L=target/release/wagate-loadgen
 export WAGATE_APP_SECRET=loadtest-secret WAGATE_VERIFY_TOKEN=v WAGATE_API_TOKEN=a WAGATE_ACCESS_TOKEN=t
 

@@ -104,6 +104,7 @@ pub struct RawEgress {
     pub circuit_hold_max_ms: u64,
     pub history_window_secs: u64,
     pub marketing_requires_opt_in: bool,
+    pub arrival_margin_ms: u64,
     /// Per business number: throughput override, own access token.
     pub numbers: BTreeMap<String, RawNumber>,
 }
@@ -226,6 +227,7 @@ impl Default for RawEgress {
             circuit_hold_max_ms: 600_000,
             history_window_secs: 86_400,
             marketing_requires_opt_in: true,
+            arrival_margin_ms: 50,
             numbers: BTreeMap::new(),
         }
     }
@@ -353,6 +355,8 @@ pub struct EgressConfig {
     pub circuit_hold_max: Duration,
     pub history_window: Duration,
     pub marketing_requires_opt_in: bool,
+    /// `None`: strict (completion-bounded) throughput windows.
+    pub arrival_margin: Option<Duration>,
     pub numbers: BTreeMap<String, NumberConfig>,
 }
 
@@ -829,6 +833,8 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
                 e.history_window_secs,
             )?),
             marketing_requires_opt_in: e.marketing_requires_opt_in,
+            arrival_margin: (e.arrival_margin_ms > 0)
+                .then(|| Duration::from_millis(e.arrival_margin_ms.min(10_000))),
             numbers,
         },
         graph: GraphConfig {

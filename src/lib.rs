@@ -12,3 +12,4 @@ pub mod kafka;
 pub mod meta;
 pub mod metrics;
 pub mod ratelimit;
+pub mod sandbox;

@@ -66,6 +66,12 @@ impl Admin {
                     http::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"))
                 }
             }
+            (&Method::POST, "/v1/messages") => self.api.post_message(req).await,
+            (_, "/v1/messages") => http::json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST",
+            ),
             (_, "/metrics" | "/healthz" | "/readyz") => http::json_error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

@@ -66,7 +66,9 @@ struct Job {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
-/// Offsets not yet completed, per partition.
+/// Offsets in progress and done, per partition. Also recognises a request
+/// consumed again after a rebalance while it is still in progress (or done
+/// but not yet committed), so it is not sent twice.
 #[derive(Default)]
 struct Tracker {
     parts: HashMap<i32, Part>,
@@ -75,19 +77,27 @@ struct Tracker {
 #[derive(Default)]
 struct Part {
     pending: BTreeSet<i64>,
+    done: BTreeSet<i64>,
     next: i64,
     committed: i64,
 }
 
 impl Tracker {
-    fn add(&mut self, p: i32, o: i64) {
+    /// Registers an offset; false if it is already known (redelivered).
+    fn add(&mut self, p: i32, o: i64) -> bool {
         let part = self.parts.entry(p).or_default();
+        if o < part.committed || part.pending.contains(&o) || part.done.contains(&o) {
+            return false;
+        }
         part.pending.insert(o);
         part.next = part.next.max(o + 1);
+        true
     }
     fn done(&mut self, p: i32, o: i64) {
         if let Some(part) = self.parts.get_mut(&p) {
-            part.pending.remove(&o);
+            if part.pending.remove(&o) {
+                part.done.insert(o);
+            }
         }
     }
     /// Offsets safe to commit (first pending, or one past the last seen) that
@@ -98,6 +108,7 @@ impl Tracker {
             let upto = part.pending.first().copied().unwrap_or(part.next);
             if upto > part.committed {
                 part.committed = upto;
+                part.done = part.done.split_off(&upto);
                 out.push((*p, upto));
             }
         }
@@ -231,7 +242,10 @@ impl Egress {
                     let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
                     let payload = msg.payload().unwrap_or_default().to_vec();
                     let (p, o) = (msg.partition(), msg.offset());
-                    self.tracker.lock().unwrap().add(p, o);
+                    if !self.tracker.lock().unwrap().add(p, o) {
+                        // Consumed again after a rebalance: already in progress or done.
+                        continue;
+                    }
                     self.clone().dispatch(&mut lanes, p, o, redrive, &key, &payload, permit);
                 }
             }
@@ -412,7 +426,7 @@ impl Egress {
         mut rx: mpsc::UnboundedReceiver<Job>,
     ) {
         let mut queue: VecDeque<Job> = VecDeque::new();
-        let mut throughput = Throughput::new(rate);
+        let throughput = Arc::new(Throughput::with_margin(rate, self.cfg.arrival_margin));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Job, GraphOutcome, Duration)>();
         let mut in_flight: HashSet<PairKey> = HashSet::new();
         let mut pair_backoff: HashMap<PairKey, u32> = HashMap::new();
@@ -430,7 +444,7 @@ impl Egress {
                     job,
                     out,
                     &mut queue,
-                    &mut throughput,
+                    &throughput,
                     &mut pair_backoff,
                     &mut hold_until,
                     &mut throttle_streak,
@@ -531,10 +545,7 @@ impl Egress {
                     );
                     continue;
                 }
-                if let Err(wait) = throughput.check() {
-                    metrics::counter!(m::EGRESS_THROTTLED, "limit" => "throughput").increment(1);
-                    wake = wake.min(now + wait);
-                } else if let Err(wait) = self.pair.check(job.pair) {
+                if let Err(wait) = self.pair.check(job.pair) {
                     metrics::counter!(m::EGRESS_THROTTLED, "limit" => "pair").increment(1);
                     queue[i].not_before = now + wait;
                     continue;
@@ -545,9 +556,10 @@ impl Egress {
                     let this = self.clone();
                     let token = token.clone();
                     let tx = done_tx.clone();
+                    let throughput = throughput.clone();
                     tokio::spawn(async move {
                         let t0 = Instant::now();
-                        let out = this.send(&job, &token).await;
+                        let out = this.send(&job, &token, &throughput).await;
                         let _ = tx.send((job, out, t0.elapsed()));
                     });
                     continue;
@@ -562,7 +574,7 @@ impl Egress {
                 Some((job, out, took)) = done_rx.recv() => {
                     in_flight.remove(&job.pair);
                     metrics::histogram!(m::META_API_SECONDS).record(took.as_secs_f64());
-                    self.handle_outcome(job, out, &mut queue, &mut throughput, &mut pair_backoff, &mut hold_until, &mut throttle_streak, &mut last_throttle, &mut circuit);
+                    self.handle_outcome(job, out, &mut queue, &throughput, &mut pair_backoff, &mut hold_until, &mut throttle_streak, &mut last_throttle, &mut circuit);
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
@@ -582,8 +594,9 @@ impl Egress {
         }
     }
 
-    /// Writes the attempt record, then calls the Graph API.
-    async fn send(&self, job: &Job, token: &Secret) -> GraphOutcome {
+    /// Writes the attempt record, waits for the number's throughput token,
+    /// then calls the Graph API.
+    async fn send(&self, job: &Job, token: &Secret, throughput: &Throughput) -> GraphOutcome {
         let attempt = serde_json::json!({
             "v": 1,
             "request_id": job.req.request_id,
@@ -625,9 +638,20 @@ impl Egress {
             }
         }
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        self.graph
+        let ticket = match throughput.check() {
+            Ok(t) => t,
+            Err(_) => {
+                metrics::counter!(m::EGRESS_THROTTLED, "limit" => "throughput").increment(1);
+                throughput.acquire().await
+            }
+        };
+        let out = self
+            .graph
             .send(&job.req.phone_number_id, token.expose(), bytes)
-            .await
+            .await;
+        // The slot counts from the completion: the request reached Meta before.
+        ticket.done();
+        out
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -636,7 +660,7 @@ impl Egress {
         mut job: Job,
         out: GraphOutcome,
         queue: &mut VecDeque<Job>,
-        throughput: &mut Throughput,
+        throughput: &Throughput,
         pair_backoff: &mut HashMap<PairKey, u32>,
         hold_until: &mut Option<Instant>,
         throttle_streak: &mut u32,
@@ -907,8 +931,13 @@ mod tests {
         assert_eq!(t.take_commits(), vec![(0, 13)]);
         assert_eq!(t.take_commits(), vec![]);
         t.done(0, 13);
+        // Redelivered after a rebalance: in progress, done, or committed.
+        assert!(!t.add(0, 14));
+        assert!(!t.add(0, 13));
+        assert!(!t.add(0, 10));
         t.done(0, 14);
         assert_eq!(t.take_commits(), vec![(0, 15)]);
+        assert!(t.add(0, 15));
     }
 
     #[test]

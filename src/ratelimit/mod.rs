@@ -1,14 +1,23 @@
 //! Meta's limits as seen by one gateway: throughput per business number,
 //! the pair rate per (number, user), with governor's GCRA.
 //!
-//! Throughput limiters have burst 1, so sends are spaced by 1/rate and no
-//! one-second window ever holds more than `rate` sends. The pair limiter is
+//! Throughput limiters are a GCRA (spacing 1/rate, a small burst so a late
+//! send can catch up instead of losing its slot) combined with a log of the
+//! last `rate` sends, which is the hard rule: a send may start only one
+//! second after the send `rate` places before it reached Meta. When it
+//! reached Meta is bounded by when it completed (strict, the default: no
+//! one-second window at Meta ever holds more than `rate` sends, whatever the
+//! jitter; a round trip of L costs a fraction L/1 s of throughput), or, with
+//! `egress.arrival_margin_ms` set, also by its start plus that margin (a slow
+//! round trip then costs nothing, and the rule holds while the jitter of the
+//! one-way latency stays under the margin). The pair limiter is
 //! one keyed governor limiter (all pairs share Meta's quota: one per 6 s,
 //! burst 45) whose memory is bounded by `retain_recent`.
 
 use std::hash::{Hash, Hasher};
 use std::num::NonZeroU32;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock, QuantaInstant};
 use governor::middleware::NoOpMiddleware;
@@ -17,32 +26,88 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
 /// A per-number throughput limiter whose rate can be cut and restored
-/// (adaptive backoff on 130429).
+/// (adaptive backoff on 130429). Shared by a lane's send tasks: each waits
+/// for its token right before writing the HTTP request, so that the spacing
+/// Meta sees is the spacing the limiter enforces.
 pub struct Throughput {
     configured: u32,
+    margin: Option<Duration>,
+    inner: std::sync::Mutex<Inner>,
+}
+
+type Direct = RateLimiter<NotKeyed, InMemoryState, DefaultClock, NoOpMiddleware<QuantaInstant>>;
+
+struct Inner {
     current: u32,
-    limiter: RateLimiter<NotKeyed, InMemoryState, DefaultClock, NoOpMiddleware<QuantaInstant>>,
+    limiter: Arc<Direct>,
+    /// Completion times of the last `current` sends (pending until done).
+    log: std::collections::VecDeque<Slot>,
+    epoch: Instant,
+}
+
+/// The window of the hard rule.
+pub const WINDOW: Duration = Duration::from_secs(1);
+
+/// Nanoseconds since the limiter's epoch at which a send completed; 0 while
+/// it is in flight.
+type Slot = Arc<std::sync::atomic::AtomicU64>;
+
+/// A granted send. Call [`Ticket::done`] when the request has completed
+/// (answered, failed or timed out); dropping it does the same.
+#[derive(Debug)]
+pub struct Ticket {
+    slot: Slot,
+    epoch: Instant,
+    /// The latest the request can have reached Meta, if a margin is set.
+    latest_arrival: Option<Instant>,
+}
+
+impl Ticket {
+    pub fn done(self) {}
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let at = self.latest_arrival.map_or(now, |l| now.min(l));
+        let ns = (at.saturating_duration_since(self.epoch).as_nanos() as u64).max(1);
+        self.slot.store(ns, std::sync::atomic::Ordering::Release);
+    }
 }
 
 fn quota_per_second(rate: u32) -> Quota {
     let rate = NonZeroU32::new(rate.max(1)).expect("max(1) is non-zero");
+    // A burst lets a late send catch up; the window log keeps the hard rule.
+    let burst =
+        NonZeroU32::new((rate.get() / 10).clamp(3, 100).min(rate.get())).expect("at least 1");
     Quota::with_period(Duration::from_secs(1) / rate.get())
         .expect("period is non-zero")
-        .allow_burst(NonZeroU32::MIN)
+        .allow_burst(burst)
 }
 
 impl Throughput {
     pub fn new(rate: u32) -> Throughput {
+        Throughput::with_margin(rate, None)
+    }
+
+    /// `margin`: how much later than its start a request may reach Meta
+    /// (`None`: only its completion bounds that; strict whatever the jitter).
+    pub fn with_margin(rate: u32, margin: Option<Duration>) -> Throughput {
         Throughput {
             configured: rate.max(1),
-            current: rate.max(1),
-            limiter: RateLimiter::direct(quota_per_second(rate)),
+            margin,
+            inner: std::sync::Mutex::new(Inner {
+                current: rate.max(1),
+                limiter: Arc::new(RateLimiter::direct(quota_per_second(rate))),
+                log: std::collections::VecDeque::with_capacity(rate.clamp(1, 100_000) as usize),
+                epoch: Instant::now(),
+            }),
         }
     }
 
     /// The rate in force now.
     pub fn rate(&self) -> u32 {
-        self.current
+        self.inner.lock().unwrap().current
     }
 
     /// The configured rate.
@@ -50,31 +115,72 @@ impl Throughput {
         self.configured
     }
 
-    /// `Ok` to send now, else how long to wait.
-    pub fn check(&self) -> Result<(), Duration> {
-        self.limiter
+    /// A ticket to send now, else how long to wait.
+    pub fn check(&self) -> Result<Ticket, Duration> {
+        use std::sync::atomic::Ordering::Acquire;
+        let mut inner = self.inner.lock().unwrap();
+        let cap = inner.current as usize;
+        while inner.log.len() > cap {
+            inner.log.pop_front();
+        }
+        if inner.log.len() == cap {
+            let done_ns = inner.log[0].load(Acquire);
+            if done_ns == 0 {
+                // The send `rate` places back is still in flight.
+                return Err(Duration::from_millis(2));
+            }
+            let done_at = inner.epoch + Duration::from_nanos(done_ns);
+            let since = Instant::now().saturating_duration_since(done_at);
+            if since < WINDOW {
+                return Err(WINDOW - since);
+            }
+        }
+        inner
+            .limiter
             .check()
-            .map_err(|nu| nu.wait_time_from(DefaultClock::default().now()))
+            .map_err(|nu| nu.wait_time_from(DefaultClock::default().now()))?;
+        if inner.log.len() == cap {
+            inner.log.pop_front();
+        }
+        let slot: Slot = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        inner.log.push_back(slot.clone());
+        Ok(Ticket {
+            slot,
+            epoch: inner.epoch,
+            latest_arrival: self.margin.map(|m| Instant::now() + m),
+        })
+    }
+
+    /// Waits for a ticket.
+    pub async fn acquire(&self) -> Ticket {
+        loop {
+            match self.check() {
+                Ok(t) => return t,
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
     }
 
     /// Cuts the rate (130429): halves it, not below 1/s.
-    pub fn cut(&mut self) {
-        let next = (self.current / 2).max(1);
+    pub fn cut(&self) {
+        let next = (self.rate() / 2).max(1);
         self.set(next);
     }
 
     /// Restores a quarter of the lost rate (called periodically while healthy).
-    pub fn recover(&mut self) {
-        if self.current < self.configured {
-            let step = ((self.configured - self.current) / 4).max(1);
-            self.set((self.current + step).min(self.configured));
+    pub fn recover(&self) {
+        let current = self.rate();
+        if current < self.configured {
+            let step = ((self.configured - current) / 4).max(1);
+            self.set((current + step).min(self.configured));
         }
     }
 
-    fn set(&mut self, rate: u32) {
-        if rate != self.current {
-            self.current = rate;
-            self.limiter = RateLimiter::direct(quota_per_second(rate));
+    fn set(&self, rate: u32) {
+        let mut inner = self.inner.lock().unwrap();
+        if rate != inner.current {
+            inner.current = rate;
+            inner.limiter = Arc::new(RateLimiter::direct(quota_per_second(rate)));
         }
     }
 }
@@ -144,7 +250,10 @@ mod tests {
     #[test]
     fn throughput_spaces_sends() {
         let t = Throughput::new(10);
-        assert!(t.check().is_ok());
+        // A burst of 3 (catch-up), then one every 100 ms.
+        for _ in 0..3 {
+            assert!(t.check().is_ok());
+        }
         let wait = t.check().unwrap_err();
         assert!(
             wait <= Duration::from_millis(100) && wait > Duration::from_millis(50),
@@ -153,8 +262,35 @@ mod tests {
     }
 
     #[test]
+    fn no_window_ever_holds_more_than_the_rate() {
+        // Drive a 50/s limiter flat out for 2.5 s, then check every window.
+        let t = Throughput::new(50);
+        let mut sent = Vec::new();
+        let end = Instant::now() + Duration::from_millis(2500);
+        while Instant::now() < end {
+            match t.check() {
+                Ok(ticket) => {
+                    sent.push(Instant::now());
+                    ticket.done();
+                }
+                Err(w) => std::thread::sleep(w.min(Duration::from_millis(2))),
+            }
+        }
+        let mut j = 0;
+        for i in 0..sent.len() {
+            while sent[i] - sent[j] >= Duration::from_secs(1) {
+                j += 1;
+            }
+            assert!(i - j < 50, "{} sends in one second", i - j + 1);
+        }
+        // And it is nearly reached: at least 95 % of 50/s over the run.
+        let rate = (sent.len() - 1) as f64 / (sent[sent.len() - 1] - sent[0]).as_secs_f64();
+        assert!(rate >= 47.5, "{rate}");
+    }
+
+    #[test]
     fn cut_and_recover() {
-        let mut t = Throughput::new(80);
+        let t = Throughput::new(80);
         t.cut();
         assert_eq!(t.rate(), 40);
         t.cut();
@@ -164,7 +300,7 @@ mod tests {
             t.recover();
         }
         assert_eq!(t.rate(), 80);
-        let mut one = Throughput::new(1);
+        let one = Throughput::new(1);
         one.cut();
         assert_eq!(one.rate(), 1);
     }

@@ -1,0 +1,854 @@
+//! The Graph API sandbox over real HTTP on loopback: Meta's success and
+//! error shapes, auth, validation, throughput, pair rate, the 24-hour
+//! window, fixed and injected errors, and signed status webhooks.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use wagate::config::Secret;
+use wagate::sandbox::{
+    FixedError, PairRate, Sandbox, SandboxConfig, StatusWebhookConfig, WebhookStats,
+};
+
+const TOKEN: &str = "sandbox-test-token";
+const NUMBER: &str = "109876543210987";
+const OTHER_NUMBER: &str = "109876543210988";
+
+/// `payloads/send_text_request.json`.
+fn text_request() -> Value {
+    json!({
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": "+14155550123",
+        "type": "text",
+        "text": {"preview_url": false, "body": "Your order #4471 left our warehouse. Track it here: https://example.com/t/4471"},
+        "biz_opaque_callback_data": "job=8f2c1e7a;attempt=1"
+    })
+}
+
+/// `payloads/send_template_request.json`.
+fn template_request() -> Value {
+    json!({
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": "+5511987654321",
+        "type": "template",
+        "template": {
+            "name": "order_shipped_v3",
+            "language": {"code": "pt_BR"},
+            "components": [
+                {"type": "header", "parameters": [{"type": "image", "image": {"id": "1037543291543636"}}]},
+                {"type": "body", "parameters": [
+                    {"type": "text", "text": "João"},
+                    {"type": "text", "text": "#4471"},
+                    {"type": "currency", "currency": {"fallback_value": "R$ 59,90", "code": "BRL", "amount_1000": 59900}}
+                ]},
+                {"type": "button", "sub_type": "url", "index": "0", "parameters": [{"type": "text", "text": "4471"}]},
+                {"type": "button", "sub_type": "quick_reply", "index": "1", "parameters": [{"type": "payload", "payload": "OPT_OUT_MARKETING"}]}
+            ]
+        },
+        "biz_opaque_callback_data": "campaign=jun26;contact=88231"
+    })
+}
+
+fn text_to(to: &str) -> Value {
+    json!({"messaging_product": "whatsapp", "to": to, "type": "text", "text": {"body": "hi"}})
+}
+
+fn template_to(to: &str) -> Value {
+    json!({"messaging_product": "whatsapp", "to": to, "type": "template",
+           "template": {"name": "hello_world", "language": {"code": "en_US"}}})
+}
+
+fn config() -> SandboxConfig {
+    SandboxConfig {
+        access_tokens: vec![TOKEN.into()],
+        pair_rate: None,
+        ..SandboxConfig::default()
+    }
+}
+
+async fn start(cfg: SandboxConfig) -> Sandbox {
+    Sandbox::start(cfg).await.expect("sandbox starts")
+}
+
+struct Answer {
+    status: StatusCode,
+    raw: Bytes,
+    json: Value,
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn request(
+    c: &HttpClient,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Answer {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req.body(Full::new(Bytes::from(body))).expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(20), c.request(req))
+        .await
+        .expect("answered in time")
+        .expect("HTTP exchange");
+    let status = resp.status();
+    let raw = resp.into_body().collect().await.expect("body").to_bytes();
+    let json = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    Answer { status, raw, json }
+}
+
+/// POSTs `body` to `{base}/{number}/messages` with the test token.
+async fn send(c: &HttpClient, sb: &Sandbox, number: &str, body: &Value) -> Answer {
+    let url = format!("{}/{number}/messages", sb.base_url());
+    request(c, "POST", &url, Some(TOKEN), body.to_string().into_bytes()).await
+}
+
+/// Asserts Meta's error shape and returns the error object.
+fn assert_meta_error(a: &Answer, status: StatusCode, code: i64) -> Value {
+    assert_eq!(a.status, status, "{}", String::from_utf8_lossy(&a.raw));
+    let e = a.json["error"].clone();
+    assert_eq!(e["code"], code, "{e}");
+    assert_eq!(e["type"], "OAuthException", "{e}");
+    let message = e["message"].as_str().expect("error.message");
+    assert!(message.starts_with(&format!("(#{code}) ")), "{message}");
+    assert!(message.len() > format!("(#{code}) ").len(), "{message}");
+    assert_eq!(e["error_data"]["messaging_product"], "whatsapp", "{e}");
+    let details = e["error_data"]["details"].as_str().expect("details");
+    assert!(!details.is_empty());
+    let trace = e["fbtrace_id"].as_str().expect("fbtrace_id");
+    assert!(trace.len() >= 10 && trace.chars().all(|c| c.is_ascii_alphanumeric()));
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_and_template_answers_have_metas_success_shape() {
+    let sb = start(config()).await;
+    let c = client();
+    let a = send(&c, &sb, NUMBER, &text_request()).await;
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.raw)
+    );
+    assert_eq!(a.json["messaging_product"], "whatsapp");
+    assert_eq!(
+        a.json["contacts"],
+        json!([{"input": "+14155550123", "wa_id": "14155550123"}])
+    );
+    let msgs = a.json["messages"].as_array().expect("messages");
+    assert_eq!(msgs.len(), 1);
+    let text_wamid = msgs[0]["id"].as_str().expect("id").to_string();
+    assert!(text_wamid.starts_with("wamid.HBgL"), "{text_wamid}");
+    assert!(
+        msgs[0].get("message_status").is_none(),
+        "only templates carry message_status"
+    );
+    assert_eq!(msgs[0].as_object().map(|o| o.len()), Some(1));
+
+    let a = send(&c, &sb, NUMBER, &template_request()).await;
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.raw)
+    );
+    assert_eq!(
+        a.json["contacts"],
+        json!([{"input": "+5511987654321", "wa_id": "5511987654321"}])
+    );
+    assert_eq!(a.json["messages"][0]["message_status"], "accepted");
+    let template_wamid = a.json["messages"][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_ne!(template_wamid, text_wamid);
+
+    // `to` is echoed exactly as sent; wa_id keeps the digits only.
+    let a = send(&c, &sb, NUMBER, &text_to("+1 (415) 555-0199")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.json["contacts"][0]["input"], "+1 (415) 555-0199");
+    assert_eq!(a.json["contacts"][0]["wa_id"], "14155550199");
+
+    // Any /vNN.N/ prefix is accepted and recorded.
+    let url = format!("http://{}/v21.0/{NUMBER}/messages", sb.addr());
+    let a = request(
+        &c,
+        "POST",
+        &url,
+        Some(TOKEN),
+        text_to("+14155550100").to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+
+    // Mark-as-read is answered but is not a send.
+    let read = json!({"messaging_product": "whatsapp", "status": "read",
+        "message_id": "wamid.HBgLMTQxNTU1NTAxMjMVAgASGBQzRUIwQTdDMkY1RDk4QjE0NkU3NgA=",
+        "typing_indicator": {"type": "text"}});
+    let a = send(&c, &sb, NUMBER, &read).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.json, json!({"success": true}));
+
+    let sends = sb.sends();
+    assert_eq!(sends.len(), 4);
+    assert_eq!(sb.attempts(), 5);
+    assert_eq!(sb.accepted(), 4);
+    assert_eq!(sends[0].wamid, text_wamid);
+    assert_eq!(sends[0].type_, "text");
+    assert_eq!(sends[0].phone_number_id, NUMBER);
+    assert_eq!(sends[0].to, "+14155550123");
+    assert_eq!(sends[0].wa_id, "14155550123");
+    assert_eq!(
+        sends[0].biz_opaque_callback_data.as_deref(),
+        Some("job=8f2c1e7a;attempt=1")
+    );
+    assert_eq!(sends[0].body, text_request());
+    assert_eq!(sends[0].api_version, "v23.0");
+    assert_eq!(sends[1].wamid, template_wamid);
+    assert_eq!(sends[1].type_, "template");
+    assert_eq!(sends[3].api_version, "v21.0");
+    assert!(sends[0].arrived_at <= sends[1].arrived_at);
+    assert!(sends[0].arrived_unix_ms > 1_700_000_000_000);
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_unknown_token_is_401_190() {
+    let sb = start(config()).await;
+    let c = client();
+    let url = format!("{}/{NUMBER}/messages", sb.base_url());
+    let body = text_request().to_string().into_bytes();
+    for token in [None, Some("not-the-token"), Some("")] {
+        let a = request(&c, "POST", &url, token, body.clone()).await;
+        let e = assert_meta_error(&a, StatusCode::UNAUTHORIZED, 190);
+        assert!(e["error_subcode"].is_i64(), "{e}");
+    }
+    assert!(sb.sends().is_empty());
+    assert_eq!(sb.attempts(), 3);
+
+    // Empty `access_tokens` accepts any non-empty token, but not none.
+    let open = start(SandboxConfig {
+        access_tokens: Vec::new(),
+        ..config()
+    })
+    .await;
+    let url = format!("{}/{NUMBER}/messages", open.base_url());
+    let a = request(&c, "POST", &url, Some("anything"), body.clone()).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let a = request(&c, "POST", &url, None, body).await;
+    assert_meta_error(&a, StatusCode::UNAUTHORIZED, 190);
+    sb.shutdown().await;
+    open.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_are_400_with_details() {
+    let sb = start(config()).await;
+    let c = client();
+
+    let mut no_to = text_request();
+    no_to.as_object_mut().map(|o| o.remove("to"));
+    let a = send(&c, &sb, NUMBER, &no_to).await;
+    let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, 131008);
+    assert!(e["error_data"]["details"]
+        .as_str()
+        .unwrap_or("")
+        .contains("to"));
+
+    let mut no_name = template_request();
+    no_name["template"]
+        .as_object_mut()
+        .map(|o| o.remove("name"));
+    let a = send(&c, &sb, NUMBER, &no_name).await;
+    let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, 100);
+    assert_eq!(e["message"], "(#100) Invalid parameter");
+    assert!(e["error_data"]["details"]
+        .as_str()
+        .unwrap_or("")
+        .contains("template['name']"));
+
+    let mut no_language = template_request();
+    no_language["template"]["language"] = json!({});
+    let a = send(&c, &sb, NUMBER, &no_language).await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 100);
+
+    let mut sms = text_request();
+    sms["messaging_product"] = "sms".into();
+    let a = send(&c, &sb, NUMBER, &sms).await;
+    let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, 100);
+    assert!(e["error_data"]["details"]
+        .as_str()
+        .unwrap_or("")
+        .contains("messaging_product"));
+
+    let mut no_body = text_request();
+    no_body["text"].as_object_mut().map(|o| o.remove("body"));
+    let a = send(&c, &sb, NUMBER, &no_body).await;
+    let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, 100);
+    assert_eq!(
+        e["error_data"]["details"],
+        "Param text['body'] is required."
+    );
+
+    let mut long = text_request();
+    long["text"]["body"] = "x".repeat(4097).into();
+    assert_meta_error(
+        &send(&c, &sb, NUMBER, &long).await,
+        StatusCode::BAD_REQUEST,
+        100,
+    );
+    long["text"]["body"] = "é".repeat(4096).into();
+    assert_eq!(send(&c, &sb, NUMBER, &long).await.status, StatusCode::OK);
+
+    let mut opaque = text_request();
+    opaque["biz_opaque_callback_data"] = "x".repeat(513).into();
+    assert_meta_error(
+        &send(&c, &sb, NUMBER, &opaque).await,
+        StatusCode::BAD_REQUEST,
+        100,
+    );
+
+    let mut bad_to = text_request();
+    bad_to["to"] = "+1415abc0123".into();
+    assert_meta_error(
+        &send(&c, &sb, NUMBER, &bad_to).await,
+        StatusCode::BAD_REQUEST,
+        131009,
+    );
+
+    let no_object = json!({"messaging_product": "whatsapp", "to": "+14155550123", "type": "image"});
+    assert_meta_error(
+        &send(&c, &sb, NUMBER, &no_object).await,
+        StatusCode::BAD_REQUEST,
+        131008,
+    );
+    let media = json!({"messaging_product": "whatsapp", "to": "+14155550123", "type": "image", "image": {"caption": "x"}});
+    assert_meta_error(
+        &send(&c, &sb, NUMBER, &media).await,
+        StatusCode::BAD_REQUEST,
+        100,
+    );
+    let interactive = json!({"messaging_product": "whatsapp", "to": "+14155550123", "type": "interactive", "interactive": {"type": "button"}});
+    assert_meta_error(
+        &send(&c, &sb, NUMBER, &interactive).await,
+        StatusCode::BAD_REQUEST,
+        100,
+    );
+    let reaction = json!({"messaging_product": "whatsapp", "to": "+14155550123", "type": "reaction", "reaction": {"emoji": "👍"}});
+    assert_meta_error(
+        &send(&c, &sb, NUMBER, &reaction).await,
+        StatusCode::BAD_REQUEST,
+        100,
+    );
+
+    let url = format!("{}/{NUMBER}/messages", sb.base_url());
+    let a = request(&c, "POST", &url, Some(TOKEN), b"{not json".to_vec()).await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 100);
+    let a = request(&c, "POST", &url, Some(TOKEN), vec![b' '; (1 << 20) + 1]).await;
+    assert_meta_error(&a, StatusCode::PAYLOAD_TOO_LARGE, 100);
+
+    // Unknown routes are 404 with Meta's shape; a non-numeric id is 400 #100.
+    let base = format!("http://{}", sb.addr());
+    for (method, path) in [
+        ("POST", "/v23.0/109876543210987/media"),
+        ("GET", "/v23.0/109876543210987/messages"),
+        ("POST", "/messages"),
+    ] {
+        let a = request(
+            &c,
+            method,
+            &format!("{base}{path}"),
+            Some(TOKEN),
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{method} {path}");
+        assert!(a.json["error"]["code"].is_i64(), "{method} {path}");
+        assert!(a.json["error"]["fbtrace_id"].is_string());
+    }
+    let a = send(&c, &sb, "not-a-number", &text_request()).await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 100);
+
+    // Only the one valid 4096-character text was accepted.
+    assert_eq!(sb.sends().len(), 1);
+    sb.shutdown().await;
+}
+
+/// The largest number of arrivals in any half-open one-second window.
+fn max_per_second(mut t: Vec<Instant>) -> usize {
+    t.sort();
+    let (mut j, mut best) = (0, 0);
+    for i in 0..t.len() {
+        while t[i] - t[j] >= Duration::from_secs(1) {
+            j += 1;
+        }
+        best = best.max(i - j + 1);
+    }
+    best
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throughput_over_quota_is_130429_and_never_exceeded() {
+    let mut cfg = config();
+    cfg.throughput_overrides.insert(NUMBER.into(), 5);
+    let sb = start(cfg).await;
+    let c = client();
+
+    let t0 = Instant::now();
+    let mut ok = 0;
+    for i in 0..20 {
+        let a = send(&c, &sb, NUMBER, &text_to(&format!("+1415555{i:04}"))).await;
+        if a.status == StatusCode::OK {
+            ok += 1;
+        } else {
+            let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, 130429);
+            assert_eq!(e["message"], "(#130429) Rate limit hit");
+            assert_eq!(e["error_subcode"], 2494055);
+            assert_eq!(
+                e["error_data"]["details"],
+                "Cloud API message throughput has been reached."
+            );
+        }
+    }
+    let elapsed = t0.elapsed();
+    assert!(ok <= 5, "{ok} accepted in {elapsed:?}");
+    if elapsed < Duration::from_secs(1) {
+        assert_eq!(ok, 5, "the quota is reachable");
+    }
+    // Another number has the default quota and is unaffected.
+    let a = send(&c, &sb, OTHER_NUMBER, &text_to("+14155550000")).await;
+    assert_eq!(a.status, StatusCode::OK);
+
+    // Keep pushing for a while: the quota refills, but no one-second
+    // window ever holds more than 5 accepted sends.
+    let until = Instant::now() + Duration::from_millis(2300);
+    let mut i = 100;
+    while Instant::now() < until {
+        send(&c, &sb, NUMBER, &text_to(&format!("+1415555{i:04}"))).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let times: Vec<Instant> = sb
+        .sends()
+        .iter()
+        .filter(|s| s.phone_number_id == NUMBER)
+        .map(|s| s.arrived_at)
+        .collect();
+    assert!(times.len() >= 10, "only {} accepted in ~2.5 s", times.len());
+    assert!(max_per_second(times.clone()) <= 5, "{:?}", times);
+    assert!(sb.attempts() > sb.sends().len());
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pair_rate_beyond_the_burst_is_131056() {
+    let sb = start(SandboxConfig {
+        pair_rate: Some(PairRate {
+            per: Duration::from_secs(6),
+            burst: 3,
+        }),
+        ..config()
+    })
+    .await;
+    let c = client();
+    for _ in 0..3 {
+        let a = send(&c, &sb, NUMBER, &text_to("+14155550123")).await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    for _ in 0..2 {
+        let a = send(&c, &sb, NUMBER, &text_to("+1 415 555 0123")).await;
+        let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, 131056);
+        assert_eq!(
+            e["message"],
+            "(#131056) (Business Account, Consumer Account) pair rate limit hit"
+        );
+        assert_eq!(e["error_data"]["details"], "Message failed to send because there were too many messages sent from this phone number to the same phone number in a short period of time.");
+    }
+    // Other recipients, and the same recipient from another number, are unaffected.
+    assert_eq!(
+        send(&c, &sb, NUMBER, &text_to("+14155550124")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&c, &sb, OTHER_NUMBER, &text_to("+14155550123"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(sb.sends().len(), 5);
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_form_outside_the_window_is_131047() {
+    let sb = start(SandboxConfig {
+        enforce_window: true,
+        ..config()
+    })
+    .await;
+    let c = client();
+    let a = send(&c, &sb, NUMBER, &text_to("+14155550123")).await;
+    let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, 131047);
+    assert_eq!(e["message"], "(#131047) Re-engagement message");
+
+    // Templates need no window.
+    let a = send(&c, &sb, NUMBER, &template_to("+14155550123")).await;
+    assert_eq!(a.status, StatusCode::OK);
+
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    sb.record_inbound(NUMBER, "14155550123", now_ms - 60_000);
+    let a = send(&c, &sb, NUMBER, &text_to("+14155550123")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    // The window is per (number, user).
+    let a = send(&c, &sb, OTHER_NUMBER, &text_to("+14155550123")).await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 131047);
+    // An inbound message more than 24 h old does not open it.
+    sb.record_inbound(NUMBER, "+14155550124", now_ms - 25 * 3600 * 1000);
+    let a = send(&c, &sb, NUMBER, &text_to("+14155550124")).await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 131047);
+
+    let types: Vec<String> = sb.sends().iter().map(|s| s.type_.clone()).collect();
+    assert_eq!(types, ["template", "text"]);
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_errors_hit_only_matching_sends() {
+    let sb = start(SandboxConfig {
+        fixed_errors: vec![FixedError {
+            phone_number_id: Some(NUMBER.into()),
+            to: None,
+            code: 131026,
+        }],
+        ..config()
+    })
+    .await;
+    let c = client();
+    let a = send(&c, &sb, NUMBER, &text_to("+14155550123")).await;
+    let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, 131026);
+    assert_eq!(e["message"], "(#131026) Message undeliverable");
+    let a = send(&c, &sb, OTHER_NUMBER, &text_to("+14155550123")).await;
+    assert_eq!(a.status, StatusCode::OK);
+
+    // Changed at runtime: a recipient filter, and codes with their own HTTP status.
+    sb.set_fixed_errors(vec![
+        FixedError {
+            phone_number_id: None,
+            to: Some("+14155550999".into()),
+            code: 131000,
+        },
+        FixedError {
+            phone_number_id: Some(OTHER_NUMBER.into()),
+            to: None,
+            code: 190,
+        },
+    ]);
+    let a = send(&c, &sb, NUMBER, &text_to("+1 415 555 0999")).await;
+    assert_meta_error(&a, StatusCode::INTERNAL_SERVER_ERROR, 131000);
+    let a = send(&c, &sb, OTHER_NUMBER, &text_to("+14155550123")).await;
+    assert_meta_error(&a, StatusCode::UNAUTHORIZED, 190);
+    let a = send(&c, &sb, NUMBER, &text_to("+14155550123")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(sb.sends().len(), 2);
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_errors() {
+    let c = client();
+    let mut cfg = config();
+    cfg.error_rates.http_5xx = 1.0;
+    let sb = start(cfg).await;
+    let a = send(&c, &sb, NUMBER, &text_to("+14155550123")).await;
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        a.json.get("error").is_none(),
+        "a bare 5xx has no Graph error"
+    );
+    sb.shutdown().await;
+
+    let mut cfg = config();
+    cfg.error_rates.code_131000 = 1.0;
+    let sb = start(cfg).await;
+    let a = send(&c, &sb, NUMBER, &text_to("+14155550123")).await;
+    assert_meta_error(&a, StatusCode::INTERNAL_SERVER_ERROR, 131000);
+    assert!(sb.sends().is_empty());
+    sb.shutdown().await;
+
+    let mut cfg = config();
+    cfg.error_rates.timeout = 1.0;
+    cfg.error_rates.timeout_hold = Duration::from_secs(60);
+    let sb = start(cfg).await;
+    let url = format!("{}/{NUMBER}/messages", sb.base_url());
+    let req = Request::post(url)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Full::new(Bytes::from(text_to("+14155550123").to_string())))
+        .expect("request");
+    let held = tokio::time::timeout(Duration::from_millis(500), c.request(req)).await;
+    assert!(held.is_err(), "a timed-out request is not answered");
+    assert_eq!(sb.attempts(), 1);
+    assert!(sb.sends().is_empty());
+    let t = Instant::now();
+    sb.shutdown().await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown ends the hold"
+    );
+
+    let mut cfg = config();
+    cfg.error_rates.slow = 1.0;
+    cfg.error_rates.slow_delay = Duration::from_millis(300);
+    let sb = start(cfg).await;
+    let t = Instant::now();
+    let a = send(&c, &sb, NUMBER, &text_to("+14155550123")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    assert_eq!(sb.sends().len(), 1);
+    sb.shutdown().await;
+
+    let mut cfg = config();
+    cfg.error_rates.slow = 2.0;
+    assert!(Sandbox::start(cfg).await.is_err());
+}
+
+/// A bare webhook receiver: verifies `X-Hub-Signature-256` over the raw
+/// bytes, records verified bodies, answers 500 to the first `fail_first`.
+struct Receiver {
+    addr: SocketAddr,
+    bodies: Arc<Mutex<Vec<Value>>>,
+    raw: Arc<Mutex<Vec<Bytes>>>,
+    bad_signatures: Arc<Mutex<usize>>,
+    posts: Arc<Mutex<usize>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    async fn start(secret: &'static str, fail_first: usize) -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let raw = Arc::new(Mutex::new(Vec::new()));
+        let bad = Arc::new(Mutex::new(0usize));
+        let posts = Arc::new(Mutex::new(0usize));
+        let (b, r, bd, p) = (bodies.clone(), raw.clone(), bad.clone(), posts.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (b, r, bd, p) = (b.clone(), r.clone(), bd.clone(), p.clone());
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (b, r, bd, p) = (b.clone(), r.clone(), bd.clone(), p.clone());
+                    async move {
+                        let sig = req
+                            .headers()
+                            .get("x-hub-signature-256")
+                            .map(|v| v.as_bytes().to_vec());
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let n = {
+                            let mut p = p.lock().expect("lock");
+                            *p += 1;
+                            *p
+                        };
+                        if n <= fail_first {
+                            return Ok::<_, Infallible>(status(StatusCode::INTERNAL_SERVER_ERROR));
+                        }
+                        let secrets = [Secret::new(secret)];
+                        if wagate::meta::signature::verify(sig.as_deref(), &body, &secrets).is_err()
+                        {
+                            *bd.lock().expect("lock") += 1;
+                            return Ok(status(StatusCode::UNAUTHORIZED));
+                        }
+                        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        b.lock().expect("lock").push(v);
+                        r.lock().expect("lock").push(body);
+                        Ok(status(StatusCode::OK))
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Receiver {
+            addr,
+            bodies,
+            raw,
+            bad_signatures: bad,
+            posts,
+            task,
+        }
+    }
+
+    fn bodies(&self) -> Vec<Value> {
+        self.bodies.lock().expect("lock").clone()
+    }
+
+    async fn wait_for(&self, n: usize, within: Duration) -> Vec<Value> {
+        let end = Instant::now() + within;
+        loop {
+            let b = self.bodies();
+            if b.len() >= n || Instant::now() > end {
+                return b;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn status(s: StatusCode) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = s;
+    r
+}
+
+/// The single status of a status webhook body.
+fn the_status(body: &Value) -> &Value {
+    assert_eq!(body["object"], "whatsapp_business_account");
+    let change = &body["entry"][0]["changes"][0];
+    assert_eq!(change["field"], "messages");
+    let statuses = change["value"]["statuses"].as_array().expect("statuses");
+    assert_eq!(statuses.len(), 1);
+    &statuses[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_webhooks_arrive_signed_in_order_with_the_opaque_data() {
+    const SECRET: &str = "sandbox-webhook-secret";
+    // The first POST fails: the sandbox retries it.
+    let rx = Receiver::start(SECRET, 1).await;
+    let sb = start(SandboxConfig {
+        status_webhook: Some(StatusWebhookConfig {
+            url: format!("http://{}/webhook", rx.addr),
+            app_secret: SECRET.into(),
+            statuses: vec!["sent".into(), "delivered".into(), "read".into()],
+            delay: Duration::from_millis(20),
+        }),
+        ..config()
+    })
+    .await;
+    let c = client();
+    let t = Instant::now();
+    let a = send(&c, &sb, NUMBER, &text_request()).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "the answer does not wait for webhooks"
+    );
+    let wamid = a.json["messages"][0]["id"]
+        .as_str()
+        .expect("wamid")
+        .to_string();
+
+    let bodies = rx.wait_for(3, Duration::from_secs(10)).await;
+    assert_eq!(bodies.len(), 3, "{bodies:?}");
+    assert_eq!(*rx.bad_signatures.lock().expect("lock"), 0);
+    assert_eq!(*rx.posts.lock().expect("lock"), 4, "one retry");
+    let order: Vec<&str> = bodies
+        .iter()
+        .map(|b| the_status(b)["status"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(order, ["sent", "delivered", "read"]);
+    for b in &bodies {
+        let st = the_status(b);
+        assert_eq!(st["id"], wamid.as_str());
+        assert_eq!(st["recipient_id"], "14155550123");
+        assert_eq!(st["biz_opaque_callback_data"], "job=8f2c1e7a;attempt=1");
+        let ts = st["timestamp"].as_str().expect("timestamp is a string");
+        assert!(
+            ts.len() == 10 && ts.bytes().all(|c| c.is_ascii_digit()),
+            "{ts}"
+        );
+        let value = &b["entry"][0]["changes"][0]["value"];
+        assert_eq!(value["messaging_product"], "whatsapp");
+        assert_eq!(value["metadata"]["phone_number_id"], NUMBER);
+        assert!(value["metadata"]["display_phone_number"].is_string());
+    }
+    // Compact JSON, signed over the exact bytes.
+    for raw in rx.raw.lock().expect("lock").iter() {
+        assert!(!raw.contains(&b'\n'));
+        let v: Value = serde_json::from_slice(raw).expect("json");
+        assert_eq!(serde_json::to_vec(&v).expect("json"), raw.to_vec());
+    }
+
+    // Without opaque data the field is absent.
+    let a = send(&c, &sb, NUMBER, &template_to("+5511987654321")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let bodies = rx.wait_for(6, Duration::from_secs(10)).await;
+    assert_eq!(bodies.len(), 6);
+    for b in &bodies[3..] {
+        let st = the_status(b);
+        assert_eq!(st["recipient_id"], "5511987654321");
+        assert!(st.get("biz_opaque_callback_data").is_none(), "{st}");
+    }
+    assert_eq!(
+        sb.webhook_stats(),
+        WebhookStats {
+            delivered: 6,
+            failed: 0,
+            dropped: 0
+        }
+    );
+    sb.shutdown().await;
+    rx.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_only_go_to_loopback() {
+    for url in [
+        "http://192.0.2.1:8080/webhook",
+        "https://127.0.0.1/webhook",
+        "http://example.com/webhook",
+    ] {
+        let cfg = SandboxConfig {
+            status_webhook: Some(StatusWebhookConfig {
+                url: url.into(),
+                app_secret: "s".into(),
+                statuses: vec!["sent".into()],
+                delay: Duration::ZERO,
+            }),
+            ..config()
+        };
+        assert!(Sandbox::start(cfg).await.is_err(), "{url}");
+    }
+    let dev = wagate::sandbox::sandbox_config_for_dev("http://127.0.0.1:9/webhook", "s");
+    let sb = start(dev).await;
+    assert!(sb.base_url().starts_with("http://127.0.0.1:"));
+    assert!(sb.base_url().ends_with("/v23.0"));
+    sb.shutdown().await;
+}

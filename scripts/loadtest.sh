@@ -2,7 +2,7 @@
 # Bounded load test on loopback: a bare hyper server (the ceiling) and the
 # gateway with Tansu behind it, driven by wagate-loadgen in the same run.
 #   scripts/loadtest.sh [DURATION_SECS] [CONNECTIONS...]
-# Prints one line per run; the numbers in BENCHMARKS.md come from it.
+# Prints a report per run; the numbers in BENCHMARKS.md come from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -114,6 +114,28 @@ async fn serve(path: Option<std::path::PathBuf>, dev: bool) -> ExitCode {
     } else {
         None
     };
+    // --dev: a Graph API sandbox in-process; it posts signed status webhooks back.
+    let _sandbox = if dev {
+        let url = format!("http://{}/webhook", cfg.listen);
+        let secret = cfg
+            .app("default")
+            .map(|a| a.secrets[0].expose().to_string())
+            .unwrap_or_default();
+        match wagate::sandbox::Sandbox::start(wagate::sandbox::sandbox_config_for_dev(url, secret))
+            .await
+        {
+            Ok(sb) => {
+                cfg.graph.base_url = sb.base_url();
+                Some(sb)
+            }
+            Err(e) => {
+                eprintln!("error: --dev: cannot start the Graph API sandbox: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
     let gw = match wagate::app::Gateway::start(cfg.clone()).await {
         Ok(g) => g,
         Err(e) => {
@@ -126,6 +148,8 @@ async fn serve(path: Option<std::path::PathBuf>, dev: bool) -> ExitCode {
         println!("  kafka (in-process mock cluster): {}", cfg.kafka.brokers);
         println!("  webhooks:  http://{}/webhook", gw.public_addr);
         println!("  metrics:   http://{}/metrics", gw.internal_addr);
+        println!("  sends:     POST http://{}/v1/messages (Authorization: Bearer $WAGATE_API_TOKEN, else the dev token)", gw.internal_addr);
+        println!("  graph api: {} (sandbox)", cfg.graph.base_url);
         println!(
             "  read records: wagate tail inbound.messages --from-beginning --brokers {}",
             cfg.kafka.brokers

@@ -3,6 +3,11 @@
 
 mod cli;
 
+/// mimalloc: the hot path allocates per request (bodies, records, futures);
+/// glibc malloc showed up at ~16 % of CPU under load (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -152,7 +152,7 @@ fn topics_create_then_tail_against_the_broker() {
                 &[("wagate-kind", b"test")],
             )
             .unwrap();
-        f.await.unwrap().unwrap();
+        f.await.unwrap();
     });
     let out = run(&[
         "tail",

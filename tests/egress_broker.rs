@@ -57,7 +57,7 @@ async fn produce_requests(brokers: &str, prefix: &str, reqs: &[Value]) {
         );
     }
     for f in futs {
-        f.await.unwrap().unwrap();
+        f.await.unwrap();
     }
 }
 

@@ -86,7 +86,7 @@ impl Api {
             Err(_) => return http::unavailable(2, "kafka cannot take the request now"),
         };
         match tokio::time::timeout(self.ack_timeout, fut).await {
-            Ok(Ok(Ok(_))) => {
+            Ok(Ok(())) => {
                 let body = serde_json::json!({ "request_id": send.request_id });
                 http::json(
                     StatusCode::ACCEPTED,

@@ -616,7 +616,7 @@ impl Egress {
             &bytes,
             &headers,
         ) {
-            Ok(f) => matches!(f.await, Ok(Ok(_))),
+            Ok(f) => f.await.is_ok(),
             Err(_) => false,
         };
         if !acked {
@@ -896,7 +896,7 @@ async fn produce_until_acked(
     let mut delay = Duration::from_millis(100);
     loop {
         if let Ok(f) = producer.send(topic, key.as_bytes(), bytes, &headers) {
-            if matches!(f.await, Ok(Ok(_))) {
+            if f.await.is_ok() {
                 return;
             }
         }

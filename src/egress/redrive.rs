@@ -127,8 +127,7 @@ pub async fn redrive(
         ];
         producer
             .send(&requests, number.as_bytes(), &body, &headers)?
-            .await?
-            .map_err(|(e, _)| e)?;
+            .await?;
         let marker = serde_json::to_vec(&serde_json::json!({
             "v": 1, "kind": "redriven", "request_id": id.0, "redrive": id.1, "redriven_at_ms": now,
         }))?;
@@ -138,8 +137,7 @@ pub async fn redrive(
         ];
         producer
             .send(&dlq, number.as_bytes(), &marker, &mh)?
-            .await?
-            .map_err(|(e, _)| e)?;
+            .await?;
         report.redriven += 1;
     }
     Ok(report)

@@ -18,7 +18,8 @@
 pub mod dedupe;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -26,7 +27,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::CONTENT_LENGTH;
 use hyper::{Method, Request, Response, StatusCode};
-use rdkafka::producer::DeliveryFuture;
+use rdkafka::error::KafkaError;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::{oneshot, Semaphore};
@@ -342,11 +343,11 @@ impl Ingress {
         Ok(())
     }
 
-    /// Enqueues the records of one round and spawns the task that waits for
-    /// their acknowledgements, commits or releases their ids, and reports.
-    /// The task outlives the request if the deadline passes first, so a late
-    /// acknowledgement still marks the events stored (and a retry by Meta is
-    /// then deduplicated instead of producing a second record).
+    /// Enqueues the records of one round. Each record's delivery report goes
+    /// to the round's [`PostAck`], which commits or releases its id at once
+    /// and, after the last report, finishes the batch and wakes the handler.
+    /// Reports that arrive after the handler gave up (deadline) still commit,
+    /// so a retry by Meta is then deduplicated instead of producing twice.
     fn enqueue(
         &self,
         app: &str,
@@ -354,9 +355,19 @@ impl Ingress {
         raw: Option<RawBody<'_>>,
         batch: Arc<Batch>,
     ) -> Result<oneshot::Receiver<bool>, &'static str> {
-        let mut futs: Vec<(Option<IdHash>, DeliveryFuture)> = Vec::with_capacity(fresh.len() + 1);
+        let (tx, rx) = oneshot::channel();
+        let planned = fresh.len() + usize::from(raw.is_some());
+        // One extra count, released below, so the ack cannot finish while
+        // records are still being enqueued.
+        let ack = Arc::new(PostAck {
+            remaining: AtomicUsize::new(planned + 1),
+            all_ok: AtomicBool::new(true),
+            dedupe: self.dedupe.clone(),
+            batch,
+            tx: Mutex::new(Some(tx)),
+            enqueued: Instant::now(),
+        });
         let mut failed = false;
-        let mut not_sent: Vec<IdHash> = Vec::new();
         if let Some(r) = raw {
             let id = hex::encode(&Sha256::digest(r.body)[..16]);
             let ts = r.received_at_ms.to_string();
@@ -367,21 +378,22 @@ impl Ingress {
                 ("wagate-signature", r.signature),
                 ("wagate-received-at-ms", ts.as_bytes()),
             ];
-            match self
-                .producer
-                .send(&self.topics.raw, app.as_bytes(), r.body, &headers)
-            {
-                Ok(f) => futs.push((None, f)),
-                Err(e) => {
-                    note_send_error(&e);
-                    failed = true;
-                }
+            let a = ack.clone();
+            if let Err(e) = self.producer.send_with(
+                &self.topics.raw,
+                app.as_bytes(),
+                r.body,
+                &headers,
+                Box::new(move |res| a.report(None, None, res)),
+            ) {
+                note_send_error(&e);
+                failed = true;
+                ack.report(None, None, Err(KafkaError::Canceled));
             }
         }
-        let mut kinds: Vec<&'static str> = Vec::with_capacity(fresh.len());
         for (ev, h) in fresh {
             if failed {
-                not_sent.push(h);
+                ack.report(Some(h), None, Err(KafkaError::Canceled));
                 continue;
             }
             let headers: [(&str, &[u8]); 3] = [
@@ -389,65 +401,69 @@ impl Ingress {
                 ("wagate-kind", ev.kind.as_bytes()),
                 ("wagate-app", app.as_bytes()),
             ];
-            match self.producer.send(
+            let a = ack.clone();
+            let kind = m::event_kind_label(&ev.kind);
+            if let Err(e) = self.producer.send_with(
                 self.topics.of(ev.topic),
                 ev.key.as_bytes(),
                 &ev.value,
                 &headers,
+                Box::new(move |res| a.report(Some(h), Some(kind), res)),
             ) {
-                Ok(f) => {
-                    futs.push((Some(h), f));
-                    kinds.push(m::event_kind_label(&ev.kind));
-                }
-                Err(e) => {
-                    note_send_error(&e);
-                    failed = true;
-                    not_sent.push(h);
-                }
+                note_send_error(&e);
+                failed = true;
+                ack.report(Some(h), None, Err(KafkaError::Canceled));
             }
         }
-        self.dedupe.release(&not_sent);
-        let (tx, rx) = oneshot::channel();
-        let dedupe = self.dedupe.clone();
-        let enqueued = Instant::now();
-        tokio::spawn(async move {
-            let (ids, futs): (Vec<_>, Vec<_>) = futs.into_iter().unzip();
-            let results = futures_util::future::join_all(futs).await;
-            let mut stored = Vec::with_capacity(ids.len());
-            let mut lost = Vec::new();
-            let mut all_ok = !failed;
-            for (id, res) in ids.into_iter().zip(results) {
-                let ok = matches!(res, Ok(Ok(_)));
-                if !ok {
-                    all_ok = false;
-                    let reason = match res {
-                        Ok(Err((e, _))) => kafka_error_label(&e),
-                        _ => "canceled",
-                    };
-                    metrics::counter!(m::KAFKA_PRODUCE_ERRORS, "reason" => reason).increment(1);
-                }
-                match (id, ok) {
-                    (Some(h), true) => stored.push(h),
-                    (Some(h), false) => lost.push(h),
-                    (None, _) => {}
-                }
-            }
-            metrics::histogram!(m::KAFKA_PRODUCE_SECONDS).record(enqueued.elapsed().as_secs_f64());
-            for k in &kinds {
-                // Counted once acknowledged, so the counter means "stored".
-                if all_ok {
-                    metrics::counter!(m::WEBHOOK_EVENTS, "kind" => *k).increment(1);
-                }
-            }
-            dedupe.commit(&stored);
-            dedupe.release(&lost);
-            batch.finish(all_ok);
-            let _ = tx.send(all_ok);
-        });
+        ack.report(None, None, Ok(()));
         if failed {
             Err("kafka producer queue is full")
         } else {
             Ok(rx)
+        }
+    }
+}
+
+/// The acknowledgements of one round of records.
+struct PostAck {
+    remaining: AtomicUsize,
+    all_ok: AtomicBool,
+    dedupe: Arc<Dedupe>,
+    batch: Arc<Batch>,
+    tx: Mutex<Option<oneshot::Sender<bool>>>,
+    enqueued: Instant,
+}
+
+impl PostAck {
+    /// One record's verdict (or the enqueue guard's, with no id).
+    fn report(&self, id: Option<IdHash>, kind: Option<&'static str>, res: Result<(), KafkaError>) {
+        match res {
+            Ok(()) => {
+                if let Some(h) = id {
+                    self.dedupe.commit(&[h]);
+                }
+                if let Some(k) = kind {
+                    // Counted once acknowledged, so the counter means "stored".
+                    metrics::counter!(m::WEBHOOK_EVENTS, "kind" => k).increment(1);
+                }
+            }
+            Err(e) => {
+                self.all_ok.store(false, Ordering::Relaxed);
+                if !matches!(e, KafkaError::Canceled) {
+                    metrics::counter!(m::KAFKA_PRODUCE_ERRORS, "reason" => kafka_error_label(&e)).increment(1);
+                }
+                if let Some(h) = id {
+                    self.dedupe.release(&[h]);
+                }
+            }
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let ok = self.all_ok.load(Ordering::Relaxed);
+            metrics::histogram!(m::KAFKA_PRODUCE_SECONDS).record(self.enqueued.elapsed().as_secs_f64());
+            self.batch.finish(ok);
+            if let Some(tx) = self.tx.lock().ok().and_then(|mut g| g.take()) {
+                let _ = tx.send(ok);
+            }
         }
     }
 }

@@ -14,7 +14,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::client::ClientContext;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
@@ -95,45 +96,82 @@ pub enum SendError {
 /// A record header.
 pub type HeaderPair<'a> = (&'a str, &'a [u8]);
 
-/// The shared producer (acks=all, idempotent, murmur2 partitioner).
+/// Called once per record with Kafka's verdict (on librdkafka's poll thread:
+/// keep it short).
+pub type Completion = Box<dyn FnOnce(Result<(), KafkaError>) + Send + 'static>;
+
+/// Routes librdkafka's delivery reports to each record's [`Completion`].
+pub struct CompletionContext;
+
+impl ClientContext for CompletionContext {}
+
+/// librdkafka's opaque must be `Sync`; the completion is only ever taken
+/// once, by value, so the mutex is never contended.
+pub struct Pending(std::sync::Mutex<Option<Completion>>);
+
+impl ProducerContext for CompletionContext {
+    type DeliveryOpaque = Box<Pending>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, pending: Self::DeliveryOpaque) {
+        let done = pending.0.lock().ok().and_then(|mut g| g.take());
+        if let Some(done) = done {
+            done(match result {
+                Ok(_) => Ok(()),
+                Err((e, _)) => Err(e.clone()),
+            });
+        }
+    }
+}
+
+/// The future of one record's acknowledgement.
+pub struct Delivery(tokio::sync::oneshot::Receiver<Result<(), KafkaError>>);
+
+impl std::future::Future for Delivery {
+    type Output = Result<(), KafkaError>;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(KafkaError::Canceled)))
+    }
+}
+
+/// The shared producer (acks=all, idempotent, murmur2 partitioner). Delivery
+/// reports go straight to per-record callbacks on librdkafka's poll thread,
+/// so a webhook of N records costs one wake-up, not N.
 #[derive(Clone)]
 pub struct KafkaProducer {
-    inner: FutureProducer,
+    inner: ThreadedProducer<CompletionContext>,
 }
 
 impl KafkaProducer {
     pub fn new(cfg: &KafkaConfig) -> Result<KafkaProducer, KafkaError> {
-        let inner: FutureProducer = ClientConfig::new()
+        let inner: ThreadedProducer<CompletionContext> = ClientConfig::new()
             .set("bootstrap.servers", &cfg.brokers)
             .set("client.id", &cfg.client_id)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", cfg.linger_ms.to_string())
-            .set(
-                "queue.buffering.max.messages",
-                cfg.queue_max_messages.to_string(),
-            )
+            .set("queue.buffering.max.messages", cfg.queue_max_messages.to_string())
             .set("queue.buffering.max.kbytes", "1048576")
-            .set(
-                "message.timeout.ms",
-                cfg.message_timeout.as_millis().to_string(),
-            )
+            .set("message.timeout.ms", cfg.message_timeout.as_millis().to_string())
             .set("compression.type", &cfg.compression)
             .set("socket.keepalive.enable", "true")
-            .create()?;
+            .create_with_context(CompletionContext)?;
         Ok(KafkaProducer { inner })
     }
 
-    /// Enqueues one record; the future resolves when Kafka acknowledges it
-    /// (or librdkafka gives up after `message.timeout.ms`).
-    pub fn send(
+    /// Enqueues one record; `done` is called when Kafka acknowledges it (or
+    /// librdkafka gives up after `message.timeout.ms`). On an enqueue error
+    /// `done` is not called.
+    pub fn send_with(
         &self,
         topic: &str,
         key: &[u8],
         payload: &[u8],
         headers: &[HeaderPair<'_>],
-    ) -> Result<DeliveryFuture, SendError> {
+        done: Completion,
+    ) -> Result<(), SendError> {
         let mut hs = OwnedHeaders::new_with_capacity(headers.len());
         for (k, v) in headers {
             hs = hs.insert(Header {
@@ -141,14 +179,35 @@ impl KafkaProducer {
                 value: Some(*v),
             });
         }
-        let rec = FutureRecord::to(topic)
+        let rec = BaseRecord::with_opaque_to(topic, Box::new(Pending(std::sync::Mutex::new(Some(done)))))
             .key(key)
             .payload(payload)
             .headers(hs);
-        self.inner.send_result(rec).map_err(|(e, _)| match e {
+        self.inner.send(rec).map_err(|(e, _)| match e {
             KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
             other => SendError::Kafka(other),
         })
+    }
+
+    /// Enqueues one record and returns the future of its acknowledgement.
+    pub fn send(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        headers: &[HeaderPair<'_>],
+    ) -> Result<Delivery, SendError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_with(
+            topic,
+            key,
+            payload,
+            headers,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
+        Ok(Delivery(rx))
     }
 
     /// Records enqueued but not yet acknowledged.
@@ -163,10 +222,7 @@ impl KafkaProducer {
 
     /// Asks a broker for cluster metadata (blocking): is Kafka reachable?
     pub fn ping(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.inner
-            .client()
-            .fetch_metadata(None, timeout)
-            .map(|_| ())
+        self.inner.client().fetch_metadata(None, timeout).map(|_| ())
     }
 }
 

@@ -190,10 +190,10 @@ impl Default for RawKafka {
         RawKafka {
             brokers: "127.0.0.1:9092".into(),
             topic_prefix: "wa.".into(),
-            linger_ms: 2,
+            linger_ms: 5,
             queue_max_messages: 200_000,
             message_timeout_ms: 60_000,
-            compression: "none".into(),
+            compression: "lz4".into(),
             partitions: 6,
             replication_factor: 1,
             client_id: "wagate".into(),

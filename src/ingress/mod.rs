@@ -28,7 +28,6 @@ use hyper::body::Incoming;
 use hyper::header::CONTENT_LENGTH;
 use hyper::{Method, Request, Response, StatusCode};
 use rdkafka::error::KafkaError;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::{oneshot, Semaphore};
 
@@ -369,7 +368,12 @@ impl Ingress {
         });
         let mut failed = false;
         if let Some(r) = raw {
-            let id = hex::encode(&Sha256::digest(r.body)[..16]);
+            // The signature is an HMAC of the body: a free, unique id for it.
+            let id = std::str::from_utf8(r.signature)
+                .ok()
+                .and_then(|s| s.trim().strip_prefix("sha256="))
+                .unwrap_or("")
+                .to_string();
             let ts = r.received_at_ms.to_string();
             let headers: [(&str, &[u8]); 5] = [
                 ("wagate-event-id", id.as_bytes()),

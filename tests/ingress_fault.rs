@@ -84,12 +84,20 @@ async fn broker_down_past_the_message_timeout_then_retry_lands_exactly_once() {
     assert!(gw.wait_ready(Duration::from_secs(10)).await);
     // Warm the producer up so the broker going down hits in-flight records.
     let warm = text_webhook("109876543210987", &["wamid.WARM"]);
-    assert_eq!(
-        post_signed(gw.public_addr, "/webhook", &warm).await.status,
-        StatusCode::OK
-    );
+    // The first produce also sets up the idempotent producer: allow retries.
+    retry_until_ok(gw.public_addr, &warm).await;
 
     mock.broker_down(1).unwrap();
+    // Wait until the gateway itself sees the outage (/readyz turns 503).
+    let end = Instant::now() + Duration::from_secs(20);
+    while get(&format!("http://{}/readyz", gw.internal_addr))
+        .await
+        .status
+        == StatusCode::OK
+    {
+        assert!(Instant::now() < end, "the outage was never noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let ids: Vec<String> = (0..4).map(|i| format!("wamid.DOWN{i}")).collect();
     let refs: Vec<&str> = ids.iter().map(|s| s.as_str()).collect();
     let body = text_webhook("109876543210987", &refs);

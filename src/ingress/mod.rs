@@ -454,7 +454,8 @@ impl PostAck {
             Err(e) => {
                 self.all_ok.store(false, Ordering::Relaxed);
                 if !matches!(e, KafkaError::Canceled) {
-                    metrics::counter!(m::KAFKA_PRODUCE_ERRORS, "reason" => kafka_error_label(&e)).increment(1);
+                    metrics::counter!(m::KAFKA_PRODUCE_ERRORS, "reason" => kafka_error_label(&e))
+                        .increment(1);
                 }
                 if let Some(h) = id {
                     self.dedupe.release(&[h]);
@@ -463,7 +464,8 @@ impl PostAck {
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             let ok = self.all_ok.load(Ordering::Relaxed);
-            metrics::histogram!(m::KAFKA_PRODUCE_SECONDS).record(self.enqueued.elapsed().as_secs_f64());
+            metrics::histogram!(m::KAFKA_PRODUCE_SECONDS)
+                .record(self.enqueued.elapsed().as_secs_f64());
             self.batch.finish(ok);
             if let Some(tx) = self.tx.lock().ok().and_then(|mut g| g.take()) {
                 let _ = tx.send(ok);

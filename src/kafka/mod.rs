@@ -9,12 +9,12 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::client::ClientContext;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -128,7 +128,10 @@ pub struct Delivery(tokio::sync::oneshot::Receiver<Result<(), KafkaError>>);
 
 impl std::future::Future for Delivery {
     type Output = Result<(), KafkaError>;
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
         std::pin::Pin::new(&mut self.0)
             .poll(cx)
             .map(|r| r.unwrap_or(Err(KafkaError::Canceled)))
@@ -152,9 +155,15 @@ impl KafkaProducer {
             .set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", cfg.linger_ms.to_string())
-            .set("queue.buffering.max.messages", cfg.queue_max_messages.to_string())
+            .set(
+                "queue.buffering.max.messages",
+                cfg.queue_max_messages.to_string(),
+            )
             .set("queue.buffering.max.kbytes", "1048576")
-            .set("message.timeout.ms", cfg.message_timeout.as_millis().to_string())
+            .set(
+                "message.timeout.ms",
+                cfg.message_timeout.as_millis().to_string(),
+            )
             .set("compression.type", &cfg.compression)
             .set("socket.keepalive.enable", "true")
             .create_with_context(CompletionContext)?;
@@ -179,10 +188,11 @@ impl KafkaProducer {
                 value: Some(*v),
             });
         }
-        let rec = BaseRecord::with_opaque_to(topic, Box::new(Pending(std::sync::Mutex::new(Some(done)))))
-            .key(key)
-            .payload(payload)
-            .headers(hs);
+        let rec =
+            BaseRecord::with_opaque_to(topic, Box::new(Pending(std::sync::Mutex::new(Some(done)))))
+                .key(key)
+                .payload(payload)
+                .headers(hs);
         self.inner.send(rec).map_err(|(e, _)| match e {
             KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
             other => SendError::Kafka(other),
@@ -222,7 +232,10 @@ impl KafkaProducer {
 
     /// Asks a broker for cluster metadata (blocking): is Kafka reachable?
     pub fn ping(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.inner.client().fetch_metadata(None, timeout).map(|_| ())
+        self.inner
+            .client()
+            .fetch_metadata(None, timeout)
+            .map(|_| ())
     }
 }
 

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 dur="${1:-10}"; shift || true
-conns=("$@"); [ ${#conns[@]} -gt 0 ] || conns=(32 128)
+conns=("$@"); [ ${#conns[@]} -gt 0 ] || conns=(32 128 256)
 dir="target/loadtest"; mkdir -p "$dir"
 cargo build --release --workspace --bins >&2
 W=target/release/wagate; L=target/release/wagate-loadgen

@@ -51,7 +51,13 @@ impl Gateway {
             cfg.ingress.dedupe_window,
             cfg.ingress.dedupe_max_entries,
         ));
-        let ingress = Arc::new(Ingress::new(&cfg, producer.clone(), dedupe.clone()));
+        let contacts = Arc::new(MemoryContacts::new());
+        let ingress = Arc::new(Ingress::new(
+            &cfg,
+            producer.clone(),
+            dedupe.clone(),
+            Some(contacts.clone() as Arc<dyn Contacts>),
+        ));
         let ready = Arc::new(Readiness::default());
         // No contacts plane yet: nothing to catch up with.
         ready.contacts.store(true, Ordering::Relaxed);
@@ -94,7 +100,6 @@ impl Gateway {
                 rx.clone(),
             )),
         ];
-        let contacts = Arc::new(MemoryContacts::new());
         let egress_plane = cfg.egress.enabled.then(|| {
             Arc::new(Egress::new(
                 &cfg,

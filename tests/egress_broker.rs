@@ -384,3 +384,49 @@ async fn per_number_throughput_is_never_exceeded_and_nearly_reached() {
     gw.shutdown().await;
     sb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_form_reply_is_sent_inside_the_window_opened_by_an_inbound_message() {
+    let _serial = SERIAL.lock().await;
+    let b = brokers();
+    let p = unique_prefix("eg-window");
+    let sb = sandbox(|_| {}).await;
+    let gw = start(&b, &p, &[("WAGATE_GRAPH_BASE_URL", &sb.base_url())]).await;
+    let text = |id: &str, to: &str| {
+        json!({"v":1,"request_id":id,"phone_number_id":"109876543210987","to":to,"category":"service",
+               "message":{"type":"text","text":{"body":"thanks, on its way"}}})
+    };
+    // The user writes first: the webhook opens the 24-hour window.
+    let mut inbound = text_webhook("109876543210987", &["wamid.WINDOW1"]);
+    // text_webhook's sender is 14155550123, with a current timestamp.
+    let now_s = wagate::egress::drain::now_ms_pub() / 1000;
+    inbound = String::from_utf8(inbound)
+        .unwrap()
+        .replace("1781600500", &now_s.to_string())
+        .into_bytes();
+    assert_eq!(
+        post_signed(gw.public_addr, "/webhook", &inbound)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    produce_requests(
+        &b,
+        &p,
+        &[text("reply", "+14155550123"), text("cold", "+14155550999")],
+    )
+    .await;
+    let by = results(&b, &p, 2, Duration::from_secs(30)).await;
+    assert_eq!(
+        one(&by, "reply")["outcome"],
+        "accepted",
+        "{:?}",
+        by.get("reply")
+    );
+    let cold = one(&by, "cold");
+    assert_eq!(cold["outcome"], "blocked");
+    assert_eq!(cold["error"]["code"], "outside_window");
+    assert_eq!(sb.sends().len(), 1);
+    gw.shutdown().await;
+    sb.shutdown().await;
+}

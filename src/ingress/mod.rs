@@ -32,6 +32,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::config::{AppConfig, Config};
+use crate::contacts::Contacts;
 use crate::http::{self, Body};
 use crate::kafka::{KafkaProducer, SendError, TopicNames};
 use crate::meta::signature;
@@ -51,6 +52,7 @@ pub struct Ingress {
     max_body_bytes: usize,
     body_read_timeout: Duration,
     in_flight: Semaphore,
+    contacts: Option<Arc<dyn Contacts>>,
 }
 
 struct IngressTopics {
@@ -74,7 +76,12 @@ impl IngressTopics {
 type Outcome = (WebhookOutcome, Response<Body>);
 
 impl Ingress {
-    pub fn new(cfg: &Config, producer: KafkaProducer, dedupe: Arc<Dedupe>) -> Ingress {
+    pub fn new(
+        cfg: &Config,
+        producer: KafkaProducer,
+        dedupe: Arc<Dedupe>,
+        contacts: Option<Arc<dyn Contacts>>,
+    ) -> Ingress {
         let names = TopicNames::new(&cfg.kafka.topic_prefix);
         Ingress {
             apps: cfg
@@ -96,6 +103,7 @@ impl Ingress {
             max_body_bytes: cfg.max_body_bytes,
             body_read_timeout: cfg.body_read_timeout,
             in_flight: Semaphore::new(cfg.ingress.max_in_flight),
+            contacts,
         }
     }
 
@@ -276,6 +284,15 @@ impl Ingress {
                 };
             }
         };
+        // An inbound message opens the user's 24-hour window (for egress).
+        if let Some(c) = &self.contacts {
+            for ev in &events {
+                if let Some((wa_id, ts)) = &ev.inbound {
+                    let ms = (*ts).max(0) as u64 * 1000;
+                    c.record_inbound(&ev.key, wa_id, ms.min(received_at_ms));
+                }
+            }
+        }
         let raw = self.raw_enabled.then_some(raw);
         match self.produce(&app.name, &events, raw, deadline).await {
             Ok(()) => (WebhookOutcome::Ok, http::text(StatusCode::OK, "OK")),

@@ -46,6 +46,9 @@ pub struct Event {
     pub kind: String,
     /// The JSON record (DESIGN §5).
     pub value: Vec<u8>,
+    /// For inbound messages: the user and the message time (Unix seconds),
+    /// which open the 24-hour customer service window.
+    pub inbound: Option<(String, i64)>,
 }
 
 /// The body is not a webhook envelope we can walk.
@@ -232,12 +235,14 @@ fn fan_out_change(
                     received_at_ms: ctx.received_at_ms,
                     message: msg,
                 };
+                let inbound = wa_id.zip(timestamp(msg)).map(|(w, t)| (w.to_string(), t));
                 out.push(Event {
                     topic: Topic::Messages,
                     key: key.clone(),
                     value: encode(&rec),
                     event_id,
                     kind: "message".into(),
+                    inbound,
                 });
             }
         }
@@ -271,6 +276,7 @@ fn fan_out_change(
                     value: encode(&rec),
                     event_id,
                     kind: "status".into(),
+                    inbound: None,
                 });
             }
         }
@@ -294,6 +300,7 @@ fn fan_out_change(
                     value: encode(&rec),
                     event_id,
                     kind: "error".into(),
+                    inbound: None,
                 });
             }
         }
@@ -320,6 +327,7 @@ fn fan_out_change(
             value: encode(&rec),
             event_id,
             kind: field.to_string(),
+            inbound: None,
         });
     }
 }
@@ -401,6 +409,10 @@ mod tests {
             assert_eq!(v["wa_id"], msg["from"]);
             let ts: i64 = msg["timestamp"].as_str().unwrap().parse().unwrap();
             assert_eq!(v["timestamp"], ts);
+            assert_eq!(
+                e.inbound,
+                Some((msg["from"].as_str().unwrap().to_string(), ts))
+            );
             if value.get("contacts").is_some() {
                 assert_eq!(
                     v["profile_name"], value["contacts"][0]["profile"]["name"],

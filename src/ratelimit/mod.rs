@@ -135,10 +135,11 @@ impl Throughput {
                 return Err(WINDOW - since);
             }
         }
-        inner
-            .limiter
+        // The limiter's own clock: building a new one calibrates (slow).
+        let limiter = &inner.limiter;
+        limiter
             .check()
-            .map_err(|nu| nu.wait_time_from(DefaultClock::default().now()))?;
+            .map_err(|nu| nu.wait_time_from(limiter.clock().now()))?;
         if inner.log.len() == cap {
             inner.log.pop_front();
         }
@@ -226,7 +227,7 @@ impl PairRate {
     pub fn check(&self, key: PairKey) -> Result<(), Duration> {
         self.limiter
             .check_key(&key)
-            .map_err(|nu| nu.wait_time_from(DefaultClock::default().now()))
+            .map_err(|nu| nu.wait_time_from(self.limiter.clock().now()))
     }
 
     /// Drops pairs whose state is back to full burst (bounded memory).

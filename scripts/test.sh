@@ -12,4 +12,4 @@ brokers=$(scripts/tansu.sh start "$dir")
 trap 'scripts/tansu.sh stop "$dir"' EXIT
 echo "tansu broker on $brokers (log: $dir/tansu.log)"
 export WAGATE_TEST_BROKERS="$brokers"
-cargo test --workspace --all-targets "$@"
+cargo test --workspace --all-targets --no-fail-fast "$@"

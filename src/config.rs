@@ -97,6 +97,9 @@ pub struct RawEgress {
     pub enabled: bool,
     pub default_throughput: u64,
     pub group_id: String,
+    /// Static group membership (`group.instance.id`): a restarted instance
+    /// takes its partitions back at once. Empty: dynamic membership.
+    pub instance_id: String,
     pub max_buffered: u64,
     pub lane_max_in_flight: u64,
     pub send_timeout_ms: u64,
@@ -220,6 +223,7 @@ impl Default for RawEgress {
             enabled: true,
             default_throughput: 80,
             group_id: "wagate-egress".into(),
+            instance_id: String::new(),
             max_buffered: 10_000,
             lane_max_in_flight: 16,
             send_timeout_ms: 15_000,
@@ -348,6 +352,7 @@ pub struct EgressConfig {
     pub enabled: bool,
     pub default_throughput: u32,
     pub group_id: String,
+    pub instance_id: Option<String>,
     pub max_buffered: usize,
     pub lane_max_in_flight: usize,
     pub send_timeout: Duration,
@@ -816,6 +821,7 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
             enabled: e.enabled,
             default_throughput: throughput.min(u32::MAX as u64) as u32,
             group_id: e.group_id.clone(),
+            instance_id: (!e.instance_id.is_empty()).then(|| e.instance_id.clone()),
             max_buffered: positive("egress.max_buffered", e.max_buffered)? as usize,
             lane_max_in_flight: positive("egress.lane_max_in_flight", e.lane_max_in_flight)?
                 as usize,

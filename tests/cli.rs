@@ -41,7 +41,7 @@ fn check_config_names_the_bad_key_and_exits_non_zero() {
     let f = dir.path().join("bad.toml");
     let text = std::fs::read_to_string("config/example.toml")
         .unwrap()
-        .replace("linger_ms = 2", "linger_ms = 2\nlinger_msec = 3");
+        .replace("[kafka]", "[kafka]\nlinger_msec = 3");
     std::fs::write(&f, text).unwrap();
     let out = with_secrets(&mut wagate())
         .args(["check-config", "--config", f.to_str().unwrap()])

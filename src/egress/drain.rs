@@ -193,7 +193,11 @@ impl Egress {
     /// Runs the drain until `stop` turns true, then commits what is done.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
         self.load_history().await;
-        let consumer: StreamConsumer = ClientConfig::new()
+        let mut cc = ClientConfig::new();
+        if let Some(id) = &self.cfg.instance_id {
+            cc.set("group.instance.id", id);
+        }
+        let consumer: StreamConsumer = cc
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", &self.cfg.group_id)
             .set("enable.auto.commit", "false")

@@ -402,25 +402,31 @@ pub fn read_since(
     if ends.is_empty() {
         return Ok(0);
     }
-    let mut tpl = consumer.offsets_for_times(tpl, timeout)?;
-    // A partition with nothing since `since_ms` answers End: skip it.
-    for e in tpl.elements() {
-        if !matches!(e.offset(), Offset::Offset(o) if o < ends[&e.partition()]) {
-            ends.remove(&e.partition());
+    // Where each partition's records since `since_ms` start. A broker that
+    // cannot look offsets up by time (librdkafka's mock cluster answers -1)
+    // gets read from its low watermark, filtered by timestamp below.
+    let found = consumer.offsets_for_times(tpl, timeout).ok();
+    let mut tpl = TopicPartitionList::new();
+    let parts_with_data: Vec<(i32, i64)> = ends.iter().map(|(p, h)| (*p, *h)).collect();
+    for (p, high) in parts_with_data {
+        let low = consumer.fetch_watermarks(topic, p, timeout)?.0;
+        let start = found
+            .as_ref()
+            .and_then(|f| f.find_partition(topic, p))
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) if o >= low => Some(o),
+                _ => None,
+            })
+            .unwrap_or(low);
+        if start >= high {
+            ends.remove(&p);
+            continue;
         }
+        tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
     }
     if ends.is_empty() {
         return Ok(0);
     }
-    tpl = {
-        let mut t = TopicPartitionList::new();
-        for e in tpl.elements() {
-            if ends.contains_key(&e.partition()) {
-                t.add_partition_offset(topic, e.partition(), e.offset())?;
-            }
-        }
-        t
-    };
     consumer.assign(&tpl)?;
     let mut n = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);

@@ -61,6 +61,9 @@ pub fn config(brokers: &str, prefix: &str, overrides: &[(&str, &str)]) -> config
     e.insert("WAGATE_LISTEN".into(), "127.0.0.1:0".into());
     e.insert("WAGATE_INTERNAL_LISTEN".into(), "127.0.0.1:0".into());
     e.insert("WAGATE_KAFKA_PARTITIONS".into(), "3".into());
+    // A consumer group per test: groups are shared across topics, so one
+    // test's members must not take part in another's rebalances.
+    e.insert("WAGATE_EGRESS_GROUP_ID".into(), format!("{prefix}egress"));
     for (k, v) in overrides {
         e.insert(k.to_string(), v.to_string());
     }

@@ -430,3 +430,90 @@ async fn free_form_reply_is_sent_inside_the_window_opened_by_an_inbound_message(
     gw.shutdown().await;
     sb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_numbers_and_one_takes_over_when_the_other_stops() {
+    let _serial = SERIAL.lock().await;
+    let b = brokers();
+    let p = unique_prefix("eg-two");
+    // Each instance calls the sandbox under its own API version, so the
+    // sandbox's log tells which instance sent what.
+    let sb = sandbox(|c| c.default_throughput = 0).await;
+    let base = format!("http://{}", sb.addr());
+    let a = start(
+        &b,
+        &p,
+        &[
+            ("WAGATE_GRAPH_BASE_URL", &format!("{base}/v23.0")),
+            ("WAGATE_DEFAULT_THROUGHPUT", "20"),
+        ],
+    )
+    .await;
+    let bb = start(
+        &b,
+        &p,
+        &[
+            ("WAGATE_GRAPH_BASE_URL", &format!("{base}/v22.0")),
+            ("WAGATE_DEFAULT_THROUGHPUT", "20"),
+        ],
+    )
+    .await;
+    // Let both join the group before the work arrives.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let numbers: Vec<String> = (0..6).map(|i| format!("40000000000000{i}")).collect();
+    let mut reqs = Vec::new();
+    for n in &numbers {
+        for i in 0..60 {
+            reqs.push(template(&format!("{n}-{i}"), n, &format!("+1415{i:07}")));
+        }
+    }
+    produce_requests(&b, &p, &reqs).await;
+    // 60 requests per number at 20/s: about 3 s of work; stop A midway.
+    let end = Instant::now() + Duration::from_secs(30);
+    while sb.sends().len() < reqs.len() / 3 {
+        assert!(Instant::now() < end, "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.shutdown().await;
+    let by = results(&b, &p, reqs.len(), Duration::from_secs(90)).await;
+    assert_eq!(
+        by.len(),
+        reqs.len(),
+        "every request has a result after the takeover"
+    );
+    for (id, rs) in &by {
+        assert_eq!(rs.len(), 1, "{id}: {} results", rs.len());
+        assert!(
+            ["accepted", "unknown"].contains(&rs[0]["outcome"].as_str().unwrap()),
+            "{id}: {}",
+            rs[0]
+        );
+    }
+    let sends = sb.sends();
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for s in &sends {
+        *per_id
+            .entry(s.biz_opaque_callback_data.clone().unwrap())
+            .or_default() += 1;
+    }
+    assert!(per_id.values().all(|n| *n == 1), "a request was sent twice");
+    // Each number is sent by one instance at a time: the instances' send
+    // intervals for a number never interleave.
+    let mut used_b = false;
+    for n in &numbers {
+        let mine: Vec<&wagate::sandbox::RecordedSend> =
+            sends.iter().filter(|s| &s.phone_number_id == n).collect();
+        let switches = mine
+            .windows(2)
+            .filter(|w| w[0].api_version != w[1].api_version)
+            .count();
+        assert!(
+            switches <= 1,
+            "number {n} went back and forth between instances ({switches} switches)"
+        );
+        used_b |= mine.iter().any(|s| s.api_version == "v22.0");
+    }
+    assert!(used_b, "the second instance never sent anything");
+    bb.shutdown().await;
+    sb.shutdown().await;
+}

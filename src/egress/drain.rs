@@ -23,8 +23,11 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -127,6 +130,26 @@ fn history_key(request_id: &str, redrive: u32) -> String {
     format!("{request_id}#{redrive}")
 }
 
+/// Notes partition assignments: after one, the history of results and
+/// attempts is read again before any request is dispatched, so requests that
+/// the previous owner attempted are reported `unknown`, not sent again.
+struct DrainContext {
+    assigned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ClientContext for DrainContext {}
+
+impl ConsumerContext for DrainContext {
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            if tpl.count() > 0 {
+                self.assigned
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+}
+
 /// The egress plane.
 pub struct Egress {
     cfg: EgressConfig,
@@ -192,12 +215,13 @@ impl Egress {
 
     /// Runs the drain until `stop` turns true, then commits what is done.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-        self.load_history().await;
+        // History is (re)loaded on every partition assignment, the first included.
         let mut cc = ClientConfig::new();
         if let Some(id) = &self.cfg.instance_id {
             cc.set("group.instance.id", id);
         }
-        let consumer: StreamConsumer = cc
+        let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let consumer: StreamConsumer<DrainContext> = cc
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", &self.cfg.group_id)
             .set("enable.auto.commit", "false")
@@ -206,7 +230,9 @@ impl Egress {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
             .set("enable.partition.eof", "false")
-            .create()?;
+            .create_with_context(DrainContext {
+                assigned: assigned.clone(),
+            })?;
         consumer.subscribe(&[&self.topics.requests])?;
         let consumer = Arc::new(consumer);
         let mut lanes: HashMap<String, mpsc::UnboundedSender<Job>> = HashMap::new();
@@ -232,6 +258,10 @@ impl Egress {
                             continue;
                         }
                     };
+                    if assigned.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        // New partitions: learn what their previous owner did first.
+                        self.load_history().await;
+                    }
                     let permit = self.buffered.clone().try_acquire_owned().ok();
                     if permit.is_none() || self.buffered.available_permits() == 0 {
                         // Backpressure: stop fetching until lanes drain.
@@ -264,7 +294,7 @@ impl Egress {
         Ok(())
     }
 
-    fn commit(&self, consumer: &StreamConsumer) {
+    fn commit(&self, consumer: &StreamConsumer<DrainContext>) {
         let offsets = self.tracker.lock().unwrap().take_commits();
         if offsets.is_empty() {
             return;

@@ -517,3 +517,110 @@ async fn two_instances_share_the_numbers_and_one_takes_over_when_the_other_stops
     bb.shutdown().await;
     sb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_user_preferences_webhooks_are_enforced_for_later_sends() {
+    let _serial = SERIAL.lock().await;
+    let b = brokers();
+    let p = unique_prefix("eg-stop");
+    let sb = sandbox(|_| {}).await;
+    let gw = start(
+        &b,
+        &p,
+        &[
+            ("WAGATE_GRAPH_BASE_URL", &sb.base_url()),
+            ("WAGATE_EGRESS_MARKETING_REQUIRES_OPT_IN", "false"),
+        ],
+    )
+    .await;
+    let number = "109876543210987";
+    let says = |id: &str, text: &str| {
+        let v = json!({"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"messages","value":{
+            "messaging_product":"whatsapp","metadata":{"display_phone_number":"1","phone_number_id":number},
+            "contacts":[{"profile":{"name":"Ana"},"wa_id":"14155550123"}],
+            "messages":[{"from":"14155550123","id":id,"timestamp":"1781600500","type":"text","text":{"body":text}}]}}]}]});
+        serde_json::to_vec(&v).unwrap()
+    };
+    let prefs = |value: &str| {
+        let v = json!({"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"user_preferences","value":{
+            "messaging_product":"whatsapp","metadata":{"display_phone_number":"1","phone_number_id":number},
+            "user_preferences":[{"wa_id":"14155550124","detail":"x","category":"marketing_messages","value":value,"timestamp":1781600000}]}}]}]});
+        serde_json::to_vec(&v).unwrap()
+    };
+    let tpl = |id: &str, to: &str, category: &str| {
+        json!({"v":1,"request_id":id,"phone_number_id":number,"to":to,"category":category,
+               "message":{"type":"template","template":{"name":"promo","language":{"code":"en"}}}})
+    };
+    // STOP (user 0123), then a send consumed after the webhook's 200.
+    assert_eq!(
+        post_signed(gw.public_addr, "/webhook", &says("wamid.S1", " Stop! "))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // Marketing stop from Meta's user_preferences (user 0124).
+    assert_eq!(
+        post_signed(gw.public_addr, "/webhook", &prefs("stop"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    produce_requests(
+        &b,
+        &p,
+        &[
+            tpl("after-stop", "+14155550123", "utility"),
+            tpl("mkt-stopped", "+14155550124", "marketing"),
+            tpl("utility-ok", "+14155550124", "utility"),
+        ],
+    )
+    .await;
+    let by = results(&b, &p, 3, Duration::from_secs(30)).await;
+    assert_eq!(one(&by, "after-stop")["error"]["code"], "opted_out");
+    assert_eq!(
+        one(&by, "mkt-stopped")["error"]["code"],
+        "marketing_stopped"
+    );
+    assert_eq!(one(&by, "utility-ok")["outcome"], "accepted");
+    // START and resume: allowed again.
+    assert_eq!(
+        post_signed(gw.public_addr, "/webhook", &says("wamid.S2", "START"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post_signed(gw.public_addr, "/webhook", &prefs("resume"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    produce_requests(
+        &b,
+        &p,
+        &[
+            tpl("after-start", "+14155550123", "utility"),
+            tpl("mkt-resumed", "+14155550124", "marketing"),
+        ],
+    )
+    .await;
+    let by = results(&b, &p, 5, Duration::from_secs(30)).await;
+    assert_eq!(one(&by, "after-start")["outcome"], "accepted");
+    assert_eq!(one(&by, "mkt-resumed")["outcome"], "accepted");
+    // A sentence that merely contains "stop" changes nothing.
+    assert_eq!(
+        post_signed(
+            gw.public_addr,
+            "/webhook",
+            &says("wamid.S3", "please don't stop the delivery")
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    produce_requests(&b, &p, &[tpl("sentence", "+14155550123", "utility")]).await;
+    let by = results(&b, &p, 6, Duration::from_secs(30)).await;
+    assert_eq!(one(&by, "sentence")["outcome"], "accepted");
+    gw.shutdown().await;
+    sb.shutdown().await;
+}

@@ -7,6 +7,8 @@
 //! bootstrap and sync (compacted `wa.consent` / `wa.windows`) come with the
 //! contacts issue.
 
+pub mod keywords;
+
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 

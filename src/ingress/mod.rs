@@ -32,7 +32,8 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::config::{AppConfig, Config};
-use crate::contacts::Contacts;
+use crate::contacts::keywords::{Keyword, Keywords};
+use crate::contacts::{Consent, Contacts, Marketing};
 use crate::http::{self, Body};
 use crate::kafka::{KafkaProducer, SendError, TopicNames};
 use crate::meta::signature;
@@ -53,6 +54,7 @@ pub struct Ingress {
     body_read_timeout: Duration,
     in_flight: Semaphore,
     contacts: Option<Arc<dyn Contacts>>,
+    keywords: Keywords,
 }
 
 struct IngressTopics {
@@ -104,6 +106,7 @@ impl Ingress {
             body_read_timeout: cfg.body_read_timeout,
             in_flight: Semaphore::new(cfg.ingress.max_in_flight),
             contacts,
+            keywords: Keywords::default(),
         }
     }
 
@@ -284,12 +287,27 @@ impl Ingress {
                 };
             }
         };
-        // An inbound message opens the user's 24-hour window (for egress).
+        // Contacts, before the 200 (guarantee 7): an inbound message opens the
+        // user's 24-hour window; STOP/START keywords and user_preferences
+        // changes take effect for every later send.
         if let Some(c) = &self.contacts {
             for ev in &events {
                 if let Some((wa_id, ts)) = &ev.inbound {
                     let ms = (*ts).max(0) as u64 * 1000;
                     c.record_inbound(&ev.key, wa_id, ms.min(received_at_ms));
+                    match ev.text.as_deref().and_then(|t| self.keywords.detect(t)) {
+                        Some(Keyword::OptOut) => c.set_consent(&ev.key, wa_id, Consent::OptedOut),
+                        Some(Keyword::OptIn) => c.set_consent(&ev.key, wa_id, Consent::OptedIn),
+                        None => {}
+                    }
+                }
+                for (wa_id, stop) in &ev.preferences {
+                    let m = if *stop {
+                        Marketing::Stopped
+                    } else {
+                        Marketing::Allowed
+                    };
+                    c.set_marketing(&ev.key, wa_id, m);
                 }
             }
         }

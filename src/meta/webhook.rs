@@ -49,6 +49,11 @@ pub struct Event {
     /// For inbound messages: the user and the message time (Unix seconds),
     /// which open the 24-hour customer service window.
     pub inbound: Option<(String, i64)>,
+    /// For inbound messages: the text a user typed or tapped (text body, or a
+    /// quick-reply button's payload), for opt-out/opt-in keywords.
+    pub text: Option<String>,
+    /// For `user_preferences` changes: (wa_id, marketing stopped?).
+    pub preferences: Vec<(String, bool)>,
 }
 
 /// The body is not a webhook envelope we can walk.
@@ -150,6 +155,29 @@ fn stable_hash(waba_id: &str, kind: &str, value: &BorrowedValue<'_>) -> String {
     hex::encode(&d[..16])
 }
 
+/// `user_preferences` changes: `value.user_preferences[]` items with
+/// `category: marketing_messages` and `value: stop|resume`.
+fn user_preferences(field: &str, value: &BorrowedValue<'_>) -> Vec<(String, bool)> {
+    if field != "user_preferences" {
+        return Vec::new();
+    }
+    let Some(items) = value.get("user_preferences").and_then(|v| v.as_array()) else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter(|p| str_field(p, "category").is_none_or(|c| c == "marketing_messages"))
+        .filter_map(|p| {
+            let wa_id = str_field(p, "wa_id")?;
+            match str_field(p, "value")? {
+                "stop" => Some((wa_id.to_string(), true)),
+                "resume" => Some((wa_id.to_string(), false)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 fn encode<T: Serialize>(t: &T) -> Vec<u8> {
     // Serializing our own structs of parsed values cannot fail.
     simd_json::to_vec(t).expect("record encoding")
@@ -236,6 +264,14 @@ fn fan_out_change(
                     message: msg,
                 };
                 let inbound = wa_id.zip(timestamp(msg)).map(|(w, t)| (w.to_string(), t));
+                let text = msg
+                    .get("text")
+                    .and_then(|t| str_field(t, "body"))
+                    .or_else(|| {
+                        msg.get("button")
+                            .and_then(|b| str_field(b, "payload").or_else(|| str_field(b, "text")))
+                    })
+                    .map(str::to_string);
                 out.push(Event {
                     topic: Topic::Messages,
                     key: key.clone(),
@@ -243,6 +279,8 @@ fn fan_out_change(
                     event_id,
                     kind: "message".into(),
                     inbound,
+                    text,
+                    preferences: Vec::new(),
                 });
             }
         }
@@ -277,6 +315,8 @@ fn fan_out_change(
                     event_id,
                     kind: "status".into(),
                     inbound: None,
+                    text: None,
+                    preferences: Vec::new(),
                 });
             }
         }
@@ -301,6 +341,8 @@ fn fan_out_change(
                     event_id,
                     kind: "error".into(),
                     inbound: None,
+                    text: None,
+                    preferences: Vec::new(),
                 });
             }
         }
@@ -328,6 +370,8 @@ fn fan_out_change(
             event_id,
             kind: field.to_string(),
             inbound: None,
+            text: None,
+            preferences: user_preferences(field, value),
         });
     }
 }
@@ -427,6 +471,12 @@ mod tests {
     #[test]
     fn text_survives_unicode() {
         let recs = run("inbound_text.json");
+        assert_eq!(
+            recs[0].0.text.as_deref(),
+            Some("Olá! Is order #4471 shipped? Preço: R$ 59,90 🙂")
+        );
+        let quick = run("inbound_button_template_quick_reply.json");
+        assert!(quick[0].0.text.is_some());
         assert_eq!(
             recs[0].1["message"]["text"]["body"],
             "Olá! Is order #4471 shipped? Preço: R$ 59,90 🙂"
@@ -551,6 +601,7 @@ mod tests {
         assert_ne!(evs[0].event_id, evs[1].event_id);
         assert_eq!(evs[2].kind, "user_preferences");
         assert_eq!(evs[2].key, "109876543210987");
+        assert_eq!(evs[2].preferences, vec![("14155550123".to_string(), true)]);
         let v: Value = serde_json::from_slice(&evs[0].value).unwrap();
         assert_eq!(v["value"]["code"], 130429);
         assert_eq!(v["phone_number_id"], "109876543210987");

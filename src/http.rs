@@ -149,3 +149,66 @@ pub fn unavailable(retry_after_secs: u64, message: &str) -> Response<Body> {
         .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
     r
 }
+
+/// Why a body could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// Over the limit (declared in `Content-Length`, or while streaming).
+    TooLarge,
+    /// Not received within the deadline.
+    Timeout,
+    /// The connection failed while reading.
+    Broken,
+}
+
+impl BodyError {
+    /// The response for this error (`limit` names the limit in 413s).
+    pub fn response(self, limit: usize) -> Response<Body> {
+        match self {
+            BodyError::TooLarge => json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                &format!("the body exceeds the limit of {limit} bytes"),
+            ),
+            BodyError::Timeout => json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the body was not received in time",
+            ),
+            BodyError::Broken => json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "the body could not be read",
+            ),
+        }
+    }
+}
+
+/// Reads a request body: `Content-Length` checked against `limit` first, then
+/// a limited read under `timeout`.
+pub async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, BodyError> {
+    use http_body_util::{BodyExt, Limited};
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    match tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect()).await {
+        Err(_) => Err(BodyError::Timeout),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(BodyError::TooLarge)
+        }
+        Ok(Err(_)) => Err(BodyError::Broken),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}

@@ -21,21 +21,7 @@ async fn sandbox(cfg: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
         ..Default::default()
     };
     cfg(&mut c);
-    // Like Meta, the sandbox is another server: give it its own runtime so
-    // its arrival times do not wait behind the gateway's tasks.
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let _ = tx.send(Sandbox::start(c).await.unwrap());
-            std::future::pending::<()>().await;
-        });
-    });
-    rx.await.unwrap()
+    sandbox_on_own_runtime(c).await
 }
 
 fn template(id: &str, number: &str, to: &str) -> Value {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use wagate::sandbox::{ErrorInjection, Sandbox, SandboxConfig};
+use wagate::sandbox::{ErrorInjection, SandboxConfig};
 
 fn spawn_gateway(brokers: &str, prefix: &str, graph: &str, log: &str) -> Child {
     let log = std::fs::File::create(format!("{}/{log}", env!("CARGO_TARGET_TMPDIR"))).unwrap();
@@ -46,29 +46,17 @@ async fn kill_9_mid_drain_then_restart_one_result_each_never_sent_twice() {
     let mock = wagate::kafka::mock::start(&p, 3).unwrap();
     let b = mock.bootstrap_servers();
     // Slow answers keep many sends in flight when the gateway dies.
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let cfg = SandboxConfig {
-                default_throughput: 0,
-                pair_rate: None,
-                error_rates: ErrorInjection {
-                    slow: 1.0,
-                    slow_delay: Duration::from_millis(150),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let _ = tx.send(Sandbox::start(cfg).await.unwrap());
-            std::future::pending::<()>().await;
-        });
-    });
-    let sb: Sandbox = rx.await.unwrap();
+    let sb = sandbox_on_own_runtime(SandboxConfig {
+        default_throughput: 0,
+        pair_rate: None,
+        error_rates: ErrorInjection {
+            slow: 1.0,
+            slow_delay: Duration::from_millis(150),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
     let cfg = config(&b, &p, &[]);
 
     let producer = wagate::kafka::KafkaProducer::new(&cfg.kafka).unwrap();

@@ -6,8 +6,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::AUTHORIZATION;
 use hyper::{Request, Response, StatusCode};
@@ -52,9 +50,9 @@ impl Api {
                 "a valid Bearer token is required",
             );
         };
-        let body = match read_body(req, self.body_timeout).await {
+        let body = match http::read_body(req, MAX_API_BODY, self.body_timeout).await {
             Ok(b) => b,
-            Err(resp) => return resp,
+            Err(e) => return e.response(MAX_API_BODY),
         };
         let send = match SendRequest::parse(&body) {
             Ok(r) => r,
@@ -99,48 +97,4 @@ impl Api {
             ),
         }
     }
-}
-
-/// Reads a JSON body under the API limits.
-pub async fn read_body(req: Request<Incoming>, timeout: Duration) -> Result<Bytes, Response<Body>> {
-    let declared = req
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_API_BODY as u64) {
-        return Err(too_large());
-    }
-    match tokio::time::timeout(
-        timeout,
-        Limited::new(req.into_body(), MAX_API_BODY).collect(),
-    )
-    .await
-    {
-        Err(_) => Err(http::json_error(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            "the body was not received in time",
-        )),
-        Ok(Err(e))
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
-        }
-        Ok(Err(_)) => Err(http::json_error(
-            StatusCode::BAD_REQUEST,
-            "bad_body",
-            "the body could not be read",
-        )),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-    }
-}
-
-fn too_large() -> Response<Body> {
-    http::json_error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
-        &format!("the body exceeds {MAX_API_BODY} bytes"),
-    )
 }

@@ -23,9 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::CONTENT_LENGTH;
 use hyper::{Method, Request, Response, StatusCode};
 use rdkafka::error::KafkaError;
 use subtle::ConstantTimeEq;
@@ -194,51 +192,20 @@ impl Ingress {
             );
         };
         let _gauge = InFlightGauge::new();
-        let declared = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
-            return too_large(self.max_body_bytes);
-        }
         let signature = req
             .headers()
             .get("x-hub-signature-256")
             .map(|v| v.as_bytes().to_vec());
-        let body = match tokio::time::timeout(
-            self.body_read_timeout,
-            Limited::new(req.into_body(), self.max_body_bytes).collect(),
-        )
-        .await
-        {
-            Err(_) => {
-                return (
-                    WebhookOutcome::BodyTimeout,
-                    http::json_error(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "body_timeout",
-                        "the body was not received in time",
-                    ),
-                )
+        let body = match http::read_body(req, self.max_body_bytes, self.body_read_timeout).await {
+            Ok(b) => b,
+            Err(e) => {
+                let outcome = match e {
+                    http::BodyError::TooLarge => WebhookOutcome::TooLarge,
+                    http::BodyError::Timeout => WebhookOutcome::BodyTimeout,
+                    http::BodyError::Broken => WebhookOutcome::BadRequest,
+                };
+                return (outcome, e.response(self.max_body_bytes));
             }
-            Ok(Err(e))
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
-                return too_large(self.max_body_bytes)
-            }
-            Ok(Err(_)) => {
-                return (
-                    WebhookOutcome::BadRequest,
-                    http::json_error(
-                        StatusCode::BAD_REQUEST,
-                        "bad_body",
-                        "the body could not be read",
-                    ),
-                )
-            }
-            Ok(Ok(c)) => c.to_bytes(),
         };
         if let Err(e) = signature::verify(signature.as_deref(), &body, &app.secrets) {
             let outcome = match e {
@@ -507,17 +474,6 @@ impl PostAck {
             }
         }
     }
-}
-
-fn too_large(limit: usize) -> Outcome {
-    (
-        WebhookOutcome::TooLarge,
-        http::json_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            &format!("the body exceeds the limit of {limit} bytes"),
-        ),
-    )
 }
 
 #[derive(Clone, Copy)]

@@ -178,3 +178,24 @@ pub fn event_ids(recs: &[TailRecord]) -> Vec<String> {
         .map(|r| r.headers["wagate-event-id"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// Starts a Graph API sandbox on its own runtime (its own thread): like
+/// Meta, it is another server, so its arrival times do not wait behind the
+/// gateway's tasks.
+pub async fn sandbox_on_own_runtime(
+    cfg: wagate::sandbox::SandboxConfig,
+) -> wagate::sandbox::Sandbox {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let _ = tx.send(wagate::sandbox::Sandbox::start(cfg).await.unwrap());
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.await.unwrap()
+}

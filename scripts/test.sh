@@ -12,4 +12,9 @@ brokers=$(scripts/tansu.sh start "$dir")
 trap 'scripts/tansu.sh stop "$dir"' EXIT
 echo "tansu broker on $brokers (log: $dir/tansu.log)"
 export WAGATE_TEST_BROKERS="$brokers"
-cargo test --workspace --all-targets --no-fail-fast "$@"
+status=0
+cargo test --workspace --all-targets --no-fail-fast "$@" || status=$?
+# Alert rules (promtool check + unit tests) and dashboards: installs Debian's
+# prometheus package if promtool is missing.
+scripts/promtool-check.sh || status=$?
+exit $status

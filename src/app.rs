@@ -33,6 +33,7 @@ pub struct Gateway {
     /// The contacts cache egress consults.
     pub contacts: Arc<MemoryContacts>,
     shutdown: watch::Sender<bool>,
+    contacts_stop: Arc<std::sync::atomic::AtomicBool>,
     egress: Option<JoinHandle<()>>,
     servers: Vec<JoinHandle<bool>>,
     background: Vec<JoinHandle<()>>,
@@ -59,13 +60,16 @@ impl Gateway {
             Some(contacts.clone() as Arc<dyn Contacts>),
         ));
         let ready = Arc::new(Readiness::default());
-        // No contacts plane yet: nothing to catch up with.
-        ready.contacts.store(true, Ordering::Relaxed);
         let admin = Arc::new(Admin {
             metrics: metrics.clone(),
             ready: ready.clone(),
             api: crate::admin::api::Api {
                 tenants: cfg.tenants.clone(),
+                contacts: contacts.clone(),
+                consent_topic: crate::kafka::TopicNames::new(&cfg.kafka.topic_prefix)
+                    .full("consent"),
+                windows_topic: crate::kafka::TopicNames::new(&cfg.kafka.topic_prefix)
+                    .full("windows"),
                 producer: producer.clone(),
                 requests_topic: crate::kafka::TopicNames::new(&cfg.kafka.topic_prefix)
                     .full("outbound.requests"),
@@ -115,6 +119,28 @@ impl Gateway {
                 }
             })
         });
+        // Contacts: bootstrap from the compacted topics, then tail them.
+        let contacts_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let names = crate::kafka::TopicNames::new(&cfg.kafka.topic_prefix);
+            let (consent, windows) = (names.full("consent"), names.full("windows"));
+            let (brokers, cache, r, stop) = (
+                cfg.kafka.brokers.clone(),
+                contacts.clone(),
+                ready.clone(),
+                contacts_stop.clone(),
+            );
+            std::thread::Builder::new()
+                .name("contacts-sync".into())
+                .spawn(move || {
+                    let on_ready = Box::new(move || r.contacts.store(true, Ordering::SeqCst));
+                    if let Err(e) = crate::contacts::sync::run(
+                        &brokers, &consent, &windows, cache, on_ready, stop,
+                    ) {
+                        tracing::error!(error = %e, "contacts sync stopped; /readyz stays 503");
+                    }
+                })?;
+        }
         let background = vec![
             tokio::spawn(kafka_pinger(producer.clone(), ready.clone(), rx.clone())),
             tokio::spawn(gauges(
@@ -134,6 +160,7 @@ impl Gateway {
             metrics,
             contacts,
             shutdown,
+            contacts_stop,
             egress,
             servers,
             background,
@@ -170,6 +197,7 @@ impl Gateway {
         for b in self.background {
             b.abort();
         }
+        self.contacts_stop.store(true, Ordering::Relaxed);
         let left = self
             .shutdown_timeout
             .saturating_sub(start.elapsed())

@@ -22,6 +22,9 @@ pub const MAX_API_BODY: usize = 256 * 1024;
 /// State of the API routes.
 pub struct Api {
     pub tenants: Vec<TenantConfig>,
+    pub contacts: std::sync::Arc<crate::contacts::MemoryContacts>,
+    pub consent_topic: String,
+    pub windows_topic: String,
     pub producer: KafkaProducer,
     pub requests_topic: String,
     pub ack_timeout: Duration,
@@ -94,6 +97,164 @@ impl Api {
             _ => http::unavailable(
                 2,
                 "kafka did not acknowledge the request in time; retry with the same request_id",
+            ),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContactUpdate {
+    consent: Option<crate::contacts::Consent>,
+    marketing: Option<crate::contacts::Marketing>,
+}
+
+impl Api {
+    /// `GET / PUT / DELETE /v1/contacts/{phone_number_id}/{wa_id}`.
+    pub async fn contact(
+        &self,
+        req: Request<Incoming>,
+        phone_number_id: &str,
+        wa_id: &str,
+    ) -> Response<Body> {
+        use crate::contacts::{Consent, Contacts};
+        let Some(tenant) = self.authenticate(&req) else {
+            return http::json_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid Bearer token is required",
+            );
+        };
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 32
+                && s.trim_start_matches('+')
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+        };
+        if !valid(phone_number_id) || !valid(wa_id) {
+            return http::json_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "phone_number_id and wa_id are digits",
+            );
+        }
+        if tenant
+            .numbers
+            .as_ref()
+            .is_some_and(|n| !n.iter().any(|x| x == phone_number_id))
+        {
+            return http::json_error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this token may not use that phone_number_id",
+            );
+        }
+        let key = crate::contacts::sync::key(phone_number_id, wa_id);
+        let state_json = |st: &crate::contacts::ContactState| {
+            serde_json::to_vec(&serde_json::json!({
+                "v": 1, "consent": st.consent, "marketing": st.marketing, "last_inbound_ms": st.last_inbound_ms,
+            }))
+            .unwrap_or_default()
+        };
+        match *req.method() {
+            hyper::Method::GET => match self.contacts.lookup(phone_number_id, wa_id) {
+                Some(st) => http::json(StatusCode::OK, state_json(&st)),
+                None => http::json_error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "nothing is known of this pair",
+                ),
+            },
+            hyper::Method::PUT => {
+                let body = match http::read_body(req, MAX_API_BODY, self.body_timeout).await {
+                    Ok(b) => b,
+                    Err(e) => return e.response(MAX_API_BODY),
+                };
+                let upd: ContactUpdate = match serde_json::from_slice(&body) {
+                    Ok(u) => u,
+                    Err(e) => return http::json_error(StatusCode::BAD_REQUEST, "invalid_request", &format!("expected {{\"consent\": \"opted_in\"|\"opted_out\", \"marketing\": \"allowed\"|\"stopped\"}}: {e}")),
+                };
+                if upd.consent.is_none() && upd.marketing.is_none() {
+                    return http::json_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "set consent, marketing or both",
+                    );
+                }
+                if upd.consent == Some(Consent::Unknown) {
+                    return http::json_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "consent is opted_in or opted_out (DELETE forgets a pair)",
+                    );
+                }
+                if let Some(c) = upd.consent {
+                    self.contacts.set_consent(phone_number_id, wa_id, c);
+                }
+                if let Some(m) = upd.marketing {
+                    self.contacts.set_marketing(phone_number_id, wa_id, m);
+                }
+                let st = self.contacts.get(phone_number_id, wa_id);
+                let now = crate::egress::drain::now_ms_pub();
+                let ev = crate::contacts::sync::consent_event(
+                    phone_number_id,
+                    wa_id,
+                    &st,
+                    "api",
+                    now,
+                    "api",
+                );
+                let headers: [(&str, &[u8]); 2] = [
+                    ("wagate-kind", b"consent"),
+                    ("wagate-app", tenant.name.as_bytes()),
+                ];
+                match self.producer.send(
+                    &self.consent_topic,
+                    ev.key.as_bytes(),
+                    &ev.value,
+                    &headers,
+                ) {
+                    Ok(f) => match tokio::time::timeout(self.ack_timeout, f).await {
+                        Ok(Ok(())) => http::json(StatusCode::OK, state_json(&st)),
+                        _ => http::unavailable(
+                            2,
+                            "kafka did not acknowledge the change in time; retry",
+                        ),
+                    },
+                    Err(_) => http::unavailable(2, "kafka cannot take the change now; retry"),
+                }
+            }
+            hyper::Method::DELETE => {
+                self.contacts.erase(phone_number_id, wa_id);
+                let headers: [(&str, &[u8]); 2] = [
+                    ("wagate-kind", b"erase"),
+                    ("wagate-app", tenant.name.as_bytes()),
+                ];
+                let a = self
+                    .producer
+                    .send_tombstone(&self.consent_topic, key.as_bytes(), &headers);
+                let b = self
+                    .producer
+                    .send_tombstone(&self.windows_topic, key.as_bytes(), &headers);
+                let (Ok(a), Ok(b)) = (a, b) else {
+                    return http::unavailable(2, "kafka cannot take the erasure now; retry");
+                };
+                match tokio::time::timeout(self.ack_timeout, async { (a.await, b.await) }).await {
+                    Ok((Ok(()), Ok(()))) => {
+                        let mut r = http::text(StatusCode::NO_CONTENT, "");
+                        r.headers_mut().remove(hyper::header::CONTENT_TYPE);
+                        r
+                    }
+                    _ => {
+                        http::unavailable(2, "kafka did not acknowledge the erasure in time; retry")
+                    }
+                }
+            }
+            _ => http::json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET, PUT or DELETE",
             ),
         }
     }

@@ -41,6 +41,17 @@ pub struct Admin {
 
 impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        if let Some(rest) = req.uri().path().strip_prefix("/v1/contacts/") {
+            let parts: Vec<String> = rest.split('/').map(str::to_string).collect();
+            return match parts.as_slice() {
+                [pnid, wa_id] => self.api.contact(req, pnid, wa_id).await,
+                _ => http::json_error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "use /v1/contacts/{phone_number_id}/{wa_id}",
+                ),
+            };
+        }
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
                 let mut r = http::text(StatusCode::OK, self.metrics.render());

@@ -8,6 +8,7 @@
 //! contacts issue.
 
 pub mod keywords;
+pub mod sync;
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -122,18 +123,43 @@ impl MemoryContacts {
         self.map.len()
     }
 
+    /// The pair's state, or `None` when nothing is known of it.
+    pub fn lookup(&self, phone_number_id: &str, wa_id: &str) -> Option<ContactState> {
+        self.map
+            .get(&pair_key(phone_number_id, wa_id))
+            .map(|p| p.unpack())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
 
     fn update(&self, phone_number_id: &str, wa_id: &str, f: impl FnOnce(&mut ContactState)) {
-        let mut e = self
-            .map
-            .entry(pair_key(phone_number_id, wa_id))
-            .or_default();
-        let mut s = e.unpack();
-        f(&mut s);
-        *e = Packed::pack(s);
+        let key = pair_key(phone_number_id, wa_id);
+        let empty = {
+            let mut e = self.map.entry(key).or_default();
+            let mut s = e.unpack();
+            f(&mut s);
+            *e = Packed::pack(s);
+            e.0 == 0
+        };
+        if empty {
+            // Nothing known any more (after tombstones): drop the entry.
+            self.map.remove_if(&key, |_, v| v.0 == 0);
+        }
+    }
+
+    /// Forgets consent and marketing preference (a `wa.consent` tombstone).
+    pub fn clear_consent(&self, phone_number_id: &str, wa_id: &str) {
+        self.update(phone_number_id, wa_id, |s| {
+            s.consent = Consent::Unknown;
+            s.marketing = Marketing::Allowed;
+        });
+    }
+
+    /// Forgets the last inbound time (a `wa.windows` tombstone).
+    pub fn clear_window(&self, phone_number_id: &str, wa_id: &str) {
+        self.update(phone_number_id, wa_id, |s| s.last_inbound_ms = None);
     }
 }
 

@@ -59,6 +59,8 @@ struct IngressTopics {
     messages: String,
     statuses: String,
     events: String,
+    consent: String,
+    windows: String,
     raw: String,
 }
 
@@ -68,9 +70,14 @@ impl IngressTopics {
             Topic::Messages => &self.messages,
             Topic::Statuses => &self.statuses,
             Topic::Events => &self.events,
+            Topic::Consent => &self.consent,
+            Topic::Windows => &self.windows,
         }
     }
 }
+
+/// A pair's window is written to `wa.windows` at most this often.
+const WINDOW_WRITE_EVERY_MS: u64 = 5 * 60 * 1000;
 
 /// The outcome of one request: status, label, response.
 type Outcome = (WebhookOutcome, Response<Body>);
@@ -94,6 +101,8 @@ impl Ingress {
                 messages: names.full(Topic::Messages.name()),
                 statuses: names.full(Topic::Statuses.name()),
                 events: names.full(Topic::Events.name()),
+                consent: names.full(Topic::Consent.name()),
+                windows: names.full(Topic::Windows.name()),
                 raw: names.full("inbound.raw"),
             },
             dedupe,
@@ -256,17 +265,48 @@ impl Ingress {
         };
         // Contacts, before the 200 (guarantee 7): an inbound message opens the
         // user's 24-hour window; STOP/START keywords and user_preferences
-        // changes take effect for every later send.
+        // changes take effect for every later send. The cache is updated at
+        // once, and the records for the compacted topics go out with this
+        // POST's own records, so the 200 also means they are durable.
+        let mut events = events;
         if let Some(c) = &self.contacts {
+            let mut extra = Vec::new();
             for ev in &events {
+                let mut changed: Option<(&str, &'static str)> = None;
                 if let Some((wa_id, ts)) = &ev.inbound {
-                    let ms = (*ts).max(0) as u64 * 1000;
-                    c.record_inbound(&ev.key, wa_id, ms.min(received_at_ms));
+                    let ms = ((*ts).max(0) as u64 * 1000).min(received_at_ms);
+                    let before = c.get(&ev.key, wa_id).last_inbound_ms;
+                    c.record_inbound(&ev.key, wa_id, ms);
+                    if before.is_none_or(|b| ms >= b + WINDOW_WRITE_EVERY_MS) {
+                        extra.push(crate::contacts::sync::window_event(
+                            &ev.key,
+                            wa_id,
+                            ms,
+                            &ev.event_id,
+                        ));
+                    }
                     match ev.text.as_deref().and_then(|t| self.keywords.detect(t)) {
-                        Some(Keyword::OptOut) => c.set_consent(&ev.key, wa_id, Consent::OptedOut),
-                        Some(Keyword::OptIn) => c.set_consent(&ev.key, wa_id, Consent::OptedIn),
+                        Some(Keyword::OptOut) => {
+                            c.set_consent(&ev.key, wa_id, Consent::OptedOut);
+                            changed = Some((wa_id, "keyword"));
+                        }
+                        Some(Keyword::OptIn) => {
+                            c.set_consent(&ev.key, wa_id, Consent::OptedIn);
+                            changed = Some((wa_id, "keyword"));
+                        }
                         None => {}
                     }
+                }
+                if let Some((wa_id, source)) = changed {
+                    let st = c.get(&ev.key, wa_id);
+                    extra.push(crate::contacts::sync::consent_event(
+                        &ev.key,
+                        wa_id,
+                        &st,
+                        source,
+                        received_at_ms,
+                        &ev.event_id,
+                    ));
                 }
                 for (wa_id, stop) in &ev.preferences {
                     let m = if *stop {
@@ -275,8 +315,19 @@ impl Ingress {
                         Marketing::Allowed
                     };
                     c.set_marketing(&ev.key, wa_id, m);
+                    let st = c.get(&ev.key, wa_id);
+                    let id = format!("{}:{wa_id}", ev.event_id);
+                    extra.push(crate::contacts::sync::consent_event(
+                        &ev.key,
+                        wa_id,
+                        &st,
+                        "user_preferences",
+                        received_at_ms,
+                        &id,
+                    ));
                 }
             }
+            events.extend(extra);
         }
         let raw = self.raw_enabled.then_some(raw);
         match self.produce(&app.name, &events, raw, deadline).await {

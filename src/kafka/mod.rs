@@ -199,6 +199,36 @@ impl KafkaProducer {
         })
     }
 
+    /// Produces a tombstone (null value) for `key` and returns the future of
+    /// its acknowledgement.
+    pub fn send_tombstone(
+        &self,
+        topic: &str,
+        key: &[u8],
+        headers: &[HeaderPair<'_>],
+    ) -> Result<Delivery, SendError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let done: Completion = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        let mut hs = OwnedHeaders::new_with_capacity(headers.len());
+        for (k, v) in headers {
+            hs = hs.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let rec: BaseRecord<'_, [u8], [u8], Box<Pending>> =
+            BaseRecord::with_opaque_to(topic, Box::new(Pending(std::sync::Mutex::new(Some(done)))))
+                .key(key)
+                .headers(hs);
+        self.inner.send(rec).map_err(|(e, _)| match e {
+            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
+            other => SendError::Kafka(other),
+        })?;
+        Ok(Delivery(rx))
+    }
+
     /// Enqueues one record and returns the future of its acknowledgement.
     pub fn send(
         &self,

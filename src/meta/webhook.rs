@@ -21,6 +21,10 @@ pub enum Topic {
     Messages,
     Statuses,
     Events,
+    /// `wa.consent` (compacted), written by the contacts plane.
+    Consent,
+    /// `wa.windows` (compacted), written by the contacts plane.
+    Windows,
 }
 
 impl Topic {
@@ -29,6 +33,8 @@ impl Topic {
             Topic::Messages => "inbound.messages",
             Topic::Statuses => "inbound.statuses",
             Topic::Events => "inbound.events",
+            Topic::Consent => "consent",
+            Topic::Windows => "windows",
         }
     }
 }

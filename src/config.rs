@@ -49,6 +49,7 @@ pub struct RawConfig {
     pub ingress: RawIngress,
     pub egress: RawEgress,
     pub graph: RawGraph,
+    pub contacts: RawContacts,
     pub log: RawLog,
     /// Meta apps by name; the bare `/webhook` route uses `default`.
     pub apps: BTreeMap<String, RawApp>,
@@ -112,6 +113,33 @@ pub struct RawEgress {
     pub numbers: BTreeMap<String, RawNumber>,
 }
 
+/// Opt-out / opt-in detection in inbound messages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawContacts {
+    /// Whole-message keywords (case, accents and surrounding punctuation
+    /// ignored) that opt a user out.
+    pub opt_out_keywords: Vec<String>,
+    /// Whole-message keywords that opt a user back in.
+    pub opt_in_keywords: Vec<String>,
+    /// Quick-reply / interactive reply payloads (exact) that opt out.
+    pub opt_out_payloads: Vec<String>,
+    /// Quick-reply / interactive reply payloads (exact) that opt in.
+    pub opt_in_payloads: Vec<String>,
+}
+
+impl Default for RawContacts {
+    fn default() -> Self {
+        use crate::contacts::keywords::{DEFAULT_OPT_IN, DEFAULT_OPT_OUT};
+        RawContacts {
+            opt_out_keywords: DEFAULT_OPT_OUT.iter().map(|s| s.to_string()).collect(),
+            opt_in_keywords: DEFAULT_OPT_IN.iter().map(|s| s.to_string()).collect(),
+            opt_out_payloads: Vec::new(),
+            opt_in_payloads: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawNumber {
@@ -169,6 +197,7 @@ impl Default for RawConfig {
             ingress: RawIngress::default(),
             egress: RawEgress::default(),
             graph: RawGraph::default(),
+            contacts: RawContacts::default(),
             log: RawLog::default(),
             apps: BTreeMap::new(),
             tenants: BTreeMap::new(),
@@ -319,6 +348,7 @@ pub struct Config {
     pub ingress: IngressConfig,
     pub egress: EgressConfig,
     pub graph: GraphConfig,
+    pub contacts: ContactsConfig,
     pub log: LogConfig,
     pub apps: Vec<AppConfig>,
     pub tenants: Vec<TenantConfig>,
@@ -376,6 +406,81 @@ pub struct NumberConfig {
 pub struct GraphConfig {
     pub base_url: String,
     pub access_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ContactsConfig {
+    pub opt_out_keywords: Vec<String>,
+    pub opt_in_keywords: Vec<String>,
+    pub opt_out_payloads: Vec<String>,
+    pub opt_in_payloads: Vec<String>,
+}
+
+impl ContactsConfig {
+    /// The detector ingress uses.
+    pub fn keywords(&self) -> crate::contacts::keywords::Keywords {
+        fn words(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        crate::contacts::keywords::Keywords::new(
+            &words(&self.opt_out_keywords),
+            &words(&self.opt_in_keywords),
+        )
+        .with_payloads(&self.opt_out_payloads, &self.opt_in_payloads)
+    }
+}
+
+/// Checks the opt-out / opt-in lists: no empty entry, keywords short enough
+/// to be a whole message, nothing in both lists.
+fn contacts_config(c: &RawContacts) -> Result<ContactsConfig, ConfigError> {
+    use crate::contacts::keywords::normalize;
+    let keywords = |key: &str, v: &[String]| -> Result<Vec<String>, ConfigError> {
+        for k in v {
+            let n = normalize(k);
+            if n.is_empty() || k.len() > 64 {
+                return Err(invalid(
+                    key,
+                    format!("{k:?}: a keyword has a letter or digit and at most 64 bytes"),
+                ));
+            }
+        }
+        Ok(v.to_vec())
+    };
+    let payloads = |key: &str, v: &[String]| -> Result<Vec<String>, ConfigError> {
+        if let Some(p) = v.iter().find(|p| p.is_empty() || p.len() > 256) {
+            return Err(invalid(key, format!("{p:?}: a payload has 1 to 256 bytes")));
+        }
+        Ok(v.to_vec())
+    };
+    let cfg = ContactsConfig {
+        opt_out_keywords: keywords("contacts.opt_out_keywords", &c.opt_out_keywords)?,
+        opt_in_keywords: keywords("contacts.opt_in_keywords", &c.opt_in_keywords)?,
+        opt_out_payloads: payloads("contacts.opt_out_payloads", &c.opt_out_payloads)?,
+        opt_in_payloads: payloads("contacts.opt_in_payloads", &c.opt_in_payloads)?,
+    };
+    let out: std::collections::HashSet<String> =
+        cfg.opt_out_keywords.iter().map(|k| normalize(k)).collect();
+    if let Some(k) = cfg
+        .opt_in_keywords
+        .iter()
+        .find(|k| out.contains(&normalize(k)))
+    {
+        return Err(invalid(
+            "contacts.opt_in_keywords",
+            format!("{k:?} is also an opt-out keyword"),
+        ));
+    }
+    if let Some(p) = cfg
+        .opt_in_payloads
+        .iter()
+        .find(|p| cfg.opt_out_payloads.contains(p))
+    {
+        return Err(invalid(
+            "contacts.opt_in_payloads",
+            format!("{p:?} is also an opt-out payload"),
+        ));
+    }
+    Ok(cfg)
 }
 
 #[derive(Debug, Clone)]
@@ -847,6 +952,7 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
             base_url: g.base_url.trim_end_matches('/').to_string(),
             access_token,
         },
+        contacts: contacts_config(&raw.contacts)?,
         log: LogConfig {
             json: raw.log.format == "json",
             level: raw.log.level.clone(),
@@ -930,6 +1036,36 @@ mod tests {
         assert_eq!(c.graph.base_url, "http://127.0.0.1:7000/v23.0");
         assert_eq!(c.egress.default_throughput, 20);
         assert!(!c.ingress.raw_enabled);
+    }
+
+    #[test]
+    fn opt_out_lists_are_configurable_and_checked() {
+        let c = load(None, &required(), LoadOptions::default()).unwrap();
+        assert!(c.contacts.opt_out_keywords.iter().any(|k| k == "stop"));
+        let mut e = required();
+        e.insert(
+            "WAGATE_CONTACTS_OPT_OUT_KEYWORDS".into(),
+            "halt, désabonner".into(),
+        );
+        e.insert("WAGATE_CONTACTS_OPT_OUT_PAYLOADS".into(), "OPT_OUT".into());
+        let c = load(None, &e, LoadOptions::default()).unwrap();
+        assert_eq!(c.contacts.opt_out_keywords, ["halt", "désabonner"]);
+        let k = c.contacts.keywords();
+        assert!(k.detect("DESABONNER").is_some() && k.detect("stop").is_none());
+        assert!(k.detect_payload("OPT_OUT").is_some());
+        for (key, value) in [
+            ("WAGATE_CONTACTS_OPT_IN_KEYWORDS", "Stop!"),
+            ("WAGATE_CONTACTS_OPT_OUT_KEYWORDS", "stop,!!"),
+            ("WAGATE_CONTACTS_OPT_IN_PAYLOADS", "OPT_OUT"),
+        ] {
+            let mut e = required();
+            e.insert("WAGATE_CONTACTS_OPT_OUT_PAYLOADS".into(), "OPT_OUT".into());
+            e.insert(key.into(), value.into());
+            let err = load(None, &e, LoadOptions::default()).unwrap_err();
+            let named = key.trim_start_matches("WAGATE_").to_ascii_lowercase();
+            let named = named.replacen('_', ".", 1);
+            assert!(err.to_string().contains(&named), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub const META_ERRORS: &str = "wagate_meta_errors_total";
 pub const CIRCUIT_OPEN: &str = "wagate_circuit_open";
 pub const CONSENT_BLOCKED: &str = "wagate_consent_blocked_total";
 pub const CONTACTS_ENTRIES: &str = "wagate_contacts_entries";
+pub const CONTACTS_APPLIED: &str = "wagate_contacts_records_applied_total";
+pub const CONTACTS_BOOTSTRAP_REMAINING: &str = "wagate_contacts_bootstrap_remaining_records";
+pub const CONTACTS_BOOTSTRAP_SECONDS: &str = "wagate_contacts_bootstrap_seconds";
+pub const CONSUMER_LAG: &str = "wagate_consumer_lag";
 pub const BUILD_INFO: &str = "wagate_build_info";
 
 /// Buckets for latency histograms, in seconds (0.5 ms … 10 s).
@@ -223,6 +227,23 @@ fn describe() {
     describe_gauge!(
         CONTACTS_ENTRIES,
         "(number, user) pairs in the contacts cache."
+    );
+    describe_counter!(
+        CONTACTS_APPLIED,
+        "Records of wa.consent / wa.windows applied to the contacts cache, by topic kind."
+    );
+    describe_gauge!(
+        CONTACTS_BOOTSTRAP_REMAINING,
+        "Records still to read before the contacts cache is caught up (0 once ready)."
+    );
+    describe_gauge!(
+        CONTACTS_BOOTSTRAP_SECONDS,
+        Unit::Seconds,
+        "Time the contacts bootstrap took (set once caught up)."
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        "Records behind the high watermark on the partitions this instance consumes, by topic."
     );
     describe_gauge!(BUILD_INFO, "Build information.");
 }

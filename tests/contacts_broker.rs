@@ -156,3 +156,43 @@ async fn consent_travels_through_the_topics_survives_restarts_and_can_be_erased(
     }
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_quick_reply_payload_opts_the_user_out() {
+    let b = brokers();
+    let p = unique_prefix("contacts-qr");
+    let gw = start(
+        &b,
+        &p,
+        &[
+            ("WAGATE_EGRESS_ENABLED", "false"),
+            ("WAGATE_CONTACTS_OPT_OUT_PAYLOADS", "OPT_OUT_MARKETING"),
+        ],
+    )
+    .await;
+    // Meta's template quick reply: text "Stop promotions" (not a keyword),
+    // payload OPT_OUT_MARKETING (configured).
+    let body = fixture("inbound_button_template_quick_reply.json");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    let value = &v["entry"][0]["changes"][0]["value"];
+    let pnid = value["metadata"]["phone_number_id"].as_str().unwrap();
+    let from = value["messages"][0]["from"].as_str().unwrap();
+    assert_eq!(
+        post_signed(gw.public_addr, "/webhook", &body).await.status,
+        StatusCode::OK
+    );
+    let url = format!("http://{}/v1/contacts/{pnid}/{from}", gw.internal_addr);
+    let r = api("GET", &url, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let st: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(st["consent"], "opted_out", "{st}");
+    let consent = read_all(&b, &p, "consent", Duration::from_millis(800)).await;
+    assert_eq!(consent.len(), 1, "{consent:?}");
+    assert_eq!(
+        consent[0].key.as_deref(),
+        Some(format!("{pnid}:{from}").as_str())
+    );
+    assert_eq!(consent[0].value["consent"], "opted_out");
+    assert_eq!(consent[0].value["source"], "quick_reply");
+    gw.shutdown().await;
+}

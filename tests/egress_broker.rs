@@ -182,6 +182,7 @@ async fn one_result_per_request_for_every_action_class() {
             fixed("100000000000003", 131049), // defer to DLQ
             fixed("100000000000004", 190),    // circuit
             fixed("100000000000005", 130429), // hold the lane
+            fixed("100000000000008", 131050), // fail, marketing stopped
         ];
     })
     .await;
@@ -192,6 +193,8 @@ async fn one_result_per_request_for_every_action_class() {
             ("WAGATE_GRAPH_BASE_URL", &sb.base_url()),
             ("WAGATE_EGRESS_MAX_ATTEMPTS", "3"),
             ("WAGATE_EGRESS_CIRCUIT_HOLD_MAX_MS", "1500"),
+            // The 131050 case sends marketing to a user of unknown consent.
+            ("WAGATE_EGRESS_MARKETING_REQUIRES_OPT_IN", "false"),
         ],
     )
     .await;
@@ -214,6 +217,11 @@ async fn one_result_per_request_for_every_action_class() {
         json!({"v":1,"request_id":"invalid","phone_number_id":"100000000000006","to":"5511","category":"service","message":{"type":"text","text":{"body":"x"}}}),
         json!({"v":1,"request_id":"free-form","phone_number_id":"100000000000006","to":"+14155550007","category":"service","message":{"type":"text","text":{"body":"x"}}}),
     ];
+    reqs.push({
+        let mut r = template("mkt-stopped", "100000000000008", "+14155550008");
+        r["category"] = "marketing".into();
+        r
+    });
     // Other numbers finish while number 5 is held.
     for i in 0..5 {
         reqs.push(template(
@@ -260,6 +268,21 @@ async fn one_result_per_request_for_every_action_class() {
     for i in 0..5 {
         assert_eq!(one(&by, &format!("ok{i}"))["outcome"], "accepted");
     }
+    // 131050: failed, and the pair's marketing stop is published on
+    // wa.consent for every instance.
+    assert_eq!(one(&by, "mkt-stopped")["error"]["code"], 131050);
+    let consent = read_all(&b, &p, "consent", Duration::from_millis(800)).await;
+    let stop: Vec<_> = consent
+        .iter()
+        .filter(|r| r.key.as_deref() == Some("100000000000008:14155550008"))
+        .collect();
+    assert_eq!(
+        stop.len(),
+        1,
+        "one consent record for the 131050 pair: {consent:?}"
+    );
+    assert_eq!(stop[0].value["marketing"], "stopped");
+    assert_eq!(stop[0].value["source"], "meta_131050");
     // The deferred request is on the DLQ with retry_after_ms ≥ 24 h.
     let dlq = read_all(&b, &p, "outbound.dlq", Duration::from_millis(800)).await;
     assert_eq!(dlq.len(), 1);

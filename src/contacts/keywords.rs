@@ -52,6 +52,9 @@ pub const DEFAULT_OPT_IN: &[&str] = &[
 pub struct Keywords {
     opt_out: HashSet<String>,
     opt_in: HashSet<String>,
+    /// Button payloads (exact, case-sensitive): businesses choose them.
+    opt_out_payloads: HashSet<String>,
+    opt_in_payloads: HashSet<String>,
 }
 
 impl Default for Keywords {
@@ -104,6 +107,26 @@ impl Keywords {
                 .map(|k| normalize(k))
                 .filter(|k| !k.is_empty())
                 .collect(),
+            opt_out_payloads: HashSet::new(),
+            opt_in_payloads: HashSet::new(),
+        }
+    }
+
+    /// Adds quick-reply / interactive payloads that opt out or in.
+    pub fn with_payloads(mut self, opt_out: &[String], opt_in: &[String]) -> Keywords {
+        self.opt_out_payloads = opt_out.iter().cloned().collect();
+        self.opt_in_payloads = opt_in.iter().cloned().collect();
+        self
+    }
+
+    /// Whether a tapped button's payload is a configured opt-out or opt-in.
+    pub fn detect_payload(&self, payload: &str) -> Option<Keyword> {
+        if self.opt_out_payloads.contains(payload) {
+            Some(Keyword::OptOut)
+        } else if self.opt_in_payloads.contains(payload) {
+            Some(Keyword::OptIn)
+        } else {
+            None
         }
     }
 
@@ -127,6 +150,31 @@ impl Keywords {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn configured_lists_and_payloads() {
+        let k = Keywords::new(&["halt", "Désabonner"], &["go"])
+            .with_payloads(&["OPT_OUT_MARKETING".into()], &["OPT_IN".into()]);
+        assert_eq!(k.detect("HALT!"), Some(Keyword::OptOut));
+        assert_eq!(k.detect("desabonner"), Some(Keyword::OptOut));
+        assert_eq!(
+            k.detect("stop"),
+            None,
+            "defaults replaced by the configured list"
+        );
+        assert_eq!(k.detect("Go"), Some(Keyword::OptIn));
+        assert_eq!(k.detect_payload("OPT_OUT_MARKETING"), Some(Keyword::OptOut));
+        assert_eq!(
+            k.detect_payload("opt_out_marketing"),
+            None,
+            "payloads are exact"
+        );
+        assert_eq!(k.detect_payload("OPT_IN"), Some(Keyword::OptIn));
+        assert_eq!(
+            Keywords::default().detect_payload("OPT_OUT_MARKETING"),
+            None
+        );
+    }
 
     #[test]
     fn whole_message_matches() {

@@ -57,9 +57,10 @@ pub fn pair_key(phone_number_id: &str, wa_id: &str) -> (u64, u64) {
 }
 
 fn digits_or_hash(s: &str) -> u64 {
-    let d = s.trim_start_matches('+');
-    if !d.is_empty() && d.len() <= 19 && d.bytes().all(|b| b.is_ascii_digit()) {
-        d.parse().unwrap_or(0)
+    let d = s.trim_start_matches('+').as_bytes();
+    if !d.is_empty() && d.len() <= 19 && d.iter().all(u8::is_ascii_digit) {
+        // At most 19 digits: fits in a u64 without overflow.
+        d.iter().fold(0u64, |n, b| n * 10 + u64::from(b - b'0'))
     } else {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -111,7 +112,7 @@ impl Packed {
 /// The in-memory cache.
 #[derive(Default)]
 pub struct MemoryContacts {
-    map: DashMap<(u64, u64), Packed>,
+    map: DashMap<(u64, u64), Packed, foldhash::fast::RandomState>,
 }
 
 impl MemoryContacts {

@@ -21,7 +21,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::contacts::{Consent, ContactState, Contacts, Marketing, MemoryContacts};
+use crate::kafka::LagContext;
 use crate::meta::webhook::{Event, Topic};
+use crate::metrics as m;
 
 /// A `wa.consent` value (DESIGN §5).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,7 +32,7 @@ pub struct ConsentRecord {
     pub consent: Consent,
     pub marketing: Marketing,
     pub updated_at_ms: u64,
-    /// `keyword`, `user_preferences`, `api` or `import`.
+    /// `keyword`, `quick_reply`, `user_preferences`, `api`, `meta_131050` or `import`.
     pub source: String,
 }
 
@@ -70,6 +72,7 @@ pub fn consent_event(
         value: serde_json::to_vec(&rec).unwrap_or_default(),
         inbound: None,
         text: None,
+        payload: None,
         preferences: Vec::new(),
     }
 }
@@ -93,6 +96,7 @@ pub fn window_event(
         value: serde_json::to_vec(&rec).unwrap_or_default(),
         inbound: None,
         text: None,
+        payload: None,
         preferences: Vec::new(),
     }
 }
@@ -129,16 +133,22 @@ pub fn run(
     on_caught_up: Box<dyn Fn() + Send>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), rdkafka::error::KafkaError> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer<LagContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "wagate-contacts")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
-        .create()?;
+        .set(
+            "statistics.interval.ms",
+            crate::kafka::STATISTICS_INTERVAL_MS,
+        )
+        .create_with_context(LagContext)?;
     let timeout = Duration::from_secs(10);
     let mut tpl = TopicPartitionList::new();
     // Where "caught up" is: the high watermark of each partition now.
     let mut behind: HashMap<(String, i32), i64> = HashMap::new();
+    // Progress: where each of those partitions is read up to.
+    let mut position: HashMap<(String, i32), i64> = HashMap::new();
     for topic in [consent_topic, windows_topic] {
         let md = consumer.fetch_metadata(Some(topic), timeout)?;
         let parts = md
@@ -150,6 +160,7 @@ pub fn run(
             let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
             if high > low {
                 behind.insert((topic.to_string(), p), high);
+                position.insert((topic.to_string(), p), low);
             }
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;
         }
@@ -157,7 +168,27 @@ pub fn run(
     consumer.assign(&tpl)?;
     let mut applied = 0u64;
     let started = std::time::Instant::now();
+    let remaining = |position: &HashMap<(String, i32), i64>,
+                     behind: &HashMap<(String, i32), i64>| {
+        behind
+            .iter()
+            .map(|(k, end)| end - position.get(k).copied().unwrap_or(0))
+            .sum::<i64>()
+            .max(0) as f64
+    };
+    metrics::gauge!(m::CONTACTS_BOOTSTRAP_REMAINING).set(remaining(&position, &behind));
+    let caught_up = |applied: u64| {
+        metrics::gauge!(m::CONTACTS_BOOTSTRAP_REMAINING).set(0.0);
+        metrics::gauge!(m::CONTACTS_BOOTSTRAP_SECONDS).set(started.elapsed().as_secs_f64());
+        tracing::info!(
+            records = applied,
+            pairs = cache.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "contacts caught up"
+        );
+    };
     if behind.is_empty() {
+        caught_up(0);
         on_caught_up();
     }
     while !stop.load(Ordering::Relaxed) {
@@ -173,21 +204,24 @@ pub fn run(
                     .key()
                     .map(|k| String::from_utf8_lossy(k).into_owned())
                     .unwrap_or_default();
-                apply(&cache, topic == consent_topic, &key, m.payload());
+                let consent = topic == consent_topic;
+                apply(&cache, consent, &key, m.payload());
                 applied += 1;
+                metrics::counter!(m::CONTACTS_APPLIED,
+                    "topic" => if consent { "consent" } else { "windows" })
+                .increment(1);
                 if !behind.is_empty() {
                     let k = (topic.to_string(), m.partition());
                     if behind.get(&k).is_some_and(|end| m.offset() + 1 >= *end) {
                         behind.remove(&k);
                         if behind.is_empty() {
+                            caught_up(applied);
                             on_caught_up();
-                            tracing::info!(
-                                records = applied,
-                                pairs = cache.len(),
-                                elapsed_ms = started.elapsed().as_millis() as u64,
-                                "contacts caught up"
-                            );
                         }
+                    } else if applied % 4096 == 0 {
+                        position.insert(k, m.offset() + 1);
+                        metrics::gauge!(m::CONTACTS_BOOTSTRAP_REMAINING)
+                            .set(remaining(&position, &behind));
                     }
                 }
             }

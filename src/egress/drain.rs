@@ -137,7 +137,11 @@ struct DrainContext {
     assigned: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl ClientContext for DrainContext {}
+impl ClientContext for DrainContext {
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        crate::kafka::record_consumer_lag(&statistics);
+    }
+}
 
 impl ConsumerContext for DrainContext {
     fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -171,6 +175,7 @@ struct Topics {
     results: String,
     dlq: String,
     attempts: String,
+    consent: String,
 }
 
 impl Egress {
@@ -184,6 +189,7 @@ impl Egress {
                 results: names.full("outbound.results"),
                 dlq: names.full("outbound.dlq"),
                 attempts: names.full("outbound.attempts"),
+                consent: names.full("consent"),
             },
             producer,
             graph: GraphClient::new(&cfg.graph.base_url, cfg.egress.send_timeout),
@@ -230,6 +236,10 @@ impl Egress {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
             .set("enable.partition.eof", "false")
+            .set(
+                "statistics.interval.ms",
+                crate::kafka::STATISTICS_INTERVAL_MS,
+            )
             .create_with_context(DrainContext {
                 assigned: assigned.clone(),
             })?;
@@ -790,11 +800,7 @@ impl Egress {
                     }
                     Action::Fail => {
                         if errors::marks_marketing_stopped(code) {
-                            self.contacts.set_marketing(
-                                &job.req.phone_number_id,
-                                &job.req.to_digits(),
-                                Marketing::Stopped,
-                            );
+                            self.publish_marketing_stopped(&job);
                         }
                         self.finish(job, Outcome::Failed, None, None, Some(err));
                     }
@@ -816,6 +822,39 @@ impl Egress {
                         queue.push_front(job);
                     }
                 }
+            }
+        }
+    }
+
+    /// 131050: Meta says the user stopped marketing. Cached here at once and
+    /// published on `wa.consent` so every instance (and a restart) knows.
+    fn publish_marketing_stopped(&self, job: &Job) {
+        let (number, user) = (&job.req.phone_number_id, job.req.to_digits());
+        self.contacts
+            .set_marketing(number, &user, Marketing::Stopped);
+        let st = self.contacts.get(number, &user);
+        let ev = crate::contacts::sync::consent_event(
+            number,
+            &user,
+            &st,
+            "meta_131050",
+            now_ms(),
+            &job.req.request_id,
+        );
+        let headers: [(&str, &[u8]); 1] = [("wagate-kind", b"consent")];
+        match self
+            .producer
+            .send(&self.topics.consent, ev.key.as_bytes(), &ev.value, &headers)
+        {
+            Ok(delivery) => {
+                tokio::spawn(async move {
+                    if let Err(e) = delivery.await {
+                        tracing::warn!(error = %e, "131050: consent record not acknowledged; cached only");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "131050: consent record not enqueued; cached only")
             }
         }
     }

@@ -113,7 +113,7 @@ impl Ingress {
             body_read_timeout: cfg.body_read_timeout,
             in_flight: Semaphore::new(cfg.ingress.max_in_flight),
             contacts,
-            keywords: Keywords::default(),
+            keywords: cfg.contacts.keywords(),
         }
     }
 
@@ -285,14 +285,25 @@ impl Ingress {
                             &ev.event_id,
                         ));
                     }
-                    match ev.text.as_deref().and_then(|t| self.keywords.detect(t)) {
-                        Some(Keyword::OptOut) => {
+                    let said = ev
+                        .payload
+                        .as_deref()
+                        .and_then(|p| self.keywords.detect_payload(p))
+                        .map(|k| (k, "quick_reply"))
+                        .or_else(|| {
+                            ev.text
+                                .as_deref()
+                                .and_then(|t| self.keywords.detect(t))
+                                .map(|k| (k, "keyword"))
+                        });
+                    match said {
+                        Some((Keyword::OptOut, source)) => {
                             c.set_consent(&ev.key, wa_id, Consent::OptedOut);
-                            changed = Some((wa_id, "keyword"));
+                            changed = Some((wa_id, source));
                         }
-                        Some(Keyword::OptIn) => {
+                        Some((Keyword::OptIn, source)) => {
                             c.set_consent(&ev.key, wa_id, Consent::OptedIn);
-                            changed = Some((wa_id, "keyword"));
+                            changed = Some((wa_id, source));
                         }
                         None => {}
                     }

@@ -56,8 +56,12 @@ pub struct Event {
     /// which open the 24-hour customer service window.
     pub inbound: Option<(String, i64)>,
     /// For inbound messages: the text a user typed or tapped (text body, or a
-    /// quick-reply button's payload), for opt-out/opt-in keywords.
+    /// quick-reply button's text), for opt-out/opt-in keywords.
     pub text: Option<String>,
+    /// For inbound messages: the payload of a tapped button (template
+    /// quick reply `button.payload`, interactive `button_reply.id` or
+    /// `list_reply.id`), for configured opt-out/opt-in payloads.
+    pub payload: Option<String>,
     /// For `user_preferences` changes: (wa_id, marketing stopped?).
     pub preferences: Vec<(String, bool)>,
 }
@@ -273,9 +277,17 @@ fn fan_out_change(
                 let text = msg
                     .get("text")
                     .and_then(|t| str_field(t, "body"))
+                    .or_else(|| msg.get("button").and_then(|b| str_field(b, "text")))
+                    .map(str::to_string);
+                let payload = msg
+                    .get("button")
+                    .and_then(|b| str_field(b, "payload"))
                     .or_else(|| {
-                        msg.get("button")
-                            .and_then(|b| str_field(b, "payload").or_else(|| str_field(b, "text")))
+                        msg.get("interactive").and_then(|i| {
+                            ["button_reply", "list_reply"]
+                                .iter()
+                                .find_map(|k| i.get(*k).and_then(|r| str_field(r, "id")))
+                        })
                     })
                     .map(str::to_string);
                 out.push(Event {
@@ -286,6 +298,7 @@ fn fan_out_change(
                     kind: "message".into(),
                     inbound,
                     text,
+                    payload,
                     preferences: Vec::new(),
                 });
             }
@@ -322,6 +335,7 @@ fn fan_out_change(
                     kind: "status".into(),
                     inbound: None,
                     text: None,
+                    payload: None,
                     preferences: Vec::new(),
                 });
             }
@@ -348,6 +362,7 @@ fn fan_out_change(
                     kind: "error".into(),
                     inbound: None,
                     text: None,
+                    payload: None,
                     preferences: Vec::new(),
                 });
             }
@@ -377,6 +392,7 @@ fn fan_out_change(
             kind: field.to_string(),
             inbound: None,
             text: None,
+            payload: None,
             preferences: user_preferences(field, value),
         });
     }
@@ -482,7 +498,16 @@ mod tests {
             Some("Olá! Is order #4471 shipped? Preço: R$ 59,90 🙂")
         );
         let quick = run("inbound_button_template_quick_reply.json");
-        assert!(quick[0].0.text.is_some());
+        assert_eq!(quick[0].0.text.as_deref(), Some("Stop promotions"));
+        assert_eq!(quick[0].0.payload.as_deref(), Some("OPT_OUT_MARKETING"));
+        let button = run("inbound_interactive_button_reply.json");
+        assert_eq!(
+            button[0].0.payload.as_deref(),
+            Some("confirm_delivery_4471")
+        );
+        let list = run("inbound_interactive_list_reply.json");
+        assert_eq!(list[0].0.payload.as_deref(), Some("slot_2026_06_18_1400"));
+        assert_eq!(recs[0].0.payload, None);
         assert_eq!(
             recs[0].1["message"]["text"]["body"],
             "Olá! Is order #4471 shipped? Preço: R$ 59,90 🙂"

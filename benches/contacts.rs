@@ -1,0 +1,106 @@
+//! Contacts cache: resident memory per pair and lookup cost with 10 million
+//! pairs, single-threaded (criterion) and with two threads at once.
+//!
+//! Run: `cargo bench --bench contacts`
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use wagate::contacts::{Consent, Contacts, MemoryContacts};
+
+// The allocator the `wagate` binary uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// 10 million under `cargo bench`; a small smoke size when `cargo test
+/// --all-targets` runs the bench once as a test.
+fn pairs() -> u64 {
+    if std::env::args().any(|a| a == "--bench") {
+        10_000_000
+    } else {
+        100_000
+    }
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+fn bench_contacts(c: &mut Criterion) {
+    let total = pairs();
+    let before = rss_bytes();
+    let cache = Arc::new(MemoryContacts::new());
+    let t0 = Instant::now();
+    for i in 0..total {
+        let number = format!("1098765432{:05}", i % 1000);
+        let user = format!("55119{:08}", i);
+        cache.set_consent(&number, &user, Consent::OptedIn);
+    }
+    let after = rss_bytes();
+    eprintln!(
+        "contacts: {} pairs in {:.1} s; resident memory grew {:.0} MiB = {:.1} bytes per pair",
+        cache.len(),
+        t0.elapsed().as_secs_f64(),
+        (after - before) as f64 / (1 << 20) as f64,
+        (after - before) as f64 / total as f64
+    );
+    let keys: Vec<(String, String)> = (0..4096u64)
+        .map(|i| {
+            let j = i * 2_654_435_761 % total;
+            (
+                format!("1098765432{:05}", j % 1000),
+                format!("55119{:08}", j),
+            )
+        })
+        .collect();
+    let mut i = 0usize;
+    c.bench_function("contacts_get_10M", |b| {
+        b.iter(|| {
+            i = (i + 1) & 4095;
+            let (n, u) = &keys[i];
+            black_box(cache.get(n, u))
+        })
+    });
+    // A hot set (64 pairs, all in cache): the CPU cost alone.
+    let mut h = 0usize;
+    c.bench_function("contacts_get_10M_hot64", |b| {
+        b.iter(|| {
+            h = (h + 1) & 63;
+            let (n, u) = &keys[h];
+            black_box(cache.get(n, u))
+        })
+    });
+    // Two threads looking up at once: ns per lookup per thread.
+    let keys = Arc::new(keys);
+    let n = 2_000_000usize;
+    let handles: Vec<_> = (0..2)
+        .map(|t| {
+            let (cache, keys) = (cache.clone(), keys.clone());
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                for k in 0..n {
+                    let (a, b) = &keys[(k * 7 + t) & 4095];
+                    black_box(cache.get(a, b));
+                }
+                t0.elapsed().as_nanos() as f64 / n as f64
+            })
+        })
+        .collect();
+    let per: Vec<f64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    eprintln!(
+        "contacts: 2 threads, {:.0} / {:.0} ns per lookup",
+        per[0], per[1]
+    );
+}
+
+criterion_group!(benches, bench_contacts);
+criterion_main!(benches);

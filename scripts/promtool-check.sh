@@ -18,15 +18,7 @@ failed=()
 exprs_rules=$(mktemp --suffix=.yaml)
 trap 'rm -f "$exprs_rules"' EXIT
 
-if ! command -v promtool >/dev/null 2>&1; then
-    echo "== promtool missing: installing Debian's prometheus package"
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    if ! { $sudo apt-get update && DEBIAN_FRONTEND=noninteractive \
-        $sudo apt-get install -y --no-install-recommends prometheus; }; then
-        failed+=("install prometheus (promtool)")
-    fi
-fi
+scripts/ensure-prometheus.sh || failed+=("install prometheus (promtool)")
 
 if command -v promtool >/dev/null 2>&1; then
     echo "== promtool check rules $rules"

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
+# Prometheus and promtool (tests/prometheus.rs, scripts/promtool-check.sh).
+scripts/ensure-prometheus.sh
 dir="target/test-env"
 mkdir -p "$dir"
 scripts/tansu.sh stop "$dir" || true
@@ -14,7 +16,6 @@ echo "tansu broker on $brokers (log: $dir/tansu.log)"
 export WAGATE_TEST_BROKERS="$brokers"
 status=0
 cargo test --workspace --all-targets --no-fail-fast "$@" || status=$?
-# Alert rules (promtool check + unit tests) and dashboards: installs Debian's
-# prometheus package if promtool is missing.
+# Alert rules (promtool check + unit tests) and dashboards, statically.
 scripts/promtool-check.sh || status=$?
 exit $status

@@ -140,10 +140,56 @@ pub fn install() -> PrometheusHandle {
             // ours simply renders nothing of theirs.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            zero();
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()
+}
+
+/// Publishes every series whose label values are known in advance at 0, so
+/// rates and alerts see a series from the first scrape rather than only
+/// after the first event (Prometheus' "initialise your metrics").
+fn zero() {
+    for name in [
+        WEBHOOK_DUPLICATES,
+        WEBHOOK_UNPARSEABLE,
+        DEDUPE_EVICTED_EARLY,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for reason in [
+        "timed_out",
+        "too_large",
+        "unknown_topic",
+        "canceled",
+        "broker_error",
+        "queue_full",
+        "enqueue_failed",
+    ] {
+        metrics::counter!(KAFKA_PRODUCE_ERRORS, "reason" => reason).absolute(0);
+    }
+    for listener in ["public", "internal"] {
+        metrics::counter!(HTTP_CONNECTIONS_REJECTED, "listener" => listener).absolute(0);
+    }
+    for limit in [
+        "throughput",
+        "pair",
+        "meta_throughput",
+        "meta_pair",
+        "meta_hold",
+    ] {
+        metrics::counter!(EGRESS_THROTTLED, "limit" => limit).absolute(0);
+    }
+    for scope in crate::meta::errors::Scope::ALL {
+        metrics::gauge!(CIRCUIT_OPEN, "scope" => scope.label()).set(0.0);
+    }
+    for topic in ["consent", "windows"] {
+        metrics::counter!(CONTACTS_APPLIED, "topic" => topic).absolute(0);
+    }
+    for block in crate::egress::policy::Block::ALL {
+        metrics::counter!(CONSENT_BLOCKED, "reason" => block.code()).absolute(0);
+    }
 }
 
 fn describe() {

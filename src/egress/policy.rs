@@ -18,6 +18,14 @@ pub enum Block {
 }
 
 impl Block {
+    pub const ALL: [Block; 5] = [
+        Block::Expired,
+        Block::OptedOut,
+        Block::MarketingStopped,
+        Block::NoOptIn,
+        Block::OutsideWindow,
+    ];
+
     pub fn code(self) -> &'static str {
         match self {
             Block::Expired => "expired",

@@ -18,6 +18,8 @@ pub enum Scope {
 }
 
 impl Scope {
+    pub const ALL: [Scope; 4] = [Scope::Token, Scope::Config, Scope::Waba, Scope::Number];
+
     pub fn label(self) -> &'static str {
         match self {
             Scope::Token => "token",

@@ -111,6 +111,19 @@ pub struct RawEgress {
     pub arrival_margin_ms: u64,
     /// Per business number: throughput override, own access token.
     pub numbers: BTreeMap<String, RawNumber>,
+    /// Business portfolios and their messaging tier.
+    pub portfolios: BTreeMap<String, RawPortfolio>,
+}
+
+/// A business portfolio: numbers sharing one messaging tier.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPortfolio {
+    /// Distinct users per moving 24 h reached by business-initiated
+    /// messages outside their window (Meta's tier: 250, 2000, 10000, 100000).
+    pub limit: u64,
+    /// The portfolio's phone_number_ids.
+    pub numbers: Vec<String>,
 }
 
 /// Opt-out / opt-in detection in inbound messages.
@@ -260,8 +273,9 @@ impl Default for RawEgress {
             circuit_hold_max_ms: 600_000,
             history_window_secs: 86_400,
             marketing_requires_opt_in: true,
-            arrival_margin_ms: 50,
+            arrival_margin_ms: 0,
             numbers: BTreeMap::new(),
+            portfolios: BTreeMap::new(),
         }
     }
 }
@@ -393,6 +407,15 @@ pub struct EgressConfig {
     /// `None`: strict (completion-bounded) throughput windows.
     pub arrival_margin: Option<Duration>,
     pub numbers: BTreeMap<String, NumberConfig>,
+    pub portfolios: Vec<PortfolioConfig>,
+}
+
+/// A business portfolio's messaging tier.
+#[derive(Debug, Clone)]
+pub struct PortfolioConfig {
+    pub name: String,
+    pub limit: usize,
+    pub numbers: Vec<String>,
 }
 
 /// Per-number egress settings.
@@ -756,6 +779,42 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
             },
         );
     }
+    let mut portfolios = Vec::new();
+    let mut portfolio_of: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, p) in &e.portfolios {
+        let key = format!("egress.portfolios.{name}");
+        if p.limit == 0 {
+            return Err(invalid(
+                format!("{key}.limit"),
+                "the tier: distinct users per 24 h, e.g. 250, 2000, 10000, 100000",
+            ));
+        }
+        if p.numbers.is_empty() {
+            return Err(invalid(
+                format!("{key}.numbers"),
+                "list the portfolio's phone_number_ids",
+            ));
+        }
+        for n in &p.numbers {
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid(
+                    format!("{key}.numbers"),
+                    format!("{n:?} is not a phone_number_id"),
+                ));
+            }
+            if let Some(other) = portfolio_of.insert(n, name) {
+                return Err(invalid(
+                    format!("{key}.numbers"),
+                    format!("{n} is also in portfolio {other}"),
+                ));
+            }
+        }
+        portfolios.push(PortfolioConfig {
+            name: name.clone(),
+            limit: p.limit.min(usize::MAX as u64) as usize,
+            numbers: p.numbers.clone(),
+        });
+    }
 
     let mut apps = Vec::new();
     if raw.apps.is_empty() {
@@ -846,14 +905,12 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
             numbers,
         });
     }
-    if tenants.len() > 1 {
-        for (a, b) in tenants.iter().zip(tenants.iter().skip(1)) {
-            if a.token == b.token {
-                return Err(invalid(
-                    format!("tenants.{}.token", b.name),
-                    "two tenants share one token",
-                ));
-            }
+    for (i, b) in tenants.iter().enumerate() {
+        if let Some(a) = tenants[..i].iter().find(|a| a.token == b.token) {
+            return Err(invalid(
+                format!("tenants.{}.token", b.name),
+                format!("tenant {} has the same token", a.name),
+            ));
         }
     }
 
@@ -947,6 +1004,7 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
             arrival_margin: (e.arrival_margin_ms > 0)
                 .then(|| Duration::from_millis(e.arrival_margin_ms.min(10_000))),
             numbers,
+            portfolios,
         },
         graph: GraphConfig {
             base_url: g.base_url.trim_end_matches('/').to_string(),
@@ -1066,6 +1124,19 @@ mod tests {
             let named = named.replacen('_', ".", 1);
             assert!(err.to_string().contains(&named), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn tenants_never_share_a_token() {
+        // a and default share a token, with b between them in key order.
+        let text = format!(
+            "{EXAMPLE_TOML}\n[tenants.a]\ntoken_env = \"WAGATE_API_TOKEN\"\nnumbers = [\"1\"]\n\
+             [tenants.b]\ntoken_env = \"TB\"\nnumbers = [\"2\"]\n"
+        );
+        let mut e = required();
+        e.insert("TB".into(), "token-b".into());
+        let err = load_str(&text, "x.toml", &e, LoadOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("tenants.default.token"), "{err}");
     }
 
     #[test]

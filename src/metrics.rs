@@ -190,6 +190,7 @@ fn zero() {
     for block in crate::egress::policy::Block::ALL {
         metrics::counter!(CONSENT_BLOCKED, "reason" => block.code()).absolute(0);
     }
+    metrics::counter!(CONSENT_BLOCKED, "reason" => "tier_limit").absolute(0);
 }
 
 fn describe() {

@@ -37,15 +37,7 @@ pub const DEFAULT_OPT_OUT: &[&str] = &[
 ];
 
 /// Default opt-in keywords.
-pub const DEFAULT_OPT_IN: &[&str] = &[
-    "start",
-    "unstop",
-    "subscribe",
-    "resume",
-    "yes",
-    "alta",
-    "voltar",
-];
+pub const DEFAULT_OPT_IN: &[&str] = &["start", "unstop", "subscribe", "resume", "alta", "voltar"];
 
 /// A configured keyword set.
 #[derive(Debug, Clone)]

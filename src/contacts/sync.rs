@@ -191,9 +191,18 @@ pub fn run(
         caught_up(0);
         on_caught_up();
     }
+    // The end offsets are reached: ready at the next idle poll (some brokers,
+    // Tansu 0.6, report a high watermark inside the last record batch).
+    let mut reached = false;
     while !stop.load(Ordering::Relaxed) {
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {
+                if reached {
+                    reached = false;
+                    caught_up(applied);
+                    on_caught_up();
+                }
+            }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "contacts sync: consumer error");
                 std::thread::sleep(Duration::from_millis(200));
@@ -214,10 +223,7 @@ pub fn run(
                     let k = (topic.to_string(), m.partition());
                     if behind.get(&k).is_some_and(|end| m.offset() + 1 >= *end) {
                         behind.remove(&k);
-                        if behind.is_empty() {
-                            caught_up(applied);
-                            on_caught_up();
-                        }
+                        reached = behind.is_empty();
                     } else if applied % 4096 == 0 {
                         position.insert(k, m.offset() + 1);
                         metrics::gauge!(m::CONTACTS_BOOTSTRAP_REMAINING)

@@ -37,6 +37,7 @@ use crate::contacts::{Contacts, Marketing};
 use crate::egress::graph::{GraphClient, GraphOutcome};
 use crate::egress::policy;
 use crate::egress::request::{Outcome, ResultError, SendRequest, SendResult};
+use crate::egress::tier;
 use crate::kafka::{self, KafkaProducer, TopicNames};
 use crate::meta::errors::{self, Action};
 use crate::metrics as m;
@@ -66,7 +67,19 @@ struct Job {
     enqueued: Instant,
     pair: PairKey,
     last_error: Option<ResultError>,
+    /// The messaging-tier place this request holds, if it is a
+    /// business-initiated send outside the user's window.
+    tier: Option<TierPlace>,
     _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// A place in a portfolio's tier count.
+struct TierPlace {
+    portfolio: Arc<tier::Portfolio>,
+    user: u64,
+    at_ms: u64,
+    /// A new user (given back if Meta refuses the send).
+    new: bool,
 }
 
 /// Offsets in progress and done, per partition. Also recognises a request
@@ -81,6 +94,8 @@ struct Tracker {
 struct Part {
     pending: BTreeSet<i64>,
     done: BTreeSet<i64>,
+    /// Dropped unsent when the partition was revoked: never committed past.
+    abandoned: BTreeSet<i64>,
     next: i64,
     committed: i64,
 }
@@ -103,12 +118,41 @@ impl Tracker {
             }
         }
     }
+    /// A request of a revoked partition dropped before it was sent: its
+    /// offset is left for the partition's next owner.
+    fn abandon(&mut self, p: i32, o: i64) {
+        if let Some(part) = self.parts.get_mut(&p) {
+            if part.pending.remove(&o) {
+                part.abandoned.insert(o);
+            }
+        }
+    }
+    /// Requests of partition `p` still being worked on.
+    fn pending(&self, p: i32) -> usize {
+        self.parts.get(&p).map_or(0, |part| part.pending.len())
+    }
+    /// The offset to commit for a revoked partition, and forgets it.
+    fn release(&mut self, p: i32) -> Option<i64> {
+        let part = self.parts.remove(&p)?;
+        let upto = [part.pending.first(), part.abandoned.first()]
+            .into_iter()
+            .flatten()
+            .min()
+            .copied()
+            .unwrap_or(part.next);
+        (upto > part.committed).then_some(upto)
+    }
     /// Offsets safe to commit (first pending, or one past the last seen) that
     /// moved since the last call.
     fn take_commits(&mut self) -> Vec<(i32, i64)> {
         let mut out = Vec::new();
         for (p, part) in self.parts.iter_mut() {
-            let upto = part.pending.first().copied().unwrap_or(part.next);
+            let upto = [part.pending.first(), part.abandoned.first()]
+                .into_iter()
+                .flatten()
+                .min()
+                .copied()
+                .unwrap_or(part.next);
             if upto > part.committed {
                 part.committed = upto;
                 part.done = part.done.split_off(&upto);
@@ -124,17 +168,122 @@ impl Tracker {
 struct History {
     completed: HashSet<String>,
     attempted: HashSet<String>,
+    /// Tier-counted sends: (phone_number_id, to, completed_at_ms).
+    tier: Vec<(String, String, u64)>,
 }
 
 fn history_key(request_id: &str, redrive: u32) -> String {
     format!("{request_id}#{redrive}")
 }
 
+/// Partitions taken away by a rebalance: their requests must not be sent
+/// by this instance any more (the next owner will consume them).
+#[derive(Default)]
+struct Revoked {
+    parts: Mutex<HashSet<i32>>,
+    /// Bumped on every revocation, so lanes rescan their queues only then.
+    generation: std::sync::atomic::AtomicU64,
+    /// Set at shutdown: the drain commits on its own, nothing to wait for.
+    closing: std::sync::atomic::AtomicBool,
+}
+
+impl Revoked {
+    fn contains(&self, p: i32) -> bool {
+        self.parts.lock().unwrap().contains(&p)
+    }
+}
+
 /// Notes partition assignments: after one, the history of results and
 /// attempts is read again before any request is dispatched, so requests that
 /// the previous owner attempted are reported `unknown`, not sent again.
+///
+/// On a revocation, before the partitions go to another instance: lanes
+/// drop the partitions' requests that are not being sent, requests already
+/// at Meta finish and get their result, and the offsets are committed up to
+/// the first request not completed. Only then does the rebalance proceed, so
+/// two instances never hold the same request.
 struct DrainContext {
     assigned: Arc<std::sync::atomic::AtomicBool>,
+    revoked: Arc<Revoked>,
+    tracker: Arc<Mutex<Tracker>>,
+    topic: String,
+    /// How long a revocation waits for requests at Meta to finish.
+    revoke_wait: Duration,
+}
+
+impl DrainContext {
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let parts: Vec<i32> = tpl
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect();
+        if parts.is_empty()
+            || self
+                .revoked
+                .closing
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        self.revoked
+            .parts
+            .lock()
+            .unwrap()
+            .extend(parts.iter().copied());
+        self.revoked
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let wait = || {
+            let end = Instant::now() + self.revoke_wait;
+            while Instant::now() < end {
+                let left: usize = {
+                    let t = self.tracker.lock().unwrap();
+                    parts.iter().map(|p| t.pending(*p)).sum()
+                };
+                if left == 0 {
+                    return 0;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let t = self.tracker.lock().unwrap();
+            parts.iter().map(|p| t.pending(*p)).sum::<usize>()
+        };
+        // Called from inside the consumer's poll on a runtime worker: let
+        // the runtime move its other tasks (the lanes) elsewhere meanwhile.
+        let left = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        };
+        if left > 0 {
+            tracing::warn!(
+                requests = left,
+                "partitions revoked while requests were still at Meta; their next owner reports them unknown"
+            );
+        }
+        let mut commit = TopicPartitionList::new();
+        {
+            let mut t = self.tracker.lock().unwrap();
+            for p in &parts {
+                if let Some(o) = t.release(*p) {
+                    let _ = commit.add_partition_offset(&self.topic, *p, Offset::Offset(o));
+                }
+            }
+        }
+        if commit.count() > 0 {
+            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+                tracing::warn!(error = %e, "offset commit on revocation failed");
+            }
+        }
+        tracing::info!(
+            partitions = ?parts,
+            committed = ?commit.elements().iter().map(|e| (e.partition(), e.offset())).collect::<Vec<_>>(),
+            "egress partitions revoked and handed over"
+        );
+    }
 }
 
 impl ClientContext for DrainContext {
@@ -144,8 +293,27 @@ impl ClientContext for DrainContext {
 }
 
 impl ConsumerContext for DrainContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.revoke(consumer, tpl);
+        }
+    }
+
     fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Error(e) = rebalance {
+            tracing::warn!(error = %e, "egress rebalance error");
+        }
         if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(
+                partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(),
+                "egress partitions assigned"
+            );
+            {
+                let mut revoked = self.revoked.parts.lock().unwrap();
+                for e in tpl.elements() {
+                    revoked.remove(&e.partition());
+                }
+            }
             if tpl.count() > 0 {
                 self.assigned
                     .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -163,8 +331,10 @@ pub struct Egress {
     graph: GraphClient,
     contacts: Arc<dyn Contacts>,
     pair: PairRate,
+    tiers: tier::Tiers,
     default_token: Option<Secret>,
     tracker: Arc<Mutex<Tracker>>,
+    revoked: Arc<Revoked>,
     history: Mutex<History>,
     oldest: Mutex<HashMap<String, Instant>>,
     buffered: Arc<Semaphore>,
@@ -195,8 +365,15 @@ impl Egress {
             graph: GraphClient::new(&cfg.graph.base_url, cfg.egress.send_timeout),
             contacts,
             pair: PairRate::meta(),
+            tiers: tier::Tiers::new(
+                cfg.egress
+                    .portfolios
+                    .iter()
+                    .map(|p| (p.name.as_str(), p.limit, p.numbers.as_slice())),
+            ),
             default_token: cfg.graph.access_token.clone(),
             tracker: Arc::new(Mutex::new(Tracker::default())),
+            revoked: Arc::new(Revoked::default()),
             history: Mutex::new(History::default()),
             oldest: Mutex::new(HashMap::new()),
             buffered: Arc::new(Semaphore::new(cfg.egress.max_buffered)),
@@ -242,6 +419,10 @@ impl Egress {
             )
             .create_with_context(DrainContext {
                 assigned: assigned.clone(),
+                revoked: self.revoked.clone(),
+                tracker: self.tracker.clone(),
+                topic: self.topics.requests.clone(),
+                revoke_wait: self.cfg.send_timeout + Duration::from_secs(5),
             })?;
         consumer.subscribe(&[&self.topics.requests])?;
         let consumer = Arc::new(consumer);
@@ -268,6 +449,7 @@ impl Egress {
                             continue;
                         }
                     };
+                    tracing::trace!(partition = msg.partition(), offset = msg.offset(), "egress request consumed");
                     if assigned.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         // New partitions: learn what their previous owner did first.
                         self.load_history().await;
@@ -295,6 +477,9 @@ impl Egress {
             }
         }
         // Stop taking requests; let lanes finish what they hold briefly, then commit.
+        self.revoked
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         drop(lanes);
         let end = Instant::now() + Duration::from_secs(5);
         while self.backlog() > 0 && Instant::now() < end {
@@ -324,21 +509,32 @@ impl Egress {
         let since = now_ms().saturating_sub(self.cfg.history_window.as_millis() as u64);
         let brokers = self.brokers.clone();
         let (results, attempts) = (self.topics.results.clone(), self.topics.attempts.clone());
+        let tiers = !self.tiers.is_empty();
         let got = tokio::task::spawn_blocking(move || {
             let mut h = History::default();
-            let read = |topic: &str, set: &mut HashSet<String>| {
+            let mut read = |topic: &str, results: bool| {
                 kafka::read_since(&brokers, topic, since, |_key, payload| {
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) {
                         if let Some(id) = v.get("request_id").and_then(|x| x.as_str()) {
                             let redrive =
                                 v.get("redrive").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
+                            let set = if results {
+                                &mut h.completed
+                            } else {
+                                &mut h.attempted
+                            };
                             set.insert(history_key(id, redrive));
+                        }
+                        if results && tiers && v["tier_counted"] == true {
+                            let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+                            let at = v["completed_at_ms"].as_u64().unwrap_or(0);
+                            h.tier.push((s("phone_number_id"), s("to"), at));
                         }
                     }
                 })
             };
-            let r1 = read(&results, &mut h.completed);
-            let r2 = read(&attempts, &mut h.attempted);
+            let r1 = read(&results, true);
+            let r2 = read(&attempts, false);
             (h, r1.and(r2))
         })
         .await;
@@ -347,9 +543,16 @@ impl Egress {
                 if let Err(e) = res {
                     tracing::warn!(error = %e, "egress history incomplete");
                 }
+                let now = now_ms();
+                for (number, to, at) in &h.tier {
+                    if let Some(p) = self.tiers.of(number) {
+                        p.restore(crate::contacts::pair_key("", to).1, *at, now);
+                    }
+                }
                 tracing::info!(
                     completed = h.completed.len(),
                     attempted = h.attempted.len(),
+                    tier_counted = h.tier.len(),
                     "egress history loaded"
                 );
                 *self.history.lock().unwrap() = h;
@@ -395,6 +598,7 @@ impl Egress {
                     )),
                     attempts: 0,
                     completed_at_ms: now_ms(),
+                    tier_counted: false,
                 };
                 self.finish_raw(partition, offset, redrive, result, None, permit);
                 return;
@@ -416,6 +620,7 @@ impl Egress {
             enqueued: Instant::now(),
             pair,
             last_error: None,
+            tier: None,
             _permit: permit,
         };
         if completed {
@@ -479,7 +684,28 @@ impl Egress {
         let mut last_throttle = Instant::now();
         let mut circuit: Option<errors::Scope> = None;
         let mut closed = false;
+        let mut revoked_seen = 0u64;
         loop {
+            // Revoked partitions: requests not at Meta now are left to the
+            // partition's next owner.
+            let generation = self
+                .revoked
+                .generation
+                .load(std::sync::atomic::Ordering::SeqCst);
+            if generation != revoked_seen {
+                revoked_seen = generation;
+                queue.retain(|job| {
+                    if self.revoked.contains(job.partition) {
+                        self.tracker
+                            .lock()
+                            .unwrap()
+                            .abandon(job.partition, job.offset);
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
             // Completions.
             while let Ok((job, out, took)) = done_rx.try_recv() {
                 in_flight.remove(&job.pair);
@@ -495,6 +721,7 @@ impl Egress {
                     &mut last_throttle,
                     &mut circuit,
                 );
+                self.drop_front_if_revoked(&mut queue);
             }
             if last_throttle.elapsed() > Duration::from_secs(10)
                 && throughput.rate() < throughput.configured()
@@ -589,12 +816,57 @@ impl Egress {
                     );
                     continue;
                 }
+                if job.tier.is_none()
+                    && job.req.is_template()
+                    && !policy::window_open(&state, now_ms)
+                {
+                    if let Some(portfolio) = self.tiers.of(&job.req.phone_number_id) {
+                        let user = crate::contacts::pair_key("", &job.req.to_digits()).1;
+                        let admit = portfolio.admit(user, now_ms);
+                        if admit == tier::Admit::Full {
+                            let job = queue.remove(i).expect("index from the scan");
+                            metrics::counter!(m::CONSENT_BLOCKED, "reason" => "tier_limit")
+                                .increment(1);
+                            let details = format!(
+                                "portfolio {} reached {} users in 24 h",
+                                portfolio.name, portfolio.limit
+                            );
+                            self.finish(
+                                job,
+                                Outcome::Blocked,
+                                None,
+                                None,
+                                Some(ResultError::gateway(
+                                    "tier_limit",
+                                    "the portfolio's messaging tier is used up: no more business-initiated conversations with new users for now",
+                                    Some(details),
+                                )),
+                            );
+                            continue;
+                        }
+                        queue[i].tier = Some(TierPlace {
+                            portfolio: portfolio.clone(),
+                            user,
+                            at_ms: now_ms,
+                            new: admit == tier::Admit::New,
+                        });
+                    }
+                }
+                let job = &queue[i];
                 if let Err(wait) = self.pair.check(job.pair) {
                     metrics::counter!(m::EGRESS_THROTTLED, "limit" => "pair").increment(1);
                     queue[i].not_before = now + wait;
                     continue;
                 } else {
                     let mut job = queue.remove(i).expect("index from the scan");
+                    if self.revoked.contains(job.partition) {
+                        // Its partition has another owner now.
+                        self.tracker
+                            .lock()
+                            .unwrap()
+                            .abandon(job.partition, job.offset);
+                        continue;
+                    }
                     job.attempts += 1;
                     in_flight.insert(job.pair);
                     let this = self.clone();
@@ -612,6 +884,9 @@ impl Egress {
 
             tokio::select! {
                 j = rx.recv(), if !closed => match j {
+                    Some(j) if self.revoked.contains(j.partition) => {
+                        self.tracker.lock().unwrap().abandon(j.partition, j.offset);
+                    }
                     Some(j) => queue.push_back(j),
                     None => closed = true,
                 },
@@ -619,9 +894,22 @@ impl Egress {
                     in_flight.remove(&job.pair);
                     metrics::histogram!(m::META_API_SECONDS).record(took.as_secs_f64());
                     self.handle_outcome(job, out, &mut queue, &throughput, &mut pair_backoff, &mut hold_until, &mut throttle_streak, &mut last_throttle, &mut circuit);
+                    self.drop_front_if_revoked(&mut queue);
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
+        }
+    }
+
+    /// A request put back for a retry or a hold (always at the front) whose
+    /// partition was revoked meanwhile goes to the partition's next owner.
+    fn drop_front_if_revoked(&self, queue: &mut VecDeque<Job>) {
+        if queue
+            .front()
+            .is_some_and(|j| self.revoked.contains(j.partition))
+        {
+            let j = queue.pop_front().expect("front exists");
+            self.tracker.lock().unwrap().abandon(j.partition, j.offset);
         }
     }
 
@@ -641,6 +929,16 @@ impl Egress {
     /// Writes the attempt record, waits for the number's throughput token,
     /// then calls the Graph API.
     async fn send(&self, job: &Job, token: &Secret, throughput: &Throughput) -> GraphOutcome {
+        // The throughput slot first: a request still waiting for it when the
+        // process dies has no attempt record, so its next owner sends it
+        // rather than reporting it `unknown`.
+        let mut ticket = match throughput.check() {
+            Ok(t) => t,
+            Err(_) => {
+                metrics::counter!(m::EGRESS_THROTTLED, "limit" => "throughput").increment(1);
+                throughput.acquire().await
+            }
+        };
         let attempt = serde_json::json!({
             "v": 1,
             "request_id": job.req.request_id,
@@ -682,13 +980,7 @@ impl Egress {
             }
         }
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        let ticket = match throughput.check() {
-            Ok(t) => t,
-            Err(_) => {
-                metrics::counter!(m::EGRESS_THROTTLED, "limit" => "throughput").increment(1);
-                throughput.acquire().await
-            }
-        };
+        ticket.start_now(throughput.margin());
         let out = self
             .graph
             .send(&job.req.phone_number_id, token.expose(), bytes)
@@ -878,6 +1170,17 @@ impl Egress {
             (Outcome::Failed, Some(Action::Defer(d))) => Some(d),
             _ => None,
         };
+        // The tier place stays with a send Meta took (or may have taken).
+        let tier_counted = match &job.tier {
+            Some(_) if matches!(outcome, Outcome::Accepted | Outcome::Unknown) => true,
+            Some(t) => {
+                if t.new {
+                    t.portfolio.release(t.user, t.at_ms);
+                }
+                false
+            }
+            None => false,
+        };
         let result = SendResult {
             v: 1,
             request_id: job.req.request_id.clone(),
@@ -889,6 +1192,7 @@ impl Egress {
             error,
             attempts: job.attempts,
             completed_at_ms: now_ms(),
+            tier_counted,
         };
         let dlq_record = dlq.map(|d| {
             serde_json::to_vec(&serde_json::json!({
@@ -1011,6 +1315,29 @@ mod tests {
         t.done(0, 14);
         assert_eq!(t.take_commits(), vec![(0, 15)]);
         assert!(t.add(0, 15));
+    }
+
+    #[test]
+    fn a_revoked_partition_commits_before_its_first_unsent_request() {
+        let mut t = Tracker::default();
+        for o in 0..6 {
+            t.add(1, o);
+        }
+        t.done(1, 0);
+        t.done(1, 1);
+        t.abandon(1, 2); // dropped unsent: the next owner sends it
+        t.done(1, 3);
+        assert_eq!(t.pending(1), 2);
+        t.done(1, 4);
+        t.abandon(1, 5);
+        assert_eq!(t.pending(1), 0);
+        // Never past the abandoned offset 2, though 3 and 4 are done.
+        assert_eq!(t.take_commits(), vec![(1, 2)]);
+        assert_eq!(t.release(1), None, "already committed up to 2");
+        // Forgotten: consumed again later, it is new to this instance.
+        assert!(t.add(1, 2));
+        t.abandon(1, 2);
+        assert_eq!(t.release(1), Some(2));
     }
 
     #[test]

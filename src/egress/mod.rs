@@ -8,3 +8,4 @@ pub mod graph;
 pub mod policy;
 pub mod redrive;
 pub mod request;
+pub mod tier;

@@ -239,6 +239,11 @@ pub struct SendResult {
     pub error: Option<ResultError>,
     pub attempts: u32,
     pub completed_at_ms: u64,
+    /// The send used its portfolio's messaging tier (a business-initiated
+    /// message outside the user's window, accepted or possibly delivered):
+    /// read back to rebuild the tier count after a restart or rebalance.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tier_counted: bool,
 }
 
 #[cfg(test)]

@@ -451,6 +451,8 @@ pub fn read_since(
         .set("group.id", "wagate-history")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "50")
+        .set("fetch.queue.backoff.ms", "10")
         .create()?;
     let timeout = Duration::from_secs(10);
     let md = consumer.fetch_metadata(Some(topic), timeout)?;
@@ -499,11 +501,20 @@ pub fn read_since(
     consumer.assign(&tpl)?;
     let mut n = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !ends.is_empty() && std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            None => continue,
+    // Past the high watermarks, read on until the partitions are idle: some
+    // brokers (Tansu 0.6) report a high watermark inside the last record
+    // batch, and stopping there would miss the batch's later records.
+    let mut idle = 0;
+    while idle < 2 && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {
+                if ends.is_empty() {
+                    idle += 1;
+                }
+            }
             Some(Err(e)) => return Err(e),
             Some(Ok(m)) => {
+                idle = 0;
                 n += 1;
                 each(m.key(), m.payload().unwrap_or_default());
                 if ends

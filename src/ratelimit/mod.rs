@@ -64,6 +64,15 @@ pub struct Ticket {
 
 impl Ticket {
     pub fn done(self) {}
+
+    /// The request leaves now (the ticket was taken a little earlier, e.g.
+    /// before the attempt record was written): its latest arrival at Meta
+    /// counts from now.
+    pub fn start_now(&mut self, margin: Option<Duration>) {
+        if let Some(m) = margin {
+            self.latest_arrival = Some(Instant::now() + m);
+        }
+    }
 }
 
 impl Drop for Ticket {
@@ -108,6 +117,11 @@ impl Throughput {
     /// The rate in force now.
     pub fn rate(&self) -> u32 {
         self.inner.lock().unwrap().current
+    }
+
+    /// How much later than its start a request may reach Meta.
+    pub fn margin(&self) -> Option<Duration> {
+        self.margin
     }
 
     /// The configured rate.

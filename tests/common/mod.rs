@@ -75,8 +75,19 @@ pub async fn create_topics(cfg: &KafkaConfig) {
     assert_eq!(created.len(), kafka::TOPICS.len());
 }
 
+/// Logs to the test's output when `WAGATE_TEST_LOG` is set (e.g. `info`).
+pub fn init_logs() {
+    if let Ok(level) = std::env::var("WAGATE_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Creates the topics and starts a gateway, waiting until it is ready.
 pub async fn start(brokers: &str, prefix: &str, overrides: &[(&str, &str)]) -> Gateway {
+    init_logs();
     let cfg = config(brokers, prefix, overrides);
     create_topics(&cfg.kafka).await;
     let gw = Gateway::start(cfg).await.expect("gateway starts");

@@ -39,6 +39,7 @@ pub struct Gateway {
     background: Vec<JoinHandle<()>>,
     producer: KafkaProducer,
     shutdown_timeout: Duration,
+    shutdown_grace: Duration,
 }
 
 impl Gateway {
@@ -166,6 +167,7 @@ impl Gateway {
             background,
             producer,
             shutdown_timeout: cfg.shutdown_timeout,
+            shutdown_grace: cfg.shutdown_grace,
         })
     }
 
@@ -185,6 +187,16 @@ impl Gateway {
     pub async fn shutdown(self) -> bool {
         let start = Instant::now();
         self.ready.draining.store(true, Ordering::Relaxed);
+        metrics::gauge!(m::READY).set(0.0);
+        if !self.shutdown_grace.is_zero() {
+            // /readyz answers 503 while everything still serves: load
+            // balancers stop sending new requests before the listeners close.
+            tracing::info!(
+                grace_ms = self.shutdown_grace.as_millis() as u64,
+                "draining: not ready"
+            );
+            tokio::time::sleep(self.shutdown_grace).await;
+        }
         let _ = self.shutdown.send(true);
         let mut drained = true;
         for s in self.servers {

@@ -65,6 +65,9 @@ pub struct RawServer {
     pub body_read_timeout_ms: u64,
     pub max_connections: u64,
     pub shutdown_timeout_ms: u64,
+    /// After SIGTERM: how long `/readyz` answers 503 while the listeners
+    /// still serve, so a load balancer stops routing here first.
+    pub shutdown_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,6 +229,7 @@ impl Default for RawServer {
             body_read_timeout_ms: 15_000,
             max_connections: 10_000,
             shutdown_timeout_ms: 30_000,
+            shutdown_grace_ms: 0,
         }
     }
 }
@@ -358,6 +362,7 @@ pub struct Config {
     pub body_read_timeout: Duration,
     pub max_connections: usize,
     pub shutdown_timeout: Duration,
+    pub shutdown_grace: Duration,
     pub kafka: KafkaConfig,
     pub ingress: IngressConfig,
     pub egress: EgressConfig,
@@ -949,6 +954,15 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
             "server.shutdown_timeout_ms",
             s.shutdown_timeout_ms,
         )?),
+        shutdown_grace: {
+            if s.shutdown_grace_ms >= s.shutdown_timeout_ms {
+                return Err(invalid(
+                    "server.shutdown_grace_ms",
+                    "must be shorter than server.shutdown_timeout_ms",
+                ));
+            }
+            Duration::from_millis(s.shutdown_grace_ms)
+        },
         kafka: KafkaConfig {
             brokers: k.brokers.trim().to_string(),
             topic_prefix: k.topic_prefix.clone(),

@@ -34,9 +34,8 @@ struct Counted {
 
 impl Counted {
     fn expire(&mut self, now_ms: u64) {
-        let horizon = now_ms.saturating_sub(WINDOW_MS);
         while let Some(&(t, user)) = self.order.front() {
-            if t > horizon {
+            if t + WINDOW_MS > now_ms {
                 break;
             }
             self.order.pop_front();

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod contacts;
 pub mod egress;

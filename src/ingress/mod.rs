@@ -20,7 +20,7 @@ pub mod dedupe;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -228,10 +228,7 @@ impl Ingress {
                 http::json_error(StatusCode::UNAUTHORIZED, e.label(), &e.to_string()),
             );
         }
-        let received_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let received_at_ms = crate::clock::now_ms();
         let deadline = start + self.ack_timeout;
         let raw = RawBody {
             body: &body,

@@ -30,17 +30,3 @@ pub fn advance(by: Duration) {
 pub fn offset() -> Duration {
     Duration::from_millis(OFFSET_MS.load(Ordering::Relaxed))
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn advance_moves_now_forward() {
-        let before = now_ms();
-        advance(Duration::from_secs(3600));
-        let after = now_ms();
-        assert!(after >= before + 3_600_000, "{before} → {after}");
-        assert!(offset() >= Duration::from_secs(3600));
-    }
-}

@@ -330,9 +330,19 @@ async fn per_number_throughput_is_never_exceeded_and_nearly_reached() {
     let _serial = SERIAL.lock().await;
     let b = brokers();
     let p = unique_prefix("eg-rate");
-    let quotas: Vec<(String, u32)> = (0..10)
-        .map(|i| (format!("2000000000000{i:02}"), 10 + 5 * i as u32))
+    // 50 numbers with different quotas (3–15 sends/s, 442/s in all),
+    // 20,000 requests shared in proportion: every number is busy for the
+    // same ≈45 s.
+    const TOTAL: u32 = 20_000;
+    let quotas: Vec<(String, u32)> = (0..50)
+        .map(|i| (format!("2000000000000{i:02}"), 3 + (i * 7 % 13) as u32))
         .collect();
+    let sum: u32 = quotas.iter().map(|(_, q)| q).sum();
+    let mut counts: Vec<u32> = quotas.iter().map(|(_, q)| q * TOTAL / sum).collect();
+    let short = TOTAL - counts.iter().sum::<u32>();
+    for c in counts.iter_mut().take(short as usize) {
+        *c += 1;
+    }
     let sb = sandbox(|c| c.default_throughput = 0).await;
     // Strict windows: a send counts until it completes, whatever the jitter.
     let mut env: Vec<(String, String)> = vec![
@@ -357,30 +367,30 @@ async fn per_number_throughput_is_never_exceeded_and_nearly_reached() {
     }
     let cfg = wagate::config::load(Some(&file), &e, Default::default()).unwrap();
     create_topics(&cfg.kafka).await;
-    // Each number gets 6 seconds of work.
     let mut reqs = Vec::new();
-    for (n, q) in &quotas {
-        for i in 0..(q * 6) {
+    for ((n, _), count) in quotas.iter().zip(&counts) {
+        for i in 0..*count {
             reqs.push(template(&format!("{n}-{i}"), n, &format!("+1415{:07}", i)));
         }
     }
     produce_requests(&b, &p, &reqs).await;
     let gw = wagate::app::Gateway::start(cfg).await.unwrap();
-    let by = results(&b, &p, reqs.len(), Duration::from_secs(90)).await;
+    assert_eq!(reqs.len(), TOTAL as usize);
+    let by = results(&b, &p, reqs.len(), Duration::from_secs(180)).await;
     assert_eq!(by.len(), reqs.len());
     assert!(by
         .values()
         .all(|v| v.len() == 1 && v[0]["outcome"] == "accepted"));
 
     let sends = sb.sends();
-    for (n, q) in &quotas {
+    for ((n, q), count) in quotas.iter().zip(&counts) {
         let mut t: Vec<Instant> = sends
             .iter()
             .filter(|s| &s.phone_number_id == n)
             .map(|s| s.arrived_at)
             .collect();
         t.sort();
-        assert_eq!(t.len() as u32, q * 6);
+        assert_eq!(t.len() as u32, *count);
         // No 1-second window holds more than the quota.
         let mut j = 0;
         for i in 0..t.len() {
@@ -393,11 +403,8 @@ async fn per_number_throughput_is_never_exceeded_and_nearly_reached() {
                 i - j + 1
             );
         }
-        // And it is nearly reached. Each full second after the first send
-        // holds the quota (median within 5 %); over the whole run a pause of
-        // the broker (attempt records are acknowledged before each send) may
-        // cost a little more on a busy 2-core machine, so the overall rate
-        // only has to be within 15 %.
+        // And it is nearly reached: over the whole run (first to last send)
+        // within 5 % of the quota, and so is the median full second.
         let secs = ((t[t.len() - 1] - t[0]).as_secs_f64()).floor() as usize;
         let mut per_sec = vec![0u32; secs];
         for x in &t {
@@ -413,7 +420,7 @@ async fn per_number_throughput_is_never_exceeded_and_nearly_reached() {
         let gaps: Vec<u128> = t.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
         let max_gap = gaps.iter().max().copied().unwrap_or(0);
         assert!(
-            median as f64 >= 0.95 * *q as f64 && rate >= 0.85 * *q as f64,
+            median as f64 >= 0.95 * *q as f64 && rate >= 0.95 * *q as f64,
             "number {n}: median {median}/s, overall {rate:.2}/s for quota {q} (longest gap {max_gap} ms)"
         );
     }

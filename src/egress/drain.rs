@@ -2,9 +2,10 @@
 //! business number, one result per request, offsets committed in order.
 //!
 //! ```text
-//! consumer ──dispatch──▶ lane(number) ──send task──▶ Graph API
-//!    ▲  pause/resume         │ policy, throughput (GCRA), pair rate,
-//!    │  (max_buffered)       │ holds, circuits, retries
+//! partition queue ──reader──▶ lane(number) ──send task──▶ Graph API
+//!    ▲  one reader per        │ policy, throughput (GCRA), pair rate,
+//!    │  partition, waits for  │ holds, circuits, retries
+//!    │  a buffer permit (max_buffered, fair between partitions)
 //!    └── commit ◀── tracker ◀── finish: result (and DLQ) acknowledged by Kafka
 //! ```
 //!
@@ -173,6 +174,25 @@ fn history_key(request_id: &str, redrive: u32) -> String {
     format!("{request_id}#{redrive}")
 }
 
+type PartitionQueue = rdkafka::consumer::stream_consumer::StreamPartitionQueue<DrainContext>;
+type Lanes = HashMap<String, mpsc::UnboundedSender<Job>>;
+
+struct Splitter {
+    consumer: std::sync::Weak<StreamConsumer<DrainContext>>,
+    tx: mpsc::UnboundedSender<Vec<(i32, PartitionQueue)>>,
+}
+
+/// The reader task of each partition, with the assignment it belongs to.
+/// A reader dispatches only while it is the current one of its partition
+/// and the partition is not revoked (checked under this lock, which a
+/// revocation takes too), so nothing of a revoked partition is dispatched
+/// after the revocation started.
+#[derive(Default)]
+struct Readers {
+    epoch: u64,
+    tasks: HashMap<i32, (u64, tokio::task::AbortHandle)>,
+}
+
 /// Partitions taken away by a rebalance: their requests must not be sent
 /// by this instance any more (the next owner will consume them).
 #[derive(Default)]
@@ -202,6 +222,11 @@ impl Revoked {
 struct DrainContext {
     assigned: Arc<std::sync::atomic::AtomicBool>,
     revoked: Arc<Revoked>,
+    /// Splits each assigned partition into its own queue (set once the
+    /// consumer exists) and hands the queues to the drain loop.
+    splitter: std::sync::OnceLock<Splitter>,
+    /// The task reading each partition's queue.
+    readers: Arc<Mutex<Readers>>,
     tracker: Arc<Mutex<Tracker>>,
     topic: String,
     /// How long a revocation waits for requests at Meta to finish.
@@ -224,11 +249,19 @@ impl DrainContext {
         {
             return;
         }
-        self.revoked
-            .parts
-            .lock()
-            .unwrap()
-            .extend(parts.iter().copied());
+        {
+            let mut readers = self.readers.lock().unwrap();
+            for p in &parts {
+                if let Some((_, task)) = readers.tasks.remove(p) {
+                    task.abort();
+                }
+            }
+            self.revoked
+                .parts
+                .lock()
+                .unwrap()
+                .extend(parts.iter().copied());
+        }
         self.revoked
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -314,6 +347,25 @@ impl ConsumerContext for DrainContext {
             if tpl.count() > 0 {
                 self.assigned
                     .store(true, std::sync::atomic::Ordering::SeqCst);
+                // Each partition gets its own queue, split right after the
+                // assignment and before anything is fetched: a reader that
+                // stops taking records (the buffer is full) stops fetching
+                // for that partition only, without pause/seek.
+                if let Some(sp) = self.splitter.get() {
+                    if let Some(consumer) = sp.consumer.upgrade() {
+                        let queues: Vec<(i32, PartitionQueue)> = tpl
+                            .elements()
+                            .iter()
+                            .filter(|e| e.topic() == self.topic)
+                            .filter_map(|e| {
+                                consumer
+                                    .split_partition_queue(&self.topic, e.partition())
+                                    .map(|q| (e.partition(), q))
+                            })
+                            .collect();
+                        let _ = sp.tx.send(queues);
+                    }
+                }
             }
         }
     }
@@ -401,6 +453,7 @@ impl Egress {
             cc.set("group.instance.id", id);
         }
         let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers = Arc::new(Mutex::new(Readers::default()));
         let consumer: StreamConsumer<DrainContext> = cc
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", &self.cfg.group_id)
@@ -410,6 +463,10 @@ impl Egress {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
             .set("enable.partition.eof", "false")
+            // Prefetch per partition: a reader that waits for buffer room
+            // leaves at most this much fetched ahead of it.
+            .set("queued.min.messages", "2000")
+            .set("queued.max.messages.kbytes", "4096")
             .set(
                 "statistics.interval.ms",
                 crate::kafka::STATISTICS_INTERVAL_MS,
@@ -417,26 +474,53 @@ impl Egress {
             .create_with_context(DrainContext {
                 assigned: assigned.clone(),
                 revoked: self.revoked.clone(),
+                splitter: std::sync::OnceLock::new(),
+                readers: readers.clone(),
                 tracker: self.tracker.clone(),
                 topic: self.topics.requests.clone(),
                 revoke_wait: self.cfg.send_timeout + Duration::from_secs(5),
             })?;
-        consumer.subscribe(&[&self.topics.requests])?;
         let consumer = Arc::new(consumer);
-        let mut lanes: HashMap<String, mpsc::UnboundedSender<Job>> = HashMap::new();
+        let (split_tx, mut split_rx) = mpsc::unbounded_channel();
+        let _ = consumer.context().splitter.set(Splitter {
+            consumer: Arc::downgrade(&consumer),
+            tx: split_tx,
+        });
+        consumer.subscribe(&[&self.topics.requests])?;
+        let lanes: Arc<Mutex<Lanes>> = Arc::new(Mutex::new(HashMap::new()));
         let mut commit_tick = tokio::time::interval(Duration::from_millis(200));
-        let mut paused = false;
         tracing::info!(topic = %self.topics.requests, group = %self.cfg.group_id, "egress draining");
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
-                _ = commit_tick.tick() => {
-                    self.commit(&consumer);
-                    if paused && self.buffered.available_permits() > 0 {
-                        if let Ok(a) = consumer.assignment() { let _ = consumer.resume(&a); }
-                        paused = false;
+                _ = commit_tick.tick() => self.commit(&consumer),
+                Some(queues) = split_rx.recv() => {
+                    // New partitions: learn what their previous owner did
+                    // before reading them.
+                    if assigned.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        self.load_history().await;
+                    }
+                    let mut r = readers.lock().unwrap();
+                    r.epoch += 1;
+                    let epoch = r.epoch;
+                    for (p, queue) in queues {
+                        if self.revoked.contains(p) {
+                            continue;
+                        }
+                        let task = tokio::spawn(self.clone().read_partition(
+                            p,
+                            epoch,
+                            queue,
+                            readers.clone(),
+                            lanes.clone(),
+                        ));
+                        if let Some((_, old)) = r.tasks.insert(p, (epoch, task.abort_handle())) {
+                            old.abort();
+                        }
                     }
                 }
+                // Records fetched before their partition was split (rare):
+                // taken as they come, over the buffer bound if need be.
                 msg = consumer.recv() => {
                     let msg = match msg {
                         Ok(m) => m,
@@ -446,33 +530,24 @@ impl Egress {
                             continue;
                         }
                     };
-                    tracing::trace!(partition = msg.partition(), offset = msg.offset(), "egress request consumed");
                     if assigned.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                        // New partitions: learn what their previous owner did first.
                         self.load_history().await;
                     }
                     let permit = self.buffered.clone().try_acquire_owned().ok();
-                    if permit.is_none() || self.buffered.available_permits() == 0 {
-                        // Backpressure: stop fetching until lanes drain.
-                        if let Ok(a) = consumer.assignment() { let _ = consumer.pause(&a); }
-                        paused = true;
+                    let _r = readers.lock().unwrap();
+                    if !self.revoked.contains(msg.partition()) {
+                        self.clone().take(&msg, &mut lanes.lock().unwrap(), permit);
                     }
-                    let redrive = msg
-                        .headers()
-                        .and_then(|h| h.iter().find(|h| h.key == "wagate-redrive").and_then(|h| h.value))
-                        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-                        .unwrap_or(0);
-                    let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
-                    let payload = msg.payload().unwrap_or_default().to_vec();
-                    let (p, o) = (msg.partition(), msg.offset());
-                    if !self.tracker.lock().unwrap().add(p, o) {
-                        // Consumed again after a rebalance: already in progress or done.
-                        continue;
-                    }
-                    self.clone().dispatch(&mut lanes, p, o, redrive, &key, &payload, permit);
                 }
             }
         }
+        {
+            let mut r = readers.lock().unwrap();
+            for (_, (_, task)) in r.tasks.drain() {
+                task.abort();
+            }
+        }
+        let lanes = std::mem::take(&mut *lanes.lock().unwrap());
         // Stop taking requests; let lanes finish what they hold briefly, then commit.
         self.revoked
             .closing
@@ -484,6 +559,76 @@ impl Egress {
         }
         self.commit(&consumer);
         Ok(())
+    }
+
+    /// Reads one partition's queue in offset order, one buffer permit per
+    /// record: when the buffer is full the reader waits (the semaphore is
+    /// fair, so partitions take turns) and librdkafka stops fetching for
+    /// this partition once `queued.min.messages` are waiting; the other
+    /// partitions go on.
+    async fn read_partition(
+        self: Arc<Self>,
+        p: i32,
+        epoch: u64,
+        queue: PartitionQueue,
+        readers: Arc<Mutex<Readers>>,
+        lanes: Arc<Mutex<Lanes>>,
+    ) {
+        loop {
+            let Ok(permit) = self.buffered.clone().acquire_owned().await else {
+                return;
+            };
+            let msg = match queue.recv().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, partition = p, "egress partition read error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let r = readers.lock().unwrap();
+            if r.tasks.get(&p).is_none_or(|(e, _)| *e != epoch) || self.revoked.contains(p) {
+                // Revoked or replaced meanwhile: the record is not ours.
+                return;
+            }
+            self.clone()
+                .take(&msg, &mut lanes.lock().unwrap(), Some(permit));
+            drop(r);
+        }
+    }
+
+    /// Registers a consumed record and hands it to its lane.
+    fn take(
+        self: Arc<Self>,
+        msg: &rdkafka::message::BorrowedMessage<'_>,
+        lanes: &mut Lanes,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        tracing::trace!(
+            partition = msg.partition(),
+            offset = msg.offset(),
+            "egress request consumed"
+        );
+        let redrive = msg
+            .headers()
+            .and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "wagate-redrive")
+                    .and_then(|h| h.value)
+            })
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+            .unwrap_or(0);
+        let key = msg
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default();
+        let (p, o) = (msg.partition(), msg.offset());
+        if !self.tracker.lock().unwrap().add(p, o) {
+            // Consumed again after a rebalance: already in progress or done.
+            return;
+        }
+        let payload = msg.payload().unwrap_or_default();
+        self.dispatch(lanes, p, o, redrive, &key, payload, permit);
     }
 
     fn commit(&self, consumer: &StreamConsumer<DrainContext>) {

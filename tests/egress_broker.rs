@@ -819,3 +819,97 @@ async fn the_portfolio_messaging_tier_blocks_new_users_and_survives_a_restart() 
     gw.shutdown().await;
     sb.shutdown().await;
 }
+
+/// `wagate dlq redrive` as an operator runs it (the binary, on the same
+/// broker): requests deferred to the DLQ by 131049 are redriven once, sent,
+/// and get their own second result; a second run redrives nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_requests_are_redriven_once_by_the_cli_and_then_sent() {
+    let _serial = SERIAL.lock().await;
+    let b = brokers();
+    let p = unique_prefix("eg-redrive");
+    let number = "100000000000033";
+    let sb = sandbox(|c| {
+        c.fixed_errors = vec![FixedError {
+            phone_number_id: Some(number.into()),
+            to: None,
+            code: 131049,
+        }];
+    })
+    .await;
+    let gw = start(&b, &p, &[("WAGATE_GRAPH_BASE_URL", &sb.base_url())]).await;
+    produce_requests(
+        &b,
+        &p,
+        &[
+            template("dl1", number, "+14155550301"),
+            template("dl2", number, "+14155550302"),
+        ],
+    )
+    .await;
+    let by = results(&b, &p, 2, Duration::from_secs(30)).await;
+    for id in ["dl1", "dl2"] {
+        let r = one(&by, id);
+        assert_eq!(
+            (r["outcome"].as_str(), r["error"]["code"].as_i64()),
+            (Some("failed"), Some(131049)),
+            "{r}"
+        );
+    }
+    let dlq = read_all(&b, &p, "outbound.dlq", Duration::from_millis(1500)).await;
+    assert_eq!(dlq.len(), 2, "two deferred requests on the DLQ");
+    assert!(dlq
+        .iter()
+        .all(|r| r.value["retry_after_ms"].as_u64().unwrap_or(0) >= 3_600_000));
+    // Meta accepts this number again.
+    sb.set_fixed_errors(Vec::new());
+
+    let cli = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_wagate"));
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WAGATE_KAFKA_BROKERS", &b)
+            .env("WAGATE_TOPIC_PREFIX", &p);
+        for (k, v) in common::env() {
+            c.env(k, v);
+        }
+        let out = c.arg("dlq").arg("redrive").args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "wagate dlq redrive {args:?}: {} {}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    // Not ready yet (131049 defers for hours): nothing matches.
+    assert!(cli(&["--ready"]).contains("matched 0 redriven 0"));
+    // A dry run counts and changes nothing.
+    assert!(cli(&["--code", "131049", "--max", "1", "--dry-run"]).contains("matched 1 redriven 0"));
+    assert!(cli(&["--code", "131050"]).contains("matched 0 redriven 0"));
+    assert!(cli(&["--code", "131049"]).contains("matched 2 redriven 2"));
+    // Each request gets a second result, accepted, marked as the redrive.
+    let end = Instant::now() + Duration::from_secs(30);
+    let by = loop {
+        let by = results(&b, &p, 2, Duration::from_secs(5)).await;
+        if by.values().map(Vec::len).sum::<usize>() >= 4 || Instant::now() > end {
+            break by;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    for id in ["dl1", "dl2"] {
+        let rs = &by[id];
+        assert_eq!(rs.len(), 2, "{id}: {rs:?}");
+        let second = rs.iter().find(|r| r["redrive"] == 1).expect("redrive 1");
+        assert_eq!(second["outcome"], "accepted", "{second}");
+        assert!(second["wamid"].as_str().is_some());
+    }
+    assert_eq!(sb.sends().len(), 2, "each sent once after the redrive");
+    // A second run finds them already redriven.
+    assert!(cli(&["--code", "131049"]).contains("matched 0 redriven 0"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sb.sends().len(), 2);
+    gw.shutdown().await;
+    sb.shutdown().await;
+}

@@ -913,3 +913,131 @@ async fn deferred_requests_are_redriven_once_by_the_cli_and_then_sent() {
     gw.shutdown().await;
     sb.shutdown().await;
 }
+
+/// Lanes: a number Meta throttles (130429) and a pair it rate-limits
+/// (131056) hold only themselves. The other numbers — some on the same
+/// partition as the throttled one — and the pair's number's other users
+/// are all sent within a few seconds, while the held requests wait until
+/// they expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_number_or_pair_holds_only_itself() {
+    let _serial = SERIAL.lock().await;
+    let b = brokers();
+    let p = unique_prefix("eg-lanes");
+    let throttled = "100000000000050";
+    let paired = "100000000000051";
+    let free: Vec<String> = (52..60).map(|i| format!("1000000000000{i}")).collect();
+    let sb = sandbox(|c| {
+        c.fixed_errors = vec![
+            FixedError {
+                phone_number_id: Some(throttled.into()),
+                to: None,
+                code: 130429,
+            },
+            FixedError {
+                phone_number_id: Some(paired.into()),
+                to: Some("+14155550500".into()),
+                code: 131056,
+            },
+        ];
+    })
+    .await;
+    let gw = start(&b, &p, &[("WAGATE_GRAPH_BASE_URL", &sb.base_url())]).await;
+    let expires = wagate::egress::drain::now_ms_pub() + 12_000;
+    let held = |id: String, number: &str, to: &str| {
+        let mut r = template(&id, number, to);
+        r["expires_at_ms"] = expires.into();
+        r
+    };
+    // Interleaved as an upstream app would write them: the held requests
+    // come first in every partition they share.
+    let mut reqs = Vec::new();
+    for i in 0..5 {
+        reqs.push(held(
+            format!("thr{i}"),
+            throttled,
+            &format!("+1415555040{i}"),
+        ));
+        reqs.push(held(format!("pair{i}"), paired, "+14155550500"));
+    }
+    for i in 0..5 {
+        reqs.push(template(
+            &format!("other{i}"),
+            paired,
+            &format!("+1415555060{i}"),
+        ));
+    }
+    for n in &free {
+        for i in 0..20 {
+            reqs.push(template(
+                &format!("{n}-{i}"),
+                n,
+                &format!("+14155507{i:03}"),
+            ));
+        }
+    }
+    let t0 = Instant::now();
+    produce_requests(&b, &p, &reqs).await;
+    // The throttled number shares a partition with some free numbers.
+    let on_topic = read_all(&b, &p, "outbound.requests", Duration::from_millis(1500)).await;
+    let part_of = |n: &str| {
+        on_topic
+            .iter()
+            .find(|r| r.key.as_deref() == Some(n))
+            .map(|r| r.partition)
+            .unwrap()
+    };
+    let shared: Vec<&String> = free
+        .iter()
+        .filter(|n| part_of(n) == part_of(throttled))
+        .collect();
+    assert!(
+        !shared.is_empty(),
+        "no free number on the throttled number's partition"
+    );
+
+    // Every free request and the paired number's other users: sent, soon.
+    let want: HashSet<String> = free
+        .iter()
+        .flat_map(|n| (0..20).map(move |i| format!("{n}-{i}")))
+        .chain((0..5).map(|i| format!("other{i}")))
+        .collect();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sent: HashSet<String> = sb
+            .sends()
+            .iter()
+            .filter_map(|s| s.biz_opaque_callback_data.clone())
+            .collect();
+        if want.is_subset(&sent) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{} of {} free requests sent",
+            want.intersection(&sent).count(),
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let free_done = t0.elapsed();
+    // While the held ones are still held (they expire 12 s after start).
+    assert!(
+        free_done < Duration::from_secs(10),
+        "free requests took {free_done:?}: the held lane/pair delayed them"
+    );
+    let by = results(&b, &p, reqs.len(), Duration::from_secs(40)).await;
+    for i in 0..5 {
+        let thr = one(&by, &format!("thr{i}"));
+        assert_eq!(thr["outcome"], "expired", "{thr}");
+        assert_eq!(thr["error"]["code"], 130429, "{thr}");
+        let pair = one(&by, &format!("pair{i}"));
+        assert_eq!(pair["outcome"], "expired", "{pair}");
+        assert_eq!(one(&by, &format!("other{i}"))["outcome"], "accepted");
+    }
+    for id in &want {
+        assert_eq!(one(&by, id)["outcome"], "accepted", "{id}");
+    }
+    gw.shutdown().await;
+    sb.shutdown().await;
+}

@@ -150,6 +150,21 @@ impl MemoryContacts {
         }
     }
 
+    /// Sets consent and marketing preference in one update (a `wa.consent`
+    /// record).
+    pub fn set_preferences(
+        &self,
+        phone_number_id: &str,
+        wa_id: &str,
+        consent: Consent,
+        marketing: Marketing,
+    ) {
+        self.update(phone_number_id, wa_id, |s| {
+            s.consent = consent;
+            s.marketing = marketing;
+        });
+    }
+
     /// Forgets consent and marketing preference (a `wa.consent` tombstone).
     pub fn clear_consent(&self, phone_number_id: &str, wa_id: &str) {
         self.update(phone_number_id, wa_id, |s| {

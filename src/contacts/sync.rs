@@ -101,6 +101,13 @@ pub fn window_event(
     }
 }
 
+/// What the cache takes of a `wa.consent` value (the rest is not read).
+#[derive(Deserialize)]
+struct ConsentFields {
+    consent: Consent,
+    marketing: Marketing,
+}
+
 /// Applies one record of either topic to the cache (`None` = tombstone).
 pub fn apply(cache: &MemoryContacts, consent_topic: bool, key: &str, value: Option<&[u8]>) {
     let Some((pnid, wa_id)) = key.split_once(':') else {
@@ -108,9 +115,8 @@ pub fn apply(cache: &MemoryContacts, consent_topic: bool, key: &str, value: Opti
     };
     match (consent_topic, value) {
         (true, Some(v)) => {
-            if let Ok(r) = serde_json::from_slice::<ConsentRecord>(v) {
-                cache.set_consent(pnid, wa_id, r.consent);
-                cache.set_marketing(pnid, wa_id, r.marketing);
+            if let Ok(r) = serde_json::from_slice::<ConsentFields>(v) {
+                cache.set_preferences(pnid, wa_id, r.consent, r.marketing);
             }
         }
         (true, None) => cache.clear_consent(pnid, wa_id),
@@ -150,10 +156,11 @@ pub fn run(
         .create_with_context(LagContext)?;
     let timeout = Duration::from_secs(10);
     let mut tpl = TopicPartitionList::new();
-    // Where "caught up" is: the high watermark of each partition now.
-    let mut behind: HashMap<(String, i32), i64> = HashMap::new();
+    // Where "caught up" is: the high watermark of each partition now,
+    // keyed by (is the consent topic, partition).
+    let mut behind: HashMap<(bool, i32), i64> = HashMap::new();
     // Progress: where each of those partitions is read up to.
-    let mut position: HashMap<(String, i32), i64> = HashMap::new();
+    let mut position: HashMap<(bool, i32), i64> = HashMap::new();
     for topic in [consent_topic, windows_topic] {
         let md = consumer.fetch_metadata(Some(topic), timeout)?;
         let parts = md
@@ -164,8 +171,8 @@ pub fn run(
         for p in 0..parts {
             let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
             if high > low {
-                behind.insert((topic.to_string(), p), high);
-                position.insert((topic.to_string(), p), low);
+                behind.insert((topic == consent_topic, p), high);
+                position.insert((topic == consent_topic, p), low);
             }
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;
         }
@@ -173,8 +180,7 @@ pub fn run(
     consumer.assign(&tpl)?;
     let mut applied = 0u64;
     let started = std::time::Instant::now();
-    let remaining = |position: &HashMap<(String, i32), i64>,
-                     behind: &HashMap<(String, i32), i64>| {
+    let remaining = |position: &HashMap<(bool, i32), i64>, behind: &HashMap<(bool, i32), i64>| {
         behind
             .iter()
             .map(|(k, end)| end - position.get(k).copied().unwrap_or(0))
@@ -199,6 +205,9 @@ pub fn run(
     // The end offsets are reached: ready at the next idle poll (some brokers,
     // Tansu 0.6, report a high watermark inside the last record batch).
     let mut reached = false;
+    // Counter handles taken once: the loop runs per record.
+    let applied_consent = metrics::counter!(m::CONTACTS_APPLIED, "topic" => "consent");
+    let applied_windows = metrics::counter!(m::CONTACTS_APPLIED, "topic" => "windows");
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(100)) {
             None => {
@@ -213,19 +222,22 @@ pub fn run(
                 std::thread::sleep(Duration::from_millis(200));
             }
             Some(Ok(m)) => {
-                let topic = m.topic();
+                let consent = m.topic() == consent_topic;
+                // Keys are ASCII `{phone_number_id}:{wa_id}`; anything else
+                // is not ours and is skipped by `apply`.
                 let key = m
                     .key()
-                    .map(|k| String::from_utf8_lossy(k).into_owned())
-                    .unwrap_or_default();
-                let consent = topic == consent_topic;
-                apply(&cache, consent, &key, m.payload());
+                    .and_then(|k| std::str::from_utf8(k).ok())
+                    .unwrap_or("");
+                apply(&cache, consent, key, m.payload());
                 applied += 1;
-                metrics::counter!(m::CONTACTS_APPLIED,
-                    "topic" => if consent { "consent" } else { "windows" })
-                .increment(1);
+                if consent {
+                    applied_consent.increment(1);
+                } else {
+                    applied_windows.increment(1);
+                }
                 if !behind.is_empty() {
-                    let k = (topic.to_string(), m.partition());
+                    let k = (consent, m.partition());
                     if behind.get(&k).is_some_and(|end| m.offset() + 1 >= *end) {
                         behind.remove(&k);
                         reached = behind.is_empty();

@@ -489,11 +489,19 @@ impl Egress {
         consumer.subscribe(&[&self.topics.requests])?;
         let lanes: Arc<Mutex<Lanes>> = Arc::new(Mutex::new(HashMap::new()));
         let mut commit_tick = tokio::time::interval(Duration::from_millis(200));
+        // Pairs whose pair-rate state is back to full burst are forgotten
+        // once a minute, so the limiter's memory follows the active pairs.
+        let mut prune_tick = tokio::time::interval(Duration::from_secs(60));
+        prune_tick.tick().await;
         tracing::info!(topic = %self.topics.requests, group = %self.cfg.group_id, "egress draining");
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
                 _ = commit_tick.tick() => self.commit(&consumer),
+                _ = prune_tick.tick() => {
+                    let me = self.clone();
+                    tokio::task::spawn_blocking(move || me.pair.retain_recent());
+                }
                 Some(queues) = split_rx.recv() => {
                     // New partitions: learn what their previous owner did
                     // before reading them.

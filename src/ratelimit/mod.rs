@@ -247,6 +247,7 @@ impl PairRate {
     /// Drops pairs whose state is back to full burst (bounded memory).
     pub fn retain_recent(&self) {
         self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
     }
 
     pub fn len(&self) -> usize {
@@ -334,5 +335,19 @@ mod tests {
         );
         // Another user of the same number is unaffected.
         assert!(p.check(PairKey::new("1", "5512")).is_ok());
+    }
+
+    #[test]
+    fn idle_pairs_are_forgotten() {
+        let p = PairRate::new(Duration::from_millis(10), 1);
+        for u in 0..1000 {
+            assert!(p.check(PairKey::new("1", &format!("55{u}"))).is_ok());
+        }
+        assert_eq!(p.len(), 1000);
+        p.retain_recent();
+        assert!(p.len() > 0, "pairs still inside their period are kept");
+        std::thread::sleep(Duration::from_millis(30));
+        p.retain_recent();
+        assert_eq!(p.len(), 0, "pairs back at full burst are dropped");
     }
 }

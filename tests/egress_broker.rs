@@ -310,6 +310,29 @@ async fn one_result_per_request_for_every_action_class() {
     );
     assert_eq!(stop[0].value["marketing"], "stopped");
     assert_eq!(stop[0].value["source"], "meta_131050");
+    // Every record wagate writes carries the three headers (DESIGN §4).
+    let attempts = read_all(&b, &p, "outbound.attempts", Duration::from_millis(800)).await;
+    let dlq_all = read_all(&b, &p, "outbound.dlq", Duration::from_millis(800)).await;
+    let results_all = read_all(&b, &p, "outbound.results", Duration::from_millis(800)).await;
+    assert!(!attempts.is_empty());
+    for r in stop
+        .iter()
+        .copied()
+        .chain(&attempts)
+        .chain(&dlq_all)
+        .chain(&results_all)
+    {
+        for h in ["wagate-event-id", "wagate-kind", "wagate-app"] {
+            assert!(
+                r.headers
+                    .get(h)
+                    .is_some_and(|v| v.as_str().is_some_and(|s| !s.is_empty())),
+                "{} record without {h}: {:?}",
+                r.topic,
+                r.headers
+            );
+        }
+    }
     // The deferred request is on the DLQ with retry_after_ms ≥ 24 h.
     let dlq = read_all(&b, &p, "outbound.dlq", Duration::from_millis(800)).await;
     assert_eq!(dlq.len(), 1);

@@ -203,9 +203,10 @@ impl Api {
                     &st,
                     "api",
                     now,
-                    "api",
+                    &format!("api:{now}"),
                 );
-                let headers: [(&str, &[u8]); 2] = [
+                let headers: [(&str, &[u8]); 3] = [
+                    ("wagate-event-id", ev.event_id.as_bytes()),
                     ("wagate-kind", b"consent"),
                     ("wagate-app", tenant.name.as_bytes()),
                 ];
@@ -227,7 +228,9 @@ impl Api {
             }
             hyper::Method::DELETE => {
                 self.contacts.erase(phone_number_id, wa_id);
-                let headers: [(&str, &[u8]); 2] = [
+                let event_id = format!("erase:{}", crate::egress::drain::now_ms_pub());
+                let headers: [(&str, &[u8]); 3] = [
+                    ("wagate-event-id", event_id.as_bytes()),
                     ("wagate-kind", b"erase"),
                     ("wagate-app", tenant.name.as_bytes()),
                 ];

@@ -1098,9 +1098,10 @@ impl Egress {
             "started_at_ms": now_ms(),
         });
         let bytes = serde_json::to_vec(&attempt).unwrap_or_default();
-        let headers: [(&str, &[u8]); 2] = [
+        let headers: [(&str, &[u8]); 3] = [
             ("wagate-event-id", job.req.request_id.as_bytes()),
             ("wagate-kind", b"attempt"),
+            ("wagate-app", b"egress"),
         ];
         let acked = match self.producer.send(
             &self.topics.attempts,
@@ -1283,7 +1284,11 @@ impl Egress {
             now_ms(),
             &job.req.request_id,
         );
-        let headers: [(&str, &[u8]); 1] = [("wagate-kind", b"consent")];
+        let headers: [(&str, &[u8]); 3] = [
+            ("wagate-event-id", ev.event_id.as_bytes()),
+            ("wagate-kind", b"consent"),
+            ("wagate-app", b"egress"),
+        ];
         match self
             .producer
             .send(&self.topics.consent, ev.key.as_bytes(), &ev.value, &headers)

@@ -120,9 +120,10 @@ pub async fn redrive(
             .unwrap_or("");
         let body = serde_json::to_vec(req)?;
         let next = (id.1 + 1).to_string();
-        let headers: [(&str, &[u8]); 3] = [
+        let headers: [(&str, &[u8]); 4] = [
             ("wagate-event-id", id.0.as_bytes()),
             ("wagate-kind", b"request"),
+            ("wagate-app", b"redrive"),
             ("wagate-redrive", next.as_bytes()),
         ];
         producer
@@ -131,9 +132,10 @@ pub async fn redrive(
         let marker = serde_json::to_vec(&serde_json::json!({
             "v": 1, "kind": "redriven", "request_id": id.0, "redrive": id.1, "redriven_at_ms": now,
         }))?;
-        let mh: [(&str, &[u8]); 2] = [
+        let mh: [(&str, &[u8]); 3] = [
             ("wagate-event-id", id.0.as_bytes()),
             ("wagate-kind", b"redriven"),
+            ("wagate-app", b"redrive"),
         ];
         producer
             .send(&dlq, number.as_bytes(), &marker, &mh)?

@@ -345,7 +345,7 @@ mod tests {
         }
         assert_eq!(p.len(), 1000);
         p.retain_recent();
-        assert!(p.len() > 0, "pairs still inside their period are kept");
+        assert!(!p.is_empty(), "pairs still inside their period are kept");
         std::thread::sleep(Duration::from_millis(30));
         p.retain_recent();
         assert_eq!(p.len(), 0, "pairs back at full burst are dropped");

@@ -926,12 +926,16 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
             format!("expected an http(s) URL, got {:?}", g.base_url),
         ));
     }
-    let access_token = match secret(
-        "graph.access_token",
-        &g.access_token_env,
-        &g.access_token_file,
-        env,
-    )? {
+    // The token file, when set, replaces the default environment variable
+    // (an explicitly named other variable plus a file is still ambiguous).
+    let token_env = if !g.access_token_file.is_empty()
+        && g.access_token_env == RawGraph::default().access_token_env
+    {
+        ""
+    } else {
+        g.access_token_env.as_str()
+    };
+    let access_token = match secret("graph.access_token", token_env, &g.access_token_file, env)? {
         Some(s) => Some(s),
         None if opts.dev => Some(Secret::new(DEV_ACCESS_TOKEN)),
         None => None,
@@ -1084,6 +1088,26 @@ mod tests {
         assert_eq!(c.graph.base_url, "https://graph.facebook.com/v23.0");
         assert_eq!(c.egress.default_throughput, 80);
         assert_eq!(c.max_body_bytes, 3 * 1024 * 1024);
+    }
+
+    #[test]
+    fn graph_token_file_replaces_the_default_env_var() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "from-file\n").unwrap();
+        let mut e = required();
+        e.insert(
+            "WAGATE_GRAPH_ACCESS_TOKEN_FILE".into(),
+            f.to_str().unwrap().into(),
+        );
+        let c = load(None, &e, LoadOptions::default()).unwrap();
+        assert_eq!(c.graph.access_token.as_ref().unwrap().expose(), "from-file");
+        // Another variable named explicitly and a file: ambiguous, refused.
+        e.insert("WAGATE_GRAPH_ACCESS_TOKEN_ENV".into(), "OTHER_TOKEN".into());
+        let err = load(None, &e, LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("graph.access_token"), "{err}");
     }
 
     #[test]

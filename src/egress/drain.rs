@@ -53,6 +53,47 @@ fn now_ms() -> u64 {
     crate::clock::now_ms()
 }
 
+/// A lane's circuit and its share of `wagate_circuit_open{scope}`: the
+/// gauge follows the lane's state through scope changes, and a lane that
+/// ends with its circuit open (revocation, shutdown) gives its count back.
+#[derive(Default)]
+struct Circuit(Option<errors::Scope>);
+
+impl Circuit {
+    fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Opens (or moves) the circuit; true if it was closed.
+    fn open(&mut self, scope: errors::Scope) -> bool {
+        let was = self.0.replace(scope);
+        if was != Some(scope) {
+            if let Some(old) = was {
+                metrics::gauge!(m::CIRCUIT_OPEN, "scope" => old.label()).decrement(1.0);
+            }
+            metrics::gauge!(m::CIRCUIT_OPEN, "scope" => scope.label()).increment(1.0);
+        }
+        was.is_none()
+    }
+
+    /// Closes the circuit; true if it was open.
+    fn close(&mut self) -> bool {
+        match self.0.take() {
+            Some(scope) => {
+                metrics::gauge!(m::CIRCUIT_OPEN, "scope" => scope.label()).decrement(1.0);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Circuit {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 /// One request on its way through a lane.
 struct Job {
     req: SendRequest,
@@ -832,7 +873,7 @@ impl Egress {
         let mut hold_until: Option<Instant> = None;
         let mut throttle_streak = 0u32;
         let mut last_throttle = Instant::now();
-        let mut circuit: Option<errors::Scope> = None;
+        let mut circuit = Circuit::default();
         let mut closed = false;
         let mut revoked_seen = 0u64;
         loop {
@@ -1152,7 +1193,7 @@ impl Egress {
         hold_until: &mut Option<Instant>,
         throttle_streak: &mut u32,
         last_throttle: &mut Instant,
-        circuit: &mut Option<errors::Scope>,
+        circuit: &mut Circuit,
     ) {
         let now = Instant::now();
         match out {
@@ -1161,8 +1202,7 @@ impl Egress {
                 message_status,
             } => {
                 pair_backoff.remove(&job.pair);
-                if let Some(scope) = circuit.take() {
-                    metrics::gauge!(m::CIRCUIT_OPEN, "scope" => scope.label()).decrement(1.0);
+                if circuit.close() {
                     tracing::info!("circuit closed after a successful send");
                 }
                 self.finish(job, Outcome::Accepted, Some(wamid), message_status, None);
@@ -1248,16 +1288,13 @@ impl Egress {
                         self.finish(job, Outcome::Failed, None, None, Some(err));
                     }
                     Action::Break(scope) => {
-                        if circuit.is_none() {
-                            metrics::gauge!(m::CIRCUIT_OPEN, "scope" => scope.label())
-                                .increment(1.0);
+                        if circuit.open(scope) {
                             tracing::error!(
                                 scope = scope.label(),
                                 code,
                                 "circuit opened for a business number; sends held"
                             );
                         }
-                        *circuit = Some(scope);
                         // Probe again after a while (half-open).
                         *hold_until =
                             Some(now + Duration::from_secs(30).min(self.cfg.circuit_hold_max));
@@ -1502,5 +1539,49 @@ mod tests {
         let b = backoff(4, Duration::from_millis(500));
         assert!(b >= Duration::from_millis(3200) && b <= Duration::from_millis(4800));
         assert!(backoff(30, Duration::from_secs(60)) <= Duration::from_secs(360));
+    }
+}
+
+#[cfg(test)]
+mod circuit_tests {
+    use super::*;
+
+    fn gauge(text: &str, scope: &str) -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("wagate_circuit_open{{scope=\"{scope}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    #[test]
+    fn the_gauge_follows_scope_changes_and_lanes_that_end_open() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let (a, b) = (errors::Scope::Token, errors::Scope::Number);
+            let mut c = Circuit::default();
+            assert!(c.open(a));
+            assert!(!c.open(a), "already open");
+            assert!(!c.open(b), "moved, not newly opened");
+            let t = handle.render();
+            assert_eq!(
+                (gauge(&t, a.label()), gauge(&t, b.label())),
+                (0.0, 1.0),
+                "{t}"
+            );
+            let mut other = Circuit::default();
+            other.open(b);
+            assert_eq!(gauge(&handle.render(), b.label()), 2.0);
+            drop(other); // a lane ending with its circuit open
+            assert_eq!(gauge(&handle.render(), b.label()), 1.0);
+            assert!(c.close());
+            assert!(!c.close());
+            let t = handle.render();
+            assert_eq!(
+                (gauge(&t, a.label()), gauge(&t, b.label())),
+                (0.0, 0.0),
+                "{t}"
+            );
+        });
     }
 }

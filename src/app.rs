@@ -34,6 +34,7 @@ pub struct Gateway {
     pub contacts: Arc<MemoryContacts>,
     shutdown: watch::Sender<bool>,
     contacts_stop: Arc<std::sync::atomic::AtomicBool>,
+    contacts_thread: Option<std::thread::JoinHandle<()>>,
     egress: Option<JoinHandle<()>>,
     servers: Vec<JoinHandle<bool>>,
     background: Vec<JoinHandle<()>>,
@@ -122,7 +123,7 @@ impl Gateway {
         });
         // Contacts: bootstrap from the compacted topics, then tail them.
         let contacts_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        {
+        let contacts_thread = {
             let names = crate::kafka::TopicNames::new(&cfg.kafka.topic_prefix);
             let (consent, windows) = (names.full("consent"), names.full("windows"));
             let (brokers, cache, r, stop) = (
@@ -140,8 +141,8 @@ impl Gateway {
                     ) {
                         tracing::error!(error = %e, "contacts sync stopped; /readyz stays 503");
                     }
-                })?;
-        }
+                })?
+        };
         let background = vec![
             tokio::spawn(kafka_pinger(producer.clone(), ready.clone(), rx.clone())),
             tokio::spawn(gauges(
@@ -162,6 +163,7 @@ impl Gateway {
             contacts,
             shutdown,
             contacts_stop,
+            contacts_thread: Some(contacts_thread),
             egress,
             servers,
             background,
@@ -210,6 +212,12 @@ impl Gateway {
             b.abort();
         }
         self.contacts_stop.store(true, Ordering::Relaxed);
+        // The sync thread notices within one poll (100 ms); its consumer is
+        // closed before this returns (and before `--dev` stops its broker).
+        if let Some(t) = self.contacts_thread {
+            let joined = tokio::task::spawn_blocking(move || t.join());
+            let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
+        }
         let left = self
             .shutdown_timeout
             .saturating_sub(start.elapsed())

@@ -74,9 +74,12 @@ async fn consent_travels_through_the_topics_survives_restarts_and_can_be_erased(
         "http://{}/v1/contacts/{pnid}/14155550123",
         other.internal_addr
     );
+    // The two topics are read independently: wait until both arrived.
     let r = wait_for(&url_o, |r| {
-        r.status == StatusCode::OK
-            && serde_json::from_slice::<Value>(&r.body).unwrap()["consent"] == "opted_out"
+        r.status == StatusCode::OK && {
+            let v = serde_json::from_slice::<Value>(&r.body).unwrap();
+            v["consent"] == "opted_out" && v["last_inbound_ms"].as_u64().is_some()
+        }
     })
     .await;
     let v: Value = serde_json::from_slice(&r.body).unwrap();

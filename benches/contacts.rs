@@ -70,6 +70,15 @@ fn bench_contacts(c: &mut Criterion) {
             black_box(cache.get(n, u))
         })
     });
+    // The key alone: both ids parsed into integers (part of every lookup).
+    let mut k = 0usize;
+    c.bench_function("contacts_pair_key", |b| {
+        b.iter(|| {
+            k = (k + 1) & 4095;
+            let (n, u) = &keys[k];
+            black_box(wagate::contacts::pair_key(black_box(n), black_box(u)))
+        })
+    });
     // A hot set (64 pairs, all in cache): the CPU cost alone.
     let mut h = 0usize;
     c.bench_function("contacts_get_10M_hot64", |b| {

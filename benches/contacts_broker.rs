@@ -39,7 +39,7 @@ use wagate::app::Gateway;
 use wagate::config::{self, LoadOptions};
 use wagate::contacts::sync;
 use wagate::contacts::{Consent, ContactState, Contacts, Marketing, MemoryContacts};
-use wagate::kafka::{self, KafkaProducer, SendError, TopicNames};
+use wagate::kafka::{self, KafkaProducer, RecordAck, SendError, TopicNames};
 
 // The allocator the `wagate` binary uses.
 #[global_allocator]
@@ -171,8 +171,9 @@ fn bootstrap(rt: &tokio::runtime::Runtime, brokers: &str, records: u64) {
 
     // Produce with the gateway's own producer (acks=all, idempotent, lz4).
     let producer = KafkaProducer::new(&cfg.kafka).expect("producer");
-    let acked = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
+    let counts = Arc::new(Counts::default());
+    let shared: Arc<dyn RecordAck> = counts.clone();
+    let (acked, failed) = (&counts.acked, &counts.failed);
     let produce_deadline = Instant::now() + Duration::from_secs(600);
     let t0 = Instant::now();
     let mut sent = 0u64;
@@ -191,16 +192,13 @@ fn bootstrap(rt: &tokio::runtime::Runtime, brokers: &str, records: u64) {
                 ("wagate-app", b"default"),
             ];
             loop {
-                let (ok, bad) = (acked.clone(), failed.clone());
-                match producer.send_with(
+                match producer.send_tagged(
                     topic,
                     ev.key.as_bytes(),
                     &ev.value,
                     &headers,
-                    Box::new(move |r| {
-                        let counter = if r.is_ok() { ok } else { bad };
-                        counter.fetch_add(1, Ordering::Relaxed);
-                    }),
+                    shared.clone(),
+                    0,
                 ) {
                     Ok(()) => break,
                     Err(SendError::QueueFull) => {
@@ -619,4 +617,22 @@ fn main() {
         .unwrap();
     bootstrap(&rt, &brokers, s.records);
     rt.block_on(stop_propagation(&brokers, s.stops));
+}
+
+/// Counts the produced records' acknowledgements.
+#[derive(Default)]
+struct Counts {
+    acked: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl RecordAck for Counts {
+    fn done(&self, _tag: u32, result: Result<(), &rdkafka::error::KafkaError>) {
+        let counter = if result.is_ok() {
+            &self.acked
+        } else {
+            &self.failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }

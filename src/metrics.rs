@@ -71,6 +71,8 @@ pub enum WebhookOutcome {
 }
 
 impl WebhookOutcome {
+    pub const COUNT: usize = WebhookOutcome::HandshakeForbidden as usize + 1;
+
     pub fn label(self) -> &'static str {
         match self {
             WebhookOutcome::Ok => "ok",
@@ -92,37 +94,76 @@ impl WebhookOutcome {
 /// Webhook fields Meta documents; any other field is counted as `other` so a
 /// sender cannot grow the label set.
 pub fn event_kind_label(kind: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "message",
-        "status",
-        "error",
-        "messages",
-        "message_template_status_update",
-        "message_template_quality_update",
-        "message_template_components_update",
-        "template_category_update",
-        "phone_number_quality_update",
-        "phone_number_name_update",
-        "business_capability_update",
-        "account_alerts",
-        "account_update",
-        "account_review_update",
-        "user_preferences",
-        "security",
-        "history",
-        "smb_message_echoes",
-        "smb_app_state_sync",
-        "partner_solutions",
-        "payment_configuration_update",
-        "automatic_events",
-        "calls",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == kind)
+    EVENT_KINDS
+        .get(event_kind_index(kind))
         .copied()
         .unwrap_or("other")
 }
+
+/// The position of `kind` in the label set (`EVENT_KINDS.len()` = `other`).
+pub fn event_kind_index(kind: &str) -> usize {
+    EVENT_KINDS
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(EVENT_KINDS.len())
+}
+
+/// Handles of `wagate_webhook_events_total{kind}`, one per label, made on
+/// first use (after the recorder is installed): counting an event is then an
+/// atomic add, not a registry lookup.
+#[derive(Default)]
+pub struct EventCounters([OnceLock<metrics::Counter>; EVENT_KINDS.len() + 1]);
+
+impl EventCounters {
+    /// The counter of the kind at `index` (from [`event_kind_index`]).
+    pub fn get(&self, index: usize) -> &metrics::Counter {
+        let index = index.min(EVENT_KINDS.len());
+        self.0[index].get_or_init(|| {
+            let label = EVENT_KINDS.get(index).copied().unwrap_or("other");
+            metrics::counter!(WEBHOOK_EVENTS, "kind" => label)
+        })
+    }
+}
+
+/// Handles of `wagate_webhook_requests_total{app, outcome}` for one app,
+/// one per outcome, each made on its first use (so the exposition holds only
+/// outcomes that happened, as with the macro).
+#[derive(Default)]
+pub struct RequestCounters([OnceLock<metrics::Counter>; WebhookOutcome::COUNT]);
+
+impl RequestCounters {
+    pub fn get(&self, app: &str, outcome: WebhookOutcome) -> &metrics::Counter {
+        self.0[outcome as usize].get_or_init(|| {
+            metrics::counter!(WEBHOOK_REQUESTS, "app" => app.to_string(), "outcome" => outcome.label())
+        })
+    }
+}
+
+const EVENT_KINDS: &[&str] = &[
+    "message",
+    "status",
+    "error",
+    "messages",
+    "message_template_status_update",
+    "message_template_quality_update",
+    "message_template_components_update",
+    "template_category_update",
+    "phone_number_quality_update",
+    "phone_number_name_update",
+    "business_capability_update",
+    "account_alerts",
+    "account_update",
+    "account_review_update",
+    "user_preferences",
+    "security",
+    "history",
+    "smb_message_echoes",
+    "smb_app_state_sync",
+    "partner_solutions",
+    "payment_configuration_update",
+    "automatic_events",
+    "calls",
+];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -20,28 +20,58 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use tokio::sync::Notify;
 
 const SHARDS: usize = 64;
+/// Pre-sized capacity per shard at most (64 × 65,536 ≈ 4M ids).
+const PRESIZE_PER_SHARD_MAX: usize = 1 << 16;
 
 /// The outcome of one POST's produce, shared with POSTs waiting on its ids:
-/// `None` while in flight, `Some(true)` when everything it claimed was
-/// acknowledged, `Some(false)` otherwise (waiters then re-claim).
-#[derive(Debug)]
+/// pending while in flight, then `true` when everything it claimed was
+/// acknowledged, `false` otherwise (waiters then re-claim). Waiters are rare
+/// (a redelivery racing its first delivery), so it is an atomic and a
+/// `Notify`, not a channel.
+#[derive(Debug, Default)]
 pub struct Batch {
-    tx: watch::Sender<Option<bool>>,
+    /// 0 pending, 1 acknowledged, 2 failed.
+    state: AtomicU8,
+    done: Notify,
 }
 
 impl Batch {
     pub fn new() -> Arc<Batch> {
-        Arc::new(Batch {
-            tx: watch::channel(None).0,
-        })
+        Arc::new(Batch::default())
     }
 
     /// Publishes the outcome to every waiter.
     pub fn finish(&self, all_acknowledged: bool) {
-        self.tx.send_replace(Some(all_acknowledged));
+        self.state
+            .store(if all_acknowledged { 1 } else { 2 }, Ordering::Release);
+        self.done.notify_waiters();
+    }
+
+    /// The outcome, once finished.
+    pub fn outcome(&self) -> Option<bool> {
+        match self.state.load(Ordering::Acquire) {
+            0 => None,
+            s => Some(s == 1),
+        }
+    }
+
+    /// Waits until the batch is finished and returns its outcome.
+    pub async fn wait(&self) -> bool {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a finish in between still wakes us.
+            notified.as_mut().enable();
+            if let Some(ok) = self.outcome() {
+                return ok;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -53,7 +83,7 @@ pub enum Claim {
     /// Already stored (or claimed earlier by the same POST): skip it.
     Duplicate,
     /// Another POST is producing it: wait for that POST's outcome.
-    InFlight(watch::Receiver<Option<bool>>),
+    InFlight(Arc<Batch>),
 }
 
 /// The 64-bit hash an id is kept as.
@@ -112,10 +142,22 @@ pub struct Dedupe {
 
 impl Dedupe {
     pub fn new(window: Duration, max_entries: usize) -> Dedupe {
+        let max_per_shard = (max_entries / SHARDS).max(1);
+        // Sized for the bound up front (up to 4M ids): the maps never rehash
+        // under load. Only the control bytes are touched now; the buckets
+        // become resident as they fill.
+        let cap = max_per_shard.min(PRESIZE_PER_SHARD_MAX) + 1;
         Dedupe {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        map: IdMap::with_capacity_and_hasher(cap, Default::default()),
+                        order: VecDeque::with_capacity(cap),
+                    })
+                })
+                .collect(),
             window_secs: window.as_secs().clamp(1, u32::MAX as u64 / 2) as u32,
-            max_per_shard: (max_entries / SHARDS).max(1),
+            max_per_shard,
             epoch: Instant::now(),
             evicted_early: Default::default(),
         }
@@ -148,7 +190,7 @@ impl Dedupe {
         match shard.map.get(&h.0) {
             Some(Slot::Done(exp)) if *exp > now => Claim::Duplicate,
             Some(Slot::Pending(b)) if Arc::ptr_eq(b, batch) => Claim::Duplicate,
-            Some(Slot::Pending(b)) => Claim::InFlight(b.tx.subscribe()),
+            Some(Slot::Pending(b)) => Claim::InFlight(b.clone()),
             _ => {
                 shard.map.insert(h.0, Slot::Pending(batch.clone()));
                 Claim::New(h)
@@ -266,6 +308,27 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn batch_wait_wakes_on_finish_and_returns_at_once_after() {
+        let b = Batch::new();
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move { b.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        b.finish(false);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("waiter woken")
+            .unwrap();
+        assert!(!got);
+        assert!(!b.wait().await);
+        let ok = Batch::new();
+        ok.finish(true);
+        assert!(ok.wait().await);
+    }
+
     #[test]
     fn same_batch_repeat_is_duplicate_other_batch_waits() {
         let d = Dedupe::new(Duration::from_secs(60), 1000);
@@ -273,13 +336,13 @@ mod tests {
         let h = new_id(d.claim_at("wamid.A", &b, 0));
         assert!(matches!(d.claim_at("wamid.A", &b, 0), Claim::Duplicate));
         let other = Batch::new();
-        let Claim::InFlight(mut rx) = d.claim_at("wamid.A", &other, 0) else {
+        let Claim::InFlight(first) = d.claim_at("wamid.A", &other, 0) else {
             panic!("expected InFlight")
         };
-        assert_eq!(*rx.borrow_and_update(), None);
+        assert_eq!(first.outcome(), None);
         d.commit_at(&[h], 0);
         b.finish(true);
-        assert_eq!(*rx.borrow_and_update(), Some(true));
+        assert_eq!(first.outcome(), Some(true));
         assert!(matches!(d.claim_at("wamid.A", &other, 1), Claim::Duplicate));
     }
 

@@ -33,7 +33,7 @@ use crate::config::{AppConfig, Config};
 use crate::contacts::keywords::{Keyword, Keywords};
 use crate::contacts::{Consent, Contacts, Marketing};
 use crate::http::{self, Body};
-use crate::kafka::{KafkaProducer, SendError, TopicNames};
+use crate::kafka::{KafkaProducer, RecordAck, SendError, TopicNames};
 use crate::meta::signature;
 use crate::meta::webhook::{self, Event, Topic};
 use crate::metrics::{self as m, WebhookOutcome};
@@ -41,7 +41,7 @@ use dedupe::{Batch, Claim, Dedupe, IdHash};
 
 /// The ingress plane: shared by every connection of the public listener.
 pub struct Ingress {
-    apps: HashMap<String, AppConfig>,
+    apps: HashMap<String, (AppConfig, m::RequestCounters)>,
     producer: KafkaProducer,
     topics: IngressTopics,
     dedupe: Arc<Dedupe>,
@@ -53,6 +53,16 @@ pub struct Ingress {
     in_flight: Semaphore,
     contacts: Option<Arc<dyn Contacts>>,
     keywords: Keywords,
+    hot: std::sync::OnceLock<Arc<Hot>>,
+}
+
+/// Metric handles of the hot path, made on first use (after the recorder is
+/// installed): updating them is an atomic op, not a registry lookup.
+struct Hot {
+    events: m::EventCounters,
+    in_flight: metrics::Gauge,
+    ack_seconds: metrics::Histogram,
+    produce_seconds: metrics::Histogram,
 }
 
 struct IngressTopics {
@@ -94,7 +104,7 @@ impl Ingress {
             apps: cfg
                 .apps
                 .iter()
-                .map(|a| (a.name.clone(), a.clone()))
+                .map(|a| (a.name.clone(), (a.clone(), Default::default())))
                 .collect(),
             producer,
             topics: IngressTopics {
@@ -114,7 +124,19 @@ impl Ingress {
             in_flight: Semaphore::new(cfg.ingress.max_in_flight),
             contacts,
             keywords: cfg.contacts.keywords(),
+            hot: Default::default(),
         }
+    }
+
+    fn hot(&self) -> &Arc<Hot> {
+        self.hot.get_or_init(|| {
+            Arc::new(Hot {
+                events: Default::default(),
+                in_flight: metrics::gauge!(m::WEBHOOK_IN_FLIGHT),
+                ack_seconds: metrics::histogram!(m::WEBHOOK_ACK_SECONDS),
+                produce_seconds: metrics::histogram!(m::KAFKA_PRODUCE_SECONDS),
+            })
+        })
     }
 
     /// The dedupe set (for metrics).
@@ -127,13 +149,11 @@ impl Ingress {
         let start = Instant::now();
         let path = req.uri().path();
         let app_name = match path.strip_prefix("/webhook") {
-            Some("") | Some("/") => "default".to_string(),
-            Some(rest) if rest.starts_with('/') && !rest[1..].contains('/') => {
-                rest[1..].to_string()
-            }
+            Some("") | Some("/") => "default",
+            Some(rest) if rest.starts_with('/') && !rest[1..].contains('/') => &rest[1..],
             _ => return http::json_error(StatusCode::NOT_FOUND, "not_found", "no such route"),
         };
-        let Some(app) = self.apps.get(&app_name) else {
+        let Some((app, app_counters)) = self.apps.get(app_name) else {
             // Unknown app names are not used as metric labels.
             metrics::counter!(m::WEBHOOK_REQUESTS, "app" => "unknown", "outcome" => WebhookOutcome::UnknownApp.label()).increment(1);
             return http::json_error(
@@ -159,9 +179,9 @@ impl Ingress {
                 return r;
             }
         };
-        metrics::counter!(m::WEBHOOK_REQUESTS, "app" => app.name.clone(), "outcome" => outcome.label()).increment(1);
+        app_counters.get(&app.name, outcome).increment(1);
         if is_post {
-            metrics::histogram!(m::WEBHOOK_ACK_SECONDS).record(start.elapsed().as_secs_f64());
+            self.hot().ack_seconds.record(start.elapsed().as_secs_f64());
         }
         resp
     }
@@ -200,7 +220,7 @@ impl Ingress {
                 http::unavailable(self.retry_after_secs, "too many webhooks in flight"),
             );
         };
-        let _gauge = InFlightGauge::new();
+        let _gauge = InFlightGauge::new(&self.hot().in_flight);
         let signature = req
             .headers()
             .get("x-hub-signature-256")
@@ -379,9 +399,8 @@ impl Ingress {
             if waits.is_empty() {
                 break;
             }
-            for (ev, mut rx) in waits {
-                let waited =
-                    tokio::time::timeout_at(deadline.into(), rx.wait_for(|v| v.is_some())).await;
+            for (ev, rx) in waits {
+                let waited = tokio::time::timeout_at(deadline.into(), rx.wait()).await;
                 if waited.is_err() {
                     return Err("kafka did not acknowledge in time");
                 }
@@ -426,39 +445,46 @@ impl Ingress {
             batch,
             tx: Mutex::new(Some(tx)),
             enqueued: Instant::now(),
+            records: fresh
+                .iter()
+                .map(|(ev, h)| (*h, m::event_kind_index(&ev.kind)))
+                .collect(),
+            hot: self.hot().clone(),
         });
+        let shared: Arc<dyn RecordAck> = ack.clone();
         let mut failed = false;
         if let Some(r) = raw {
             // The signature is an HMAC of the body: a free, unique id for it.
             let id = std::str::from_utf8(r.signature)
                 .ok()
                 .and_then(|s| s.trim().strip_prefix("sha256="))
-                .unwrap_or("")
-                .to_string();
-            let ts = r.received_at_ms.to_string();
+                .unwrap_or("");
+            let mut ts = itoa::Buffer::new();
+            let ts = ts.format(r.received_at_ms).as_bytes();
             let headers: [(&str, &[u8]); 5] = [
                 ("wagate-event-id", id.as_bytes()),
                 ("wagate-kind", b"raw"),
                 ("wagate-app", app.as_bytes()),
                 ("wagate-signature", r.signature),
-                ("wagate-received-at-ms", ts.as_bytes()),
+                ("wagate-received-at-ms", ts),
             ];
-            let a = ack.clone();
-            if let Err(e) = self.producer.send_with(
+            if let Err(e) = self.producer.send_tagged(
                 &self.topics.raw,
                 app.as_bytes(),
                 r.body,
                 &headers,
-                Box::new(move |res| a.report(None, None, res)),
+                shared.clone(),
+                RAW_TAG,
             ) {
                 note_send_error(&e);
                 failed = true;
-                ack.report(None, None, Err(KafkaError::Canceled));
+                ack.report(RAW_TAG, Err(&KafkaError::Canceled));
             }
         }
-        for (ev, h) in fresh {
+        for (i, (ev, _)) in fresh.iter().enumerate() {
+            let tag = i as u32;
             if failed {
-                ack.report(Some(h), None, Err(KafkaError::Canceled));
+                ack.report(tag, Err(&KafkaError::Canceled));
                 continue;
             }
             let headers: [(&str, &[u8]); 3] = [
@@ -466,21 +492,20 @@ impl Ingress {
                 ("wagate-kind", ev.kind.as_bytes()),
                 ("wagate-app", app.as_bytes()),
             ];
-            let a = ack.clone();
-            let kind = m::event_kind_label(&ev.kind);
-            if let Err(e) = self.producer.send_with(
+            if let Err(e) = self.producer.send_tagged(
                 self.topics.of(ev.topic),
                 ev.key.as_bytes(),
                 &ev.value,
                 &headers,
-                Box::new(move |res| a.report(Some(h), Some(kind), res)),
+                shared.clone(),
+                tag,
             ) {
                 note_send_error(&e);
                 failed = true;
-                ack.report(Some(h), None, Err(KafkaError::Canceled));
+                ack.report(tag, Err(&KafkaError::Canceled));
             }
         }
-        ack.report(None, None, Ok(()));
+        ack.report(GUARD_TAG, Ok(()));
         if failed {
             Err("kafka producer queue is full")
         } else {
@@ -488,6 +513,10 @@ impl Ingress {
         }
     }
 }
+
+/// Tags of the records of a [`PostAck`] that are not events.
+const RAW_TAG: u32 = u32::MAX;
+const GUARD_TAG: u32 = u32::MAX - 1;
 
 /// The acknowledgements of one round of records.
 struct PostAck {
@@ -497,35 +526,44 @@ struct PostAck {
     batch: Arc<Batch>,
     tx: Mutex<Option<oneshot::Sender<bool>>>,
     enqueued: Instant,
+    /// Tag `i` is the `i`-th event record: its id and event-kind index.
+    records: Vec<(IdHash, usize)>,
+    hot: Arc<Hot>,
+}
+
+impl RecordAck for PostAck {
+    fn done(&self, tag: u32, result: Result<(), &KafkaError>) {
+        self.report(tag, result);
+    }
 }
 
 impl PostAck {
-    /// One record's verdict (or the enqueue guard's, with no id).
-    fn report(&self, id: Option<IdHash>, kind: Option<&'static str>, res: Result<(), KafkaError>) {
+    /// One record's verdict (or the enqueue guard's).
+    fn report(&self, tag: u32, res: Result<(), &KafkaError>) {
+        let record = self.records.get(tag as usize);
         match res {
             Ok(()) => {
-                if let Some(h) = id {
-                    self.dedupe.commit(&[h]);
-                }
-                if let Some(k) = kind {
+                if let Some((h, kind)) = record {
+                    self.dedupe.commit(&[*h]);
                     // Counted once acknowledged, so the counter means "stored".
-                    metrics::counter!(m::WEBHOOK_EVENTS, "kind" => k).increment(1);
+                    self.hot.events.get(*kind).increment(1);
                 }
             }
             Err(e) => {
                 self.all_ok.store(false, Ordering::Relaxed);
                 if !matches!(e, KafkaError::Canceled) {
-                    metrics::counter!(m::KAFKA_PRODUCE_ERRORS, "reason" => kafka_error_label(&e))
+                    metrics::counter!(m::KAFKA_PRODUCE_ERRORS, "reason" => kafka_error_label(e))
                         .increment(1);
                 }
-                if let Some(h) = id {
-                    self.dedupe.release(&[h]);
+                if let Some((h, _)) = record {
+                    self.dedupe.release(&[*h]);
                 }
             }
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             let ok = self.all_ok.load(Ordering::Relaxed);
-            metrics::histogram!(m::KAFKA_PRODUCE_SECONDS)
+            self.hot
+                .produce_seconds
                 .record(self.enqueued.elapsed().as_secs_f64());
             self.batch.finish(ok);
             if let Some(tx) = self.tx.lock().ok().and_then(|mut g| g.take()) {
@@ -562,17 +600,17 @@ fn kafka_error_label(e: &rdkafka::error::KafkaError) -> &'static str {
 }
 
 /// Keeps `wagate_webhook_in_flight` right even when a request future is dropped.
-struct InFlightGauge;
+struct InFlightGauge<'a>(&'a metrics::Gauge);
 
-impl InFlightGauge {
-    fn new() -> InFlightGauge {
-        metrics::gauge!(m::WEBHOOK_IN_FLIGHT).increment(1.0);
-        InFlightGauge
+impl InFlightGauge<'_> {
+    fn new(g: &metrics::Gauge) -> InFlightGauge<'_> {
+        g.increment(1.0);
+        InFlightGauge(g)
     }
 }
 
-impl Drop for InFlightGauge {
+impl Drop for InFlightGauge<'_> {
     fn drop(&mut self) {
-        metrics::gauge!(m::WEBHOOK_IN_FLIGHT).decrement(1.0);
+        self.0.decrement(1.0);
     }
 }

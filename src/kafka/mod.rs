@@ -6,6 +6,7 @@
 //! reported as [`SendError::QueueFull`] (the caller sheds load with 503), never
 //! slept through.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -96,11 +97,15 @@ pub enum SendError {
 /// A record header.
 pub type HeaderPair<'a> = (&'a str, &'a [u8]);
 
-/// Called once per record with Kafka's verdict (on librdkafka's poll thread:
-/// keep it short).
-pub type Completion = Box<dyn FnOnce(Result<(), KafkaError>) + Send + 'static>;
+/// Receives the verdicts of records sent with [`KafkaProducer::send_tagged`]:
+/// one shared object per group of records (an ingress POST), each record
+/// identified by its `tag`, so a record costs no closure or lock of its own.
+pub trait RecordAck: Send + Sync + 'static {
+    /// Called once per record on librdkafka's poll thread (keep it short).
+    fn done(&self, tag: u32, result: Result<(), &KafkaError>);
+}
 
-/// Routes librdkafka's delivery reports to each record's [`Completion`].
+/// Routes librdkafka's delivery reports to each record's [`Pending`].
 pub struct CompletionContext;
 
 impl ClientContext for CompletionContext {}
@@ -144,20 +149,28 @@ impl ClientContext for LagContext {
 
 impl rdkafka::consumer::ConsumerContext for LagContext {}
 
-/// librdkafka's opaque must be `Sync`; the completion is only ever taken
-/// once, by value, so the mutex is never contended.
-pub struct Pending(std::sync::Mutex<Option<Completion>>);
+/// Where one record's delivery report goes (librdkafka's opaque: `Send +
+/// Sync`, taken back by value exactly once).
+pub enum Pending {
+    /// A future waits for it ([`KafkaProducer::send`]).
+    Oneshot(tokio::sync::oneshot::Sender<Result<(), KafkaError>>),
+    /// A shared [`RecordAck`] with the record's tag.
+    Tagged(Arc<dyn RecordAck>, u32),
+}
 
 impl ProducerContext for CompletionContext {
     type DeliveryOpaque = Box<Pending>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, pending: Self::DeliveryOpaque) {
-        let done = pending.0.lock().ok().and_then(|mut g| g.take());
-        if let Some(done) = done {
-            done(match result {
-                Ok(_) => Ok(()),
-                Err((e, _)) => Err(e.clone()),
-            });
+        let result = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(e),
+        };
+        match *pending {
+            Pending::Oneshot(tx) => {
+                let _ = tx.send(result.map_err(Clone::clone));
+            }
+            Pending::Tagged(ack, tag) => ack.done(tag, result),
         }
     }
 }
@@ -209,16 +222,28 @@ impl KafkaProducer {
         Ok(KafkaProducer { inner })
     }
 
-    /// Enqueues one record; `done` is called when Kafka acknowledges it (or
-    /// librdkafka gives up after `message.timeout.ms`). On an enqueue error
-    /// `done` is not called.
-    pub fn send_with(
+    /// Enqueues one record; `ack.done(tag, ..)` is called when Kafka
+    /// acknowledges it (or librdkafka gives up after `message.timeout.ms`).
+    /// On an enqueue error it is not called.
+    pub fn send_tagged(
         &self,
         topic: &str,
         key: &[u8],
         payload: &[u8],
         headers: &[HeaderPair<'_>],
-        done: Completion,
+        ack: Arc<dyn RecordAck>,
+        tag: u32,
+    ) -> Result<(), SendError> {
+        self.send_pending(topic, key, payload, headers, Pending::Tagged(ack, tag))
+    }
+
+    fn send_pending(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        headers: &[HeaderPair<'_>],
+        pending: Pending,
     ) -> Result<(), SendError> {
         let mut hs = OwnedHeaders::new_with_capacity(headers.len());
         for (k, v) in headers {
@@ -227,11 +252,10 @@ impl KafkaProducer {
                 value: Some(*v),
             });
         }
-        let rec =
-            BaseRecord::with_opaque_to(topic, Box::new(Pending(std::sync::Mutex::new(Some(done)))))
-                .key(key)
-                .payload(payload)
-                .headers(hs);
+        let rec = BaseRecord::with_opaque_to(topic, Box::new(pending))
+            .key(key)
+            .payload(payload)
+            .headers(hs);
         self.inner.send(rec).map_err(|(e, _)| match e {
             KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
             other => SendError::Kafka(other),
@@ -247,9 +271,6 @@ impl KafkaProducer {
         headers: &[HeaderPair<'_>],
     ) -> Result<Delivery, SendError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let done: Completion = Box::new(move |r| {
-            let _ = tx.send(r);
-        });
         let mut hs = OwnedHeaders::new_with_capacity(headers.len());
         for (k, v) in headers {
             hs = hs.insert(Header {
@@ -258,7 +279,7 @@ impl KafkaProducer {
             });
         }
         let rec: BaseRecord<'_, [u8], [u8], Box<Pending>> =
-            BaseRecord::with_opaque_to(topic, Box::new(Pending(std::sync::Mutex::new(Some(done)))))
+            BaseRecord::with_opaque_to(topic, Box::new(Pending::Oneshot(tx)))
                 .key(key)
                 .headers(hs);
         self.inner.send(rec).map_err(|(e, _)| match e {
@@ -277,15 +298,7 @@ impl KafkaProducer {
         headers: &[HeaderPair<'_>],
     ) -> Result<Delivery, SendError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send_with(
-            topic,
-            key,
-            payload,
-            headers,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        )?;
+        self.send_pending(topic, key, payload, headers, Pending::Oneshot(tx))?;
         Ok(Delivery(rx))
     }
 

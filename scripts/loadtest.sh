@@ -14,6 +14,22 @@ W=target/release/wagate; L=target/release/wagate-loadgen
 export WAGATE_APP_SECRET=loadtest-secret WAGATE_VERIFY_TOKEN=v WAGATE_API_TOKEN=a WAGATE_ACCESS_TOKEN=t
 
 pids=()
+# CPU seconds (user + system) a process has used so far, in clock ticks.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+# Prints the CPU cost per request of each "name:pid" between two tick samples.
+cost() { # cost REQUESTS name:pid:ticks_before ...
+  local n=$1; shift; local out="cpu per request:"
+  for spec in "$@"; do
+    IFS=: read -r name pid t0 <<<"$spec"
+    local t1; t1=$(ticks "$pid")
+    out="$out $name $(awk -v d=$((t1 - t0)) -v hz="$hz" -v n="$n" 'BEGIN{printf "%.1f", d / hz * 1e6 / n}') us"
+  done
+  echo "$out"
+}
+# Requests the load generator completed in its last run (warm-up included:
+# the tick samples cover it too).
+sent() { sed -n 's/^generator .*(\([0-9]*\) requests sent in all)/\1/p' "$1"; }
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; scripts/tansu.sh stop "$dir" || true; }
 trap cleanup EXIT
 
@@ -22,9 +38,12 @@ $L baseline --listen 127.0.0.1:0 --max-secs $((dur * ${#conns[@]} + 60)) >"$dir/
 pids+=($!)
 for _ in $(seq 50); do grep -q "listening on" "$dir/baseline.out" 2>/dev/null && break; sleep 0.1; done
 base=$(sed -n 's/.*listening on //p' "$dir/baseline.out" | head -1)
+bp="${pids[0]}"
 for c in "${conns[@]}"; do
   echo "-- baseline connections=$c"
-  $L run --url "http://$base/webhook" --connections "$c" --duration-secs "$dur" --warmup-secs 1
+  b0=$(ticks "$bp")
+  $L run --url "http://$base/webhook" --connections "$c" --duration-secs "$dur" --warmup-secs 1 | tee "$dir/run.out"
+  cost "$(sent "$dir/run.out")" "server:$bp:$b0"
 done
 kill "${pids[0]}" 2>/dev/null || true
 
@@ -37,9 +56,12 @@ $W topics create >/dev/null
 $W serve >"$dir/gateway.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do curl -sf http://127.0.0.1:19090/readyz >/dev/null 2>&1 && break; sleep 0.1; done
+gp="${pids[1]}"; tp=$(cat "$dir/tansu.pid")
 for c in "${conns[@]}"; do
   echo "-- gateway connections=$c"
-  $L run --url "http://127.0.0.1:18080/webhook" --connections "$c" --duration-secs "$dur" --warmup-secs 1
+  g0=$(ticks "$gp"); t0=$(ticks "$tp")
+  $L run --url "http://127.0.0.1:18080/webhook" --connections "$c" --duration-secs "$dur" --warmup-secs 1 | tee "$dir/run.out"
+  cost "$(sent "$dir/run.out")" "gateway:$gp:$g0" "tansu:$tp:$t0"
 done
 echo "-- gateway metrics"
 curl -s http://127.0.0.1:19090/metrics | grep -E '^wagate_(webhook_requests_total|webhook_events_total|webhook_duplicates_total|kafka_produce_errors_total)' || true

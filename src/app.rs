@@ -38,7 +38,8 @@ pub struct Gateway {
     egress: Option<JoinHandle<()>>,
     servers: Vec<JoinHandle<bool>>,
     background: Vec<JoinHandle<()>>,
-    producer: KafkaProducer,
+    /// The shared producer and, when `ingress.linger_ms` differs, ingress's own.
+    producers: [Option<KafkaProducer>; 2],
     shutdown_timeout: Duration,
     shutdown_grace: Duration,
 }
@@ -50,6 +51,20 @@ impl Gateway {
         let metrics = m::install();
         let producer = KafkaProducer::new(&cfg.kafka)
             .map_err(|e| anyhow::anyhow!("kafka.brokers: cannot create the producer: {e}"))?;
+        // Ingress batches longer than egress (librdkafka sends one partition
+        // per produce request, so a longer linger means far fewer requests
+        // and a shorter tail; egress waits on each attempt record, so it
+        // keeps the short one). Same settings → one shared producer.
+        let ingress_producer = if cfg.ingress.linger_ms == cfg.kafka.linger_ms {
+            None
+        } else {
+            let mut k = cfg.kafka.clone();
+            k.linger_ms = cfg.ingress.linger_ms;
+            k.client_id = format!("{}-ingress", cfg.kafka.client_id);
+            Some(KafkaProducer::new(&k).map_err(|e| {
+                anyhow::anyhow!("kafka.brokers: cannot create the ingress producer: {e}")
+            })?)
+        };
         let dedupe = Arc::new(Dedupe::new(
             cfg.ingress.dedupe_window,
             cfg.ingress.dedupe_max_entries,
@@ -57,7 +72,7 @@ impl Gateway {
         let contacts = Arc::new(MemoryContacts::new());
         let ingress = Arc::new(Ingress::new(
             &cfg,
-            producer.clone(),
+            ingress_producer.clone().unwrap_or_else(|| producer.clone()),
             dedupe.clone(),
             Some(contacts.clone() as Arc<dyn Contacts>),
         ));
@@ -146,7 +161,7 @@ impl Gateway {
         let background = vec![
             tokio::spawn(kafka_pinger(producer.clone(), ready.clone(), rx.clone())),
             tokio::spawn(gauges(
-                producer.clone(),
+                [Some(producer.clone()), ingress_producer.clone()],
                 dedupe,
                 egress_plane,
                 contacts.clone(),
@@ -167,7 +182,7 @@ impl Gateway {
             egress,
             servers,
             background,
-            producer,
+            producers: [Some(producer), ingress_producer],
             shutdown_timeout: cfg.shutdown_timeout,
             shutdown_grace: cfg.shutdown_grace,
         })
@@ -222,10 +237,17 @@ impl Gateway {
             .shutdown_timeout
             .saturating_sub(start.elapsed())
             .max(Duration::from_millis(100));
-        let producer = self.producer.clone();
-        let flushed = tokio::task::spawn_blocking(move || producer.flush(left).is_ok())
-            .await
-            .unwrap_or(false);
+        let producers = self.producers.clone();
+        let flushed = tokio::task::spawn_blocking(move || {
+            // Both flush (each one even if the other failed) within one deadline.
+            let end = std::time::Instant::now() + left;
+            producers.iter().flatten().fold(true, |all, p| {
+                let left = end.saturating_duration_since(std::time::Instant::now());
+                p.flush(left).is_ok() && all
+            })
+        })
+        .await
+        .unwrap_or(false);
         drained &= flushed;
         tracing::info!(
             drained,
@@ -272,7 +294,7 @@ async fn kafka_pinger(
 /// Publishes gauges that are sampled rather than counted, and sweeps the
 /// dedupe set.
 async fn gauges(
-    producer: KafkaProducer,
+    producers: [Option<KafkaProducer>; 2],
     dedupe: Arc<Dedupe>,
     egress: Option<Arc<Egress>>,
     contacts: Arc<MemoryContacts>,
@@ -290,7 +312,8 @@ async fn gauges(
         if n % 10 == 0 {
             dedupe.sweep();
         }
-        metrics::gauge!(m::KAFKA_PRODUCER_QUEUE_DEPTH).set(producer.queue_depth() as f64);
+        let depth: i32 = producers.iter().flatten().map(|p| p.queue_depth()).sum();
+        metrics::gauge!(m::KAFKA_PRODUCER_QUEUE_DEPTH).set(depth as f64);
         let st = dedupe.stats();
         metrics::gauge!(m::DEDUPE_ENTRIES).set(st.entries as f64);
         metrics::gauge!(m::DEDUPE_MEMORY_BYTES).set(st.approx_bytes as f64);

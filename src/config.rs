@@ -93,6 +93,7 @@ pub struct RawIngress {
     pub dedupe_window_secs: u64,
     pub dedupe_max_entries: u64,
     pub max_in_flight: u64,
+    pub linger_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,6 +260,7 @@ impl Default for RawIngress {
             dedupe_window_secs: 24 * 3600,
             dedupe_max_entries: 2_000_000,
             max_in_flight: 4_096,
+            linger_ms: 20,
         }
     }
 }
@@ -394,6 +396,9 @@ pub struct IngressConfig {
     pub dedupe_window: Duration,
     pub dedupe_max_entries: usize,
     pub max_in_flight: usize,
+    /// The ingress producer's batching window (its own producer when it
+    /// differs from `kafka.linger_ms`).
+    pub linger_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -996,6 +1001,15 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
             dedupe_max_entries: positive("ingress.dedupe_max_entries", i.dedupe_max_entries)?
                 as usize,
             max_in_flight: positive("ingress.max_in_flight", i.max_in_flight)? as usize,
+            linger_ms: {
+                if i.linger_ms.saturating_mul(2) > i.ack_timeout_ms {
+                    return Err(invalid(
+                        "ingress.linger_ms",
+                        "must be at most half of ingress.ack_timeout_ms",
+                    ));
+                }
+                i.linger_ms
+            },
         },
         egress: EgressConfig {
             enabled: e.enabled,
@@ -1175,6 +1189,20 @@ mod tests {
         e.insert("TB".into(), "token-b".into());
         let err = load_str(&text, "x.toml", &e, LoadOptions::default()).unwrap_err();
         assert!(err.to_string().contains("tenants.default.token"), "{err}");
+    }
+
+    #[test]
+    fn ingress_linger_defaults_to_20_ms_and_must_leave_room_for_the_ack() {
+        let c = load(None, &required(), LoadOptions::default()).unwrap();
+        assert_eq!(c.ingress.linger_ms, 20);
+        assert_eq!(c.kafka.linger_ms, 5);
+        let mut e = required();
+        e.insert("WAGATE_INGRESS_LINGER_MS".into(), "5".into());
+        let c = load(None, &e, LoadOptions::default()).unwrap();
+        assert_eq!(c.ingress.linger_ms, 5);
+        e.insert("WAGATE_INGRESS_ACK_TIMEOUT_MS".into(), "9".into());
+        let err = load(None, &e, LoadOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("ingress.linger_ms"), "{err}");
     }
 
     #[test]

@@ -21,7 +21,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::contacts::{Consent, ContactState, Contacts, Marketing, MemoryContacts};
-use crate::kafka::LagContext;
 use crate::meta::webhook::{Event, Topic};
 use crate::metrics as m;
 
@@ -115,32 +114,79 @@ pub fn apply(cache: &MemoryContacts, consent_topic: bool, key: &str, value: Opti
     };
     match (consent_topic, value) {
         (true, Some(v)) => {
-            if let Ok(r) = serde_json::from_slice::<ConsentFields>(v) {
-                cache.set_preferences(pnid, wa_id, r.consent, r.marketing);
+            if let Some((consent, marketing)) = consent_fields(v) {
+                cache.set_preferences(pnid, wa_id, consent, marketing);
             }
         }
         (true, None) => cache.clear_consent(pnid, wa_id),
         (false, Some(v)) => {
-            if let Ok(r) = serde_json::from_slice::<WindowRecord>(v) {
-                cache.record_inbound(pnid, wa_id, r.last_inbound_ms);
+            if let Some(ms) = window_field(v) {
+                cache.record_inbound(pnid, wa_id, ms);
             }
         }
         (false, None) => cache.clear_window(pnid, wa_id),
     }
 }
 
-/// Bootstraps the cache from both topics, sets `ready` once caught up, then
-/// tails them until `stop`. Blocking: run it on its own thread.
-pub fn run(
-    brokers: &str,
-    consent_topic: &str,
-    windows_topic: &str,
-    cache: Arc<MemoryContacts>,
-    on_caught_up: Box<dyn Fn() + Send>,
-    stop: Arc<AtomicBool>,
-) -> Result<(), rdkafka::error::KafkaError> {
-    let consumer: BaseConsumer<LagContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+/// `consent` and `marketing` of a `wa.consent` value. Values in the exact
+/// form this module writes (`{"v":1,"consent":"…","marketing":"…",…`) are
+/// read by matching that prefix; anything else (another field order,
+/// whitespace, an import's own encoder) goes through serde.
+fn consent_fields(v: &[u8]) -> Option<(Consent, Marketing)> {
+    let fast = || {
+        let rest = v.strip_prefix(br#"{"v":1,"consent":""#)?;
+        let (consent, rest) = if let Some(r) = rest.strip_prefix(br#"opted_in""#) {
+            (Consent::OptedIn, r)
+        } else if let Some(r) = rest.strip_prefix(br#"opted_out""#) {
+            (Consent::OptedOut, r)
+        } else {
+            (Consent::Unknown, rest.strip_prefix(br#"unknown""#)?)
+        };
+        let rest = rest.strip_prefix(br#","marketing":""#)?;
+        let (marketing, rest) = if let Some(r) = rest.strip_prefix(br#"allowed""#) {
+            (Marketing::Allowed, r)
+        } else {
+            (Marketing::Stopped, rest.strip_prefix(br#"stopped""#)?)
+        };
+        // The next byte ends the pair: another field or the object's end.
+        matches!(rest.first(), Some(b',' | b'}')).then_some((consent, marketing))
+    };
+    fast().or_else(|| {
+        serde_json::from_slice::<ConsentFields>(v)
+            .ok()
+            .map(|r| (r.consent, r.marketing))
+    })
+}
+
+/// `last_inbound_ms` of a `wa.windows` value; the form this module writes
+/// (`{"v":1,"last_inbound_ms":N}`) by its prefix, anything else via serde.
+fn window_field(v: &[u8]) -> Option<u64> {
+    let fast = || {
+        let digits = v
+            .strip_prefix(br#"{"v":1,"last_inbound_ms":"#)?
+            .strip_suffix(b"}")?;
+        // 1..=19 digits (no sign, no exponent): always fits a u64.
+        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        Some(
+            digits
+                .iter()
+                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
+        )
+    };
+    fast().or_else(|| {
+        serde_json::from_slice::<WindowRecord>(v)
+            .ok()
+            .map(|r| r.last_inbound_ms)
+    })
+}
+
+/// The contacts consumer's librdkafka settings (the bench's bare consumer
+/// uses them too, so its numbers compare).
+pub fn consumer_config(brokers: &str) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", brokers)
         .set("group.id", "wagate-contacts")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
@@ -152,8 +198,151 @@ pub fn run(
         // here within tens of milliseconds, and the bootstrap does not stall
         // between large fetch responses (see BENCHMARKS.md).
         .set("fetch.wait.max.ms", "20")
-        .set("fetch.queue.backoff.ms", "10")
-        .create_with_context(LagContext)?;
+        .set("fetch.queue.backoff.ms", "10");
+    cc
+}
+
+/// How many readers split the topics' partitions between them: one per
+/// core, at most two (the broker thread librdkafka runs per reader, the
+/// gateway and the broker need the rest).
+fn readers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+}
+
+/// Bootstraps the cache from both topics, calls `on_caught_up` once caught
+/// up, then tails them until `stop`. Blocking: run it on its own thread.
+///
+/// The partitions of both topics are dealt round-robin to [`readers`]
+/// consumers (partition `p` of either topic to reader `p % readers`), each
+/// reading and applying on its own thread; records of one partition stay in
+/// order, and the two topics touch different fields of a pair (under the
+/// shard's lock), so the final state does not depend on how the readers
+/// interleave. Caught up = every reader has read its partitions up to the
+/// high watermarks it saw at start, then gone idle.
+pub fn run(
+    brokers: &str,
+    consent_topic: &str,
+    windows_topic: &str,
+    cache: Arc<MemoryContacts>,
+    on_caught_up: Box<dyn Fn() + Send>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let readers = readers();
+    let lags = Arc::new(SplitLag::default());
+    let consumers = (0..readers)
+        .map(|slot| {
+            consumer_config(brokers).create_with_context(ReaderContext {
+                slot,
+                lags: lags.clone(),
+            })
+        })
+        .collect::<Result<Vec<BaseConsumer<ReaderContext>>, _>>()?;
+    let timeout = Duration::from_secs(10);
+    let mut assignments: Vec<Vec<(bool, &str, i32)>> = vec![Vec::new(); readers];
+    for topic in [consent_topic, windows_topic] {
+        let md = consumers[0].fetch_metadata(Some(topic), timeout)?;
+        let parts = md
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0) as i32;
+        for p in 0..parts {
+            assignments[p as usize % readers].push((topic == consent_topic, topic, p));
+        }
+    }
+    let shared = Shared {
+        cache,
+        stop,
+        started: std::time::Instant::now(),
+        pending: std::sync::atomic::AtomicUsize::new(readers),
+        applied: std::sync::atomic::AtomicU64::new(0),
+        remaining: (0..readers).map(|_| Default::default()).collect(),
+        on_caught_up: std::sync::Mutex::new(on_caught_up),
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = consumers
+            .into_iter()
+            .zip(assignments)
+            .enumerate()
+            .map(|(slot, (consumer, parts))| {
+                let shared = &shared;
+                std::thread::Builder::new()
+                    .name(format!("contacts-sync-{slot}"))
+                    .spawn_scoped(s, move || read(slot, &consumer, &parts, shared))
+                    .expect("spawn a contacts reader")
+            })
+            .collect();
+        let mut result = Ok(());
+        for h in handles {
+            let r = h.join().expect("contacts reader panicked");
+            if result.is_ok() {
+                if r.is_err() {
+                    // One reader gone: stop the others, report the error.
+                    shared.stop.store(true, Ordering::Relaxed);
+                }
+                result = r;
+            }
+        }
+        result
+    })
+}
+
+/// What the readers of one [`run`] share.
+struct Shared {
+    cache: Arc<MemoryContacts>,
+    stop: Arc<AtomicBool>,
+    started: std::time::Instant,
+    /// Readers not caught up yet.
+    pending: std::sync::atomic::AtomicUsize,
+    /// Records applied by readers that are caught up (for the log line).
+    applied: std::sync::atomic::AtomicU64,
+    /// Per reader, records still to read before it is caught up.
+    remaining: Vec<std::sync::atomic::AtomicI64>,
+    on_caught_up: std::sync::Mutex<Box<dyn Fn() + Send>>,
+}
+
+impl Shared {
+    fn set_remaining(&self, slot: usize, n: i64) {
+        self.remaining[slot].store(n, Ordering::Relaxed);
+        let total: i64 = self
+            .remaining
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .sum();
+        metrics::gauge!(m::CONTACTS_BOOTSTRAP_REMAINING).set(total.max(0) as f64);
+    }
+
+    /// A reader is caught up; the last one makes the cache ready.
+    fn caught_up(&self, slot: usize, applied: u64) {
+        self.set_remaining(slot, 0);
+        let applied = self.applied.fetch_add(applied, Ordering::Relaxed) + applied;
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let elapsed = self.started.elapsed();
+            metrics::gauge!(m::CONTACTS_BOOTSTRAP_SECONDS).set(elapsed.as_secs_f64());
+            tracing::info!(
+                records = applied,
+                pairs = self.cache.len(),
+                elapsed_ms = elapsed.as_millis() as u64,
+                "contacts caught up"
+            );
+            (self.on_caught_up.lock().unwrap_or_else(|e| e.into_inner()))();
+        }
+    }
+}
+
+/// Records applied are counted locally and added to the counters every
+/// this many records, and whenever the reader goes idle or catches up.
+const COUNT_EVERY: u64 = 1024;
+
+/// One reader: assigns `parts` (is consent, topic, partition) from the
+/// beginning, applies every record, reports when caught up, tails until
+/// `stop`.
+fn read(
+    slot: usize,
+    consumer: &BaseConsumer<ReaderContext>,
+    parts: &[(bool, &str, i32)],
+    shared: &Shared,
+) -> Result<(), rdkafka::error::KafkaError> {
     let timeout = Duration::from_secs(10);
     let mut tpl = TopicPartitionList::new();
     // Where "caught up" is: the high watermark of each partition now,
@@ -161,60 +350,51 @@ pub fn run(
     let mut behind: HashMap<(bool, i32), i64> = HashMap::new();
     // Progress: where each of those partitions is read up to.
     let mut position: HashMap<(bool, i32), i64> = HashMap::new();
-    for topic in [consent_topic, windows_topic] {
-        let md = consumer.fetch_metadata(Some(topic), timeout)?;
-        let parts = md
-            .topics()
-            .first()
-            .map(|t| t.partitions().len())
-            .unwrap_or(0) as i32;
-        for p in 0..parts {
-            let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-            if high > low {
-                behind.insert((topic == consent_topic, p), high);
-                position.insert((topic == consent_topic, p), low);
-            }
-            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    for &(consent, topic, p) in parts {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        if high > low {
+            behind.insert((consent, p), high);
+            position.insert((consent, p), low);
         }
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
-    let mut applied = 0u64;
-    let started = std::time::Instant::now();
     let remaining = |position: &HashMap<(bool, i32), i64>, behind: &HashMap<(bool, i32), i64>| {
         behind
             .iter()
             .map(|(k, end)| end - position.get(k).copied().unwrap_or(0))
             .sum::<i64>()
-            .max(0) as f64
+            .max(0)
     };
-    metrics::gauge!(m::CONTACTS_BOOTSTRAP_REMAINING).set(remaining(&position, &behind));
-    let caught_up = |applied: u64| {
-        metrics::gauge!(m::CONTACTS_BOOTSTRAP_REMAINING).set(0.0);
-        metrics::gauge!(m::CONTACTS_BOOTSTRAP_SECONDS).set(started.elapsed().as_secs_f64());
-        tracing::info!(
-            records = applied,
-            pairs = cache.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "contacts caught up"
-        );
-    };
+    shared.set_remaining(slot, remaining(&position, &behind));
+    let mut applied = 0u64;
     if behind.is_empty() {
-        caught_up(0);
-        on_caught_up();
+        shared.caught_up(slot, 0);
     }
-    // The end offsets are reached: ready at the next idle poll (some brokers,
-    // Tansu 0.6, report a high watermark inside the last record batch).
+    // The end offsets are reached: caught up at the next idle poll (some
+    // brokers, Tansu 0.6, report a high watermark inside the last batch).
     let mut reached = false;
-    // Counter handles taken once: the loop runs per record.
-    let applied_consent = metrics::counter!(m::CONTACTS_APPLIED, "topic" => "consent");
-    let applied_windows = metrics::counter!(m::CONTACTS_APPLIED, "topic" => "windows");
-    while !stop.load(Ordering::Relaxed) {
+    // Counter handles taken once; counts added in steps of COUNT_EVERY.
+    let counters = [
+        metrics::counter!(m::CONTACTS_APPLIED, "topic" => "windows"),
+        metrics::counter!(m::CONTACTS_APPLIED, "topic" => "consent"),
+    ];
+    let mut uncounted = [0u64; 2];
+    let flush = |uncounted: &mut [u64; 2]| {
+        for (c, n) in counters.iter().zip(uncounted.iter_mut()) {
+            if *n > 0 {
+                c.increment(std::mem::take(n));
+            }
+        }
+    };
+    let consent_topic = parts.iter().find(|p| p.0).map(|p| p.1);
+    while !shared.stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(100)) {
             None => {
+                flush(&mut uncounted);
                 if reached {
                     reached = false;
-                    caught_up(applied);
-                    on_caught_up();
+                    shared.caught_up(slot, applied);
                 }
             }
             Some(Err(e)) => {
@@ -222,40 +402,125 @@ pub fn run(
                 std::thread::sleep(Duration::from_millis(200));
             }
             Some(Ok(m)) => {
-                let consent = m.topic() == consent_topic;
+                let consent = Some(m.topic()) == consent_topic;
                 // Keys are ASCII `{phone_number_id}:{wa_id}`; anything else
                 // is not ours and is skipped by `apply`.
                 let key = m
                     .key()
                     .and_then(|k| std::str::from_utf8(k).ok())
                     .unwrap_or("");
-                apply(&cache, consent, key, m.payload());
+                apply(&shared.cache, consent, key, m.payload());
                 applied += 1;
-                if consent {
-                    applied_consent.increment(1);
-                } else {
-                    applied_windows.increment(1);
+                let n = &mut uncounted[usize::from(consent)];
+                *n += 1;
+                if *n >= COUNT_EVERY {
+                    flush(&mut uncounted);
                 }
                 if !behind.is_empty() {
                     let k = (consent, m.partition());
                     if behind.get(&k).is_some_and(|end| m.offset() + 1 >= *end) {
                         behind.remove(&k);
-                        reached = behind.is_empty();
+                        if behind.is_empty() {
+                            reached = true;
+                            flush(&mut uncounted);
+                        }
                     } else if applied % 4096 == 0 {
                         position.insert(k, m.offset() + 1);
-                        metrics::gauge!(m::CONTACTS_BOOTSTRAP_REMAINING)
-                            .set(remaining(&position, &behind));
+                        shared.set_remaining(slot, remaining(&position, &behind));
                     }
                 }
             }
         }
     }
+    flush(&mut uncounted);
     Ok(())
 }
+
+/// Each reader's share of `wagate_consumer_lag{topic}`: a reader's
+/// statistics cover only its partitions, so the gauge is the sum over the
+/// readers of what each last reported.
+#[derive(Default)]
+struct SplitLag {
+    by_topic: std::sync::Mutex<HashMap<String, Vec<i64>>>,
+}
+
+struct ReaderContext {
+    slot: usize,
+    lags: Arc<SplitLag>,
+}
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        let mut by_topic = self.lags.by_topic.lock().unwrap_or_else(|e| e.into_inner());
+        for (topic, lag) in crate::kafka::consumer_lag_by_topic(&statistics) {
+            let slots = by_topic.entry(topic.to_string()).or_default();
+            if slots.len() <= self.slot {
+                slots.resize(self.slot + 1, 0);
+            }
+            slots[self.slot] = lag;
+            let total: i64 = slots.iter().sum();
+            metrics::gauge!(m::CONSUMER_LAG, "topic" => topic.to_string()).set(total as f64);
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The prefix fast paths agree with serde on everything this module
+    /// writes, and other encodings of the same values still parse.
+    #[test]
+    fn value_fast_paths_match_serde() {
+        for consent in [Consent::OptedIn, Consent::OptedOut, Consent::Unknown] {
+            for marketing in [Marketing::Allowed, Marketing::Stopped] {
+                let st = ContactState {
+                    consent,
+                    marketing,
+                    last_inbound_ms: None,
+                };
+                let e = consent_event("1", "2", &st, "import", 1_781_600_000_000, "x");
+                assert_eq!(consent_fields(&e.value), Some((consent, marketing)));
+                let other = serde_json::json!({
+                    "marketing": marketing, "source": "import", "consent": consent,
+                    "v": 1, "updated_at_ms": 5
+                });
+                let pretty = serde_json::to_vec_pretty(&other).unwrap();
+                assert_eq!(consent_fields(&pretty), Some((consent, marketing)));
+            }
+        }
+        for ms in [0u64, 1, 1_781_600_000_000, u64::MAX] {
+            let w = window_event("1", "2", ms, "x");
+            assert_eq!(window_field(&w.value), Some(ms));
+            let other = format!(r#"{{ "last_inbound_ms": {ms}, "v": 1 }}"#);
+            assert_eq!(window_field(other.as_bytes()), Some(ms));
+        }
+        // Not values of ours: nothing, from either path.
+        for bad in [
+            &br#"{"v":1,"consent":"opted_inx","marketing":"allowed"}"#[..],
+            br#"{"v":1,"consent":"opted_in","marketing":"allowedx"}"#,
+            br#"{"v":1,"consent":"maybe","marketing":"allowed"}"#,
+            br#"{"v":1,"consent":"opted_in""#,
+            b"",
+        ] {
+            assert_eq!(
+                consent_fields(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        for bad in [
+            &br#"{"v":1,"last_inbound_ms":}"#[..],
+            br#"{"v":1,"last_inbound_ms":-5}"#,
+            br#"{"v":1,"last_inbound_ms":99999999999999999999}"#,
+            br#"{"v":1,"last_inbound_ms":12"#,
+        ] {
+            assert_eq!(window_field(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn records_round_trip_through_the_cache() {

@@ -119,7 +119,17 @@ pub const STATISTICS_INTERVAL_MS: &str = "2000";
 /// position of the application). Topics whose partitions are no longer
 /// fetched here (after a rebalance) drop to 0.
 pub fn record_consumer_lag(stats: &rdkafka::statistics::Statistics) {
-    for (name, topic) in &stats.topics {
+    for (name, lag) in consumer_lag_by_topic(stats) {
+        metrics::gauge!(crate::metrics::CONSUMER_LAG, "topic" => name.to_string()).set(lag as f64);
+    }
+}
+
+/// Per topic in a consumer's statistics, the lag over the partitions this
+/// client is fetching (see [`record_consumer_lag`]).
+pub fn consumer_lag_by_topic(
+    stats: &rdkafka::statistics::Statistics,
+) -> impl Iterator<Item = (&str, i64)> {
+    stats.topics.iter().map(|(name, topic)| {
         let lag: i64 = topic
             .partitions
             .values()
@@ -134,8 +144,8 @@ pub fn record_consumer_lag(stats: &rdkafka::statistics::Statistics) {
                 }
             })
             .sum();
-        metrics::gauge!(crate::metrics::CONSUMER_LAG, "topic" => name.clone()).set(lag as f64);
-    }
+        (name.as_str(), lag)
+    })
 }
 
 /// Context for consumers that only need the lag gauge.

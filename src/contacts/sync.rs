@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::bindings as rdsys;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -127,6 +128,20 @@ pub fn apply(cache: &MemoryContacts, consent_topic: bool, key: &str, value: Opti
         (false, None) => cache.clear_window(pnid, wa_id),
     }
 }
+
+/// Prefetches what applying a record with this key will touch first (see
+/// [`MemoryContacts::prefetch_pair`]); call it a few records ahead.
+pub fn prefetch(cache: &MemoryContacts, key: &[u8]) {
+    if let Some((pnid, wa_id)) = std::str::from_utf8(key)
+        .ok()
+        .and_then(|k| k.split_once(':'))
+    {
+        cache.prefetch_pair(pnid, wa_id);
+    }
+}
+
+/// How many records ahead of the one applied a reader prefetches.
+pub const PREFETCH_AHEAD: usize = 8;
 
 /// `consent` and `marketing` of a `wa.consent` value. Values in the exact
 /// form this module writes (`{"v":1,"consent":"…","marketing":"…",…`) are
@@ -334,9 +349,96 @@ impl Shared {
 /// this many records, and whenever the reader goes idle or catches up.
 const COUNT_EVERY: u64 = 1024;
 
+/// Messages taken per batch read during the bootstrap.
+const BATCH: usize = 1024;
+
+/// One reader's progress: records applied, where it stands against the
+/// high watermarks it must reach before it is caught up.
+struct Progress<'a> {
+    slot: usize,
+    shared: &'a Shared,
+    /// Where "caught up" is: the high watermark of each partition at start,
+    /// keyed by (is the consent topic, partition). Emptied as reached.
+    behind: HashMap<(bool, i32), i64>,
+    /// Where each of those partitions is read up to (refreshed in steps).
+    position: HashMap<(bool, i32), i64>,
+    applied: u64,
+    /// The end offsets are reached: caught up at the next idle read (some
+    /// brokers, Tansu 0.6, report a high watermark inside the last batch).
+    reached: bool,
+    /// Counter handles taken once (windows, consent); counts added in
+    /// steps of COUNT_EVERY.
+    counters: [metrics::Counter; 2],
+    uncounted: [u64; 2],
+}
+
+impl Progress<'_> {
+    fn remaining(&self) -> i64 {
+        self.behind
+            .iter()
+            .map(|(k, end)| end - self.position.get(k).copied().unwrap_or(0))
+            .sum::<i64>()
+            .max(0)
+    }
+
+    fn flush(&mut self) {
+        for (c, n) in self.counters.iter().zip(self.uncounted.iter_mut()) {
+            if *n > 0 {
+                c.increment(std::mem::take(n));
+            }
+        }
+    }
+
+    /// Applies one record (keys are ASCII `{phone_number_id}:{wa_id}`;
+    /// anything else is not ours and is skipped by `apply`).
+    #[inline]
+    fn record(
+        &mut self,
+        consent: bool,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) {
+        let key = key.and_then(|k| std::str::from_utf8(k).ok()).unwrap_or("");
+        apply(&self.shared.cache, consent, key, value);
+        self.applied += 1;
+        let n = &mut self.uncounted[usize::from(consent)];
+        *n += 1;
+        if *n >= COUNT_EVERY {
+            self.flush();
+        }
+        if !self.behind.is_empty() {
+            let k = (consent, partition);
+            if self.behind.get(&k).is_some_and(|end| offset + 1 >= *end) {
+                self.behind.remove(&k);
+                if self.behind.is_empty() {
+                    self.reached = true;
+                    self.flush();
+                }
+            } else if self.applied % 4096 == 0 {
+                self.position.insert(k, offset + 1);
+                self.shared.set_remaining(self.slot, self.remaining());
+            }
+        }
+    }
+
+    /// Nothing came in a read: counts go out, and a reader past its end
+    /// offsets is caught up. True once caught up.
+    fn idle(&mut self) -> bool {
+        self.flush();
+        if self.reached {
+            self.reached = false;
+            self.shared.caught_up(self.slot, self.applied);
+            return true;
+        }
+        false
+    }
+}
+
 /// One reader: assigns `parts` (is consent, topic, partition) from the
 /// beginning, applies every record, reports when caught up, tails until
-/// `stop`.
+/// `stop`. The bootstrap reads in batches ([`BatchRead`]); the tail polls.
 fn read(
     slot: usize,
     consumer: &BaseConsumer<ReaderContext>,
@@ -345,57 +447,39 @@ fn read(
 ) -> Result<(), rdkafka::error::KafkaError> {
     let timeout = Duration::from_secs(10);
     let mut tpl = TopicPartitionList::new();
-    // Where "caught up" is: the high watermark of each partition now,
-    // keyed by (is the consent topic, partition).
-    let mut behind: HashMap<(bool, i32), i64> = HashMap::new();
-    // Progress: where each of those partitions is read up to.
-    let mut position: HashMap<(bool, i32), i64> = HashMap::new();
+    let mut progress = Progress {
+        slot,
+        shared,
+        behind: HashMap::new(),
+        position: HashMap::new(),
+        applied: 0,
+        reached: false,
+        counters: [
+            metrics::counter!(m::CONTACTS_APPLIED, "topic" => "windows"),
+            metrics::counter!(m::CONTACTS_APPLIED, "topic" => "consent"),
+        ],
+        uncounted: [0; 2],
+    };
     for &(consent, topic, p) in parts {
         let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
         if high > low {
-            behind.insert((consent, p), high);
-            position.insert((consent, p), low);
+            progress.behind.insert((consent, p), high);
+            progress.position.insert((consent, p), low);
         }
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
-    let remaining = |position: &HashMap<(bool, i32), i64>, behind: &HashMap<(bool, i32), i64>| {
-        behind
-            .iter()
-            .map(|(k, end)| end - position.get(k).copied().unwrap_or(0))
-            .sum::<i64>()
-            .max(0)
-    };
-    shared.set_remaining(slot, remaining(&position, &behind));
-    let mut applied = 0u64;
-    if behind.is_empty() {
-        shared.caught_up(slot, 0);
-    }
-    // The end offsets are reached: caught up at the next idle poll (some
-    // brokers, Tansu 0.6, report a high watermark inside the last batch).
-    let mut reached = false;
-    // Counter handles taken once; counts added in steps of COUNT_EVERY.
-    let counters = [
-        metrics::counter!(m::CONTACTS_APPLIED, "topic" => "windows"),
-        metrics::counter!(m::CONTACTS_APPLIED, "topic" => "consent"),
-    ];
-    let mut uncounted = [0u64; 2];
-    let flush = |uncounted: &mut [u64; 2]| {
-        for (c, n) in counters.iter().zip(uncounted.iter_mut()) {
-            if *n > 0 {
-                c.increment(std::mem::take(n));
-            }
-        }
-    };
+    shared.set_remaining(slot, progress.remaining());
     let consent_topic = parts.iter().find(|p| p.0).map(|p| p.1);
+    if progress.behind.is_empty() {
+        shared.caught_up(slot, 0);
+    } else {
+        bootstrap(consumer, consent_topic, &mut progress);
+    }
     while !shared.stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(100)) {
             None => {
-                flush(&mut uncounted);
-                if reached {
-                    reached = false;
-                    shared.caught_up(slot, applied);
-                }
+                progress.idle();
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "contacts sync: consumer error");
@@ -403,37 +487,164 @@ fn read(
             }
             Some(Ok(m)) => {
                 let consent = Some(m.topic()) == consent_topic;
-                // Keys are ASCII `{phone_number_id}:{wa_id}`; anything else
-                // is not ours and is skipped by `apply`.
-                let key = m
-                    .key()
-                    .and_then(|k| std::str::from_utf8(k).ok())
-                    .unwrap_or("");
-                apply(&shared.cache, consent, key, m.payload());
-                applied += 1;
-                let n = &mut uncounted[usize::from(consent)];
-                *n += 1;
-                if *n >= COUNT_EVERY {
-                    flush(&mut uncounted);
-                }
-                if !behind.is_empty() {
-                    let k = (consent, m.partition());
-                    if behind.get(&k).is_some_and(|end| m.offset() + 1 >= *end) {
-                        behind.remove(&k);
-                        if behind.is_empty() {
-                            reached = true;
-                            flush(&mut uncounted);
-                        }
-                    } else if applied % 4096 == 0 {
-                        position.insert(k, m.offset() + 1);
-                        shared.set_remaining(slot, remaining(&position, &behind));
-                    }
-                }
+                progress.record(consent, m.partition(), m.offset(), m.key(), m.payload());
             }
         }
     }
-    flush(&mut uncounted);
+    progress.flush();
     Ok(())
+}
+
+/// Reads in batches until caught up (or `stop`).
+fn bootstrap(
+    consumer: &BaseConsumer<ReaderContext>,
+    consent_topic: Option<&str>,
+    progress: &mut Progress<'_>,
+) {
+    let Some(mut batch) = BatchRead::new(consumer, BATCH) else {
+        return; // no consumer queue: the poll loop reads it all
+    };
+    let consent_topic = consent_topic.map(str::as_bytes);
+    // The topic of the last message seen, by handle: one name comparison
+    // per change of topic, not per message.
+    let mut last_topic: (*const rdsys::rd_kafka_topic_t, bool) = (std::ptr::null(), false);
+    while !progress.shared.stop.load(Ordering::Relaxed) {
+        let n = batch.read(Duration::from_millis(100));
+        if n == 0 {
+            if progress.idle() {
+                return;
+            }
+            continue;
+        }
+        let cache = &*progress.shared.cache;
+        let messages: Vec<RawMessage<'_>> = batch.messages().collect();
+        for (i, m) in messages.iter().enumerate() {
+            if let Some(key) = messages.get(i + PREFETCH_AHEAD).and_then(|m| m.key()) {
+                prefetch(cache, key);
+            }
+            if let Some(code) = m.error() {
+                tracing::warn!(error = %code, "contacts sync: consumer error");
+                continue;
+            }
+            if m.topic != last_topic.0 {
+                last_topic = (m.topic, Some(m.topic_name()) == consent_topic);
+            }
+            progress.record(last_topic.1, m.partition, m.offset, m.key(), m.value());
+        }
+    }
+}
+
+/// librdkafka's batch read of a consumer's queue
+/// (`rd_kafka_consume_batch_queue`): one call hands back up to `capacity`
+/// messages, where rdkafka's `poll` takes one event per message (a queue
+/// wait, clock reads and an allocation each). Only for the bootstrap: with
+/// it librdkafka serves statistics as callbacks, which rdkafka does not
+/// set (it takes them as events), so `wagate_consumer_lag` from this
+/// consumer pauses until the tail goes back to `poll`.
+struct BatchRead<'c> {
+    queue: *mut rdsys::rd_kafka_queue_t,
+    slots: Vec<*mut rdsys::rd_kafka_message_t>,
+    len: usize,
+    _consumer: std::marker::PhantomData<&'c BaseConsumer<ReaderContext>>,
+}
+
+impl<'c> BatchRead<'c> {
+    fn new(consumer: &'c BaseConsumer<ReaderContext>, capacity: usize) -> Option<Self> {
+        // SAFETY: the client handle is valid for 'c; the queue reference
+        // taken here is released in Drop, before the consumer can go.
+        let queue = unsafe { rdsys::rd_kafka_queue_get_consumer(consumer.client().native_ptr()) };
+        (!queue.is_null()).then(|| BatchRead {
+            queue,
+            slots: vec![std::ptr::null_mut(); capacity],
+            len: 0,
+            _consumer: std::marker::PhantomData,
+        })
+    }
+
+    /// Releases the last batch and reads the next: how many messages came
+    /// (0 after `timeout` with none).
+    fn read(&mut self, timeout: Duration) -> usize {
+        self.release();
+        let ms = timeout.as_millis().min(i32::MAX as u128) as std::ffi::c_int;
+        // SAFETY: `slots` has room for `slots.len()` pointers; librdkafka
+        // fills the first n (n ≤ that) and hands their ownership to us.
+        let n = unsafe {
+            rdsys::rd_kafka_consume_batch_queue(
+                self.queue,
+                ms,
+                self.slots.as_mut_ptr(),
+                self.slots.len(),
+            )
+        };
+        self.len = usize::try_from(n).unwrap_or(0).min(self.slots.len());
+        self.len
+    }
+
+    fn messages(&self) -> impl Iterator<Item = RawMessage<'_>> {
+        self.slots[..self.len].iter().map(|&p| {
+            // SAFETY: each of the first `len` slots is a message librdkafka
+            // handed over, alive until `release`, which needs `&mut self`.
+            let m = unsafe { &*p };
+            RawMessage {
+                topic: m.rkt,
+                partition: m.partition,
+                offset: m.offset,
+                inner: m,
+            }
+        })
+    }
+
+    fn release(&mut self) {
+        for &p in &self.slots[..self.len] {
+            // SAFETY: owned by us since `read`, destroyed exactly once.
+            unsafe { rdsys::rd_kafka_message_destroy(p) };
+        }
+        self.len = 0;
+    }
+}
+
+impl Drop for BatchRead<'_> {
+    fn drop(&mut self) {
+        self.release();
+        // SAFETY: the reference taken in `new`, released once.
+        unsafe { rdsys::rd_kafka_queue_destroy(self.queue) };
+    }
+}
+
+/// A message of a [`BatchRead`], borrowed until the next read.
+struct RawMessage<'b> {
+    topic: *const rdsys::rd_kafka_topic_t,
+    partition: i32,
+    offset: i64,
+    inner: &'b rdsys::rd_kafka_message_t,
+}
+
+impl<'b> RawMessage<'b> {
+    fn error(&self) -> Option<rdkafka::error::RDKafkaErrorCode> {
+        (self.inner.err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR)
+            .then(|| self.inner.err.into())
+    }
+
+    fn topic_name(&self) -> &'b [u8] {
+        // SAFETY: a message's topic handle and its NUL-terminated name live
+        // as long as the message.
+        unsafe { std::ffi::CStr::from_ptr(rdsys::rd_kafka_topic_name(self.topic)) }.to_bytes()
+    }
+
+    fn key(&self) -> Option<&'b [u8]> {
+        bytes(self.inner.key, self.inner.key_len)
+    }
+
+    fn value(&self) -> Option<&'b [u8]> {
+        bytes(self.inner.payload, self.inner.len)
+    }
+}
+
+/// The bytes at `ptr` (`None` for a null pointer: no key, a tombstone).
+fn bytes<'b>(ptr: *mut std::ffi::c_void, len: usize) -> Option<&'b [u8]> {
+    // SAFETY: librdkafka's key/payload pointers are either null or point
+    // at `len` bytes owned by the message, which outlives 'b.
+    (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr as *const u8, len) })
 }
 
 /// Each reader's share of `wagate_consumer_lag{topic}`: a reader's

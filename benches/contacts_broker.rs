@@ -13,7 +13,9 @@
 //!
 //! `WAGATE_BENCH_BOOTSTRAP_RUNS=N` repeats (a)'s timed bootstrap N times
 //! over the same records (default 3; 1 at smoke size), and
-//! `WAGATE_BENCH_ONLY=bootstrap` skips (b).
+//! `WAGATE_BENCH_ONLY=bootstrap` skips (b). `WAGATE_BENCH_RECORDS=N` sets
+//! the records of (a) with `--bench` (default 1,000,000: 500,000 pairs;
+//! 20,000,000 for the 10 million pairs).
 //!
 //! `WAGATE_BENCH_CONSUMER_CONFIG=k=v,k=v` adds librdkafka properties to the
 //! two bare consumers (not to sync::run), to try settings without changing
@@ -62,7 +64,10 @@ struct Sizes {
 fn sizes() -> Sizes {
     if std::env::args().any(|a| a == "--bench") {
         Sizes {
-            records: 1_000_000,
+            records: std::env::var("WAGATE_BENCH_RECORDS").map_or(1_000_000, |v| {
+                v.parse()
+                    .expect("WAGATE_BENCH_RECORDS is a number of records")
+            }),
             stops: 300,
         }
     } else {

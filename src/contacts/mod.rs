@@ -52,30 +52,38 @@ pub trait Contacts: Send + Sync + 'static {
     fn erase(&self, phone_number_id: &str, wa_id: &str);
 }
 
-/// A pair as two integers. Ids that are not plain digits (never seen from
-/// Meta) are folded into a hash so they still work.
+/// A pair as two integers. Ids of 1–16 ASCII digits (every id Meta sends:
+/// E.164 numbers have at most 15, phone number ids 15–16) are packed one
+/// digit per nibble; anything else is folded into a hash so it still works.
+/// The integers live only in memory (never stored or compared across
+/// processes), so only their uniqueness matters, not their value.
 pub fn pair_key(phone_number_id: &str, wa_id: &str) -> (u64, u64) {
     (digits_or_hash(phone_number_id), digits_or_hash(wa_id))
 }
 
+/// The top nibble of every hashed id: never the top nibble of a packed one
+/// (a digit, or 0xF after a shorter id), so the two kinds cannot collide.
+const HASHED: u64 = 0xE << 60;
+
 fn digits_or_hash(s: &str) -> u64 {
     let d = s.trim_start_matches('+').as_bytes();
-    if let Some(n) = parse_digits(d) {
+    if let Some(n) = pack_digits(d) {
         n
     } else {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         s.hash(&mut h);
-        h.finish() | (1 << 63)
+        (h.finish() & !(0xF << 60)) | HASHED
     }
 }
 
-/// The value of 1–19 ASCII digits (fits in a u64), else `None`. Eight
-/// digits at a time (SWAR): a lookup parses two ids, and the byte-by-byte
-/// loop was a third of a lookup's cost.
-fn parse_digits(d: &[u8]) -> Option<u64> {
+/// 1–16 ASCII digits packed one per nibble, the first in the lowest, the
+/// nibbles past the last digit set to 0xF (not a digit: ids of different
+/// lengths stay distinct); else `None`. Eight digits at a time (SWAR) with
+/// shifts only: a lookup packs two ids, and parsing them as decimal numbers
+/// (multiplies) was a third of a lookup's cost.
+fn pack_digits(d: &[u8]) -> Option<u64> {
     const ZEROS: u64 = 0x3030_3030_3030_3030;
-    const POW10: [u64; 8] = [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000];
     // Digit values of eight ASCII bytes, or None if one is not a digit:
     // neither x - '0' nor x + ('0' + 128 - ':') may set a byte's high bit
     // (a byte that would borrow or carry sets its own high bit first, so
@@ -85,47 +93,38 @@ fn parse_digits(d: &[u8]) -> Option<u64> {
         let above = x.wrapping_add(0x4646_4646_4646_4646);
         ((below | above) & 0x8080_8080_8080_8080 == 0).then_some(below)
     };
+    // Eight values (0–9, one per byte) into eight nibbles, in order.
+    let pack = |v: u64| {
+        let v = (v | (v >> 4)) & 0x00ff_00ff_00ff_00ff;
+        let v = (v | (v >> 8)) & 0x0000_ffff_0000_ffff;
+        (v | (v >> 16)) & 0xffff_ffff
+    };
+    let eight = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
     let len = d.len();
-    if len == 0 || len > 19 {
-        return None;
-    }
-    if len < 8 {
-        let mut n = 0u64;
-        for &b in d {
-            if !b.is_ascii_digit() {
-                return None;
+    match len {
+        1..=7 => {
+            let mut n = u64::MAX;
+            for (i, &b) in d.iter().enumerate() {
+                if !b.is_ascii_digit() {
+                    return None;
+                }
+                n = (n & !(0xF << (4 * i))) | (u64::from(b - b'0') << (4 * i));
             }
-            n = n * 10 + u64::from(b - b'0');
+            Some(n)
         }
-        return Some(n);
+        8..=16 => {
+            let low = pack(values(eight(&d[..8]))?);
+            // The last eight bytes (overlapping the first eight when
+            // len < 16): their top len - 8 nibbles are the remaining digits.
+            let r = len - 8;
+            let last = pack(values(eight(&d[len - 8..]))?);
+            let rest = (last >> (4 * (8 - r))) | ((0xffff_ffff << (4 * r)) & 0xffff_ffff);
+            Some(low | (rest << 32))
+        }
+        _ => None,
     }
-    let mut n = 0u64;
-    let mut chunks = d.chunks_exact(8);
-    for c in &mut chunks {
-        let x = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-        n = n * 100_000_000 + eight_digits(values(x)?);
-    }
-    let r = chunks.remainder().len();
-    if r > 0 {
-        // The last eight bytes, with the (8 - r) already counted ones
-        // (the low bytes) turned into '0': the value of the last r digits.
-        let x = u64::from_le_bytes(d[len - 8..].try_into().expect("8 bytes"));
-        let counted = (1u64 << ((8 - r) * 8)) - 1;
-        let x = (x & !counted) | (ZEROS & counted);
-        n = n * POW10[r] + eight_digits(values(x)?);
-    }
-    Some(n)
 }
 
-/// Eight digit values (0–9, the first digit in the lowest byte) as a number.
-fn eight_digits(v: u64) -> u64 {
-    let v = (v & 0x000f_000f_000f_000f) * 10 + ((v >> 8) & 0x000f_000f_000f_000f);
-    let v = (v & 0x0000_00ff_0000_00ff) * 100 + ((v >> 16) & 0x0000_00ff_0000_00ff);
-    (v & 0x0000_0000_0000_ffff) * 10_000 + ((v >> 32) & 0x0000_0000_0000_ffff)
-}
-
-/// Packed entry: consent (2 bits) | marketing (1 bit) | last inbound in
-/// seconds (rest), in one u64.
 /// A hint to bring the cache line at address `addr` into L1; a no-op where
 /// the architecture has no such hint here.
 #[inline(always)]
@@ -450,40 +449,64 @@ mod tests {
         }
     }
 
+    /// The packing, one digit at a time.
     fn slow(d: &[u8]) -> Option<u64> {
-        (!d.is_empty() && d.len() <= 19 && d.iter().all(u8::is_ascii_digit))
-            .then(|| d.iter().fold(0u64, |n, b| n * 10 + u64::from(b - b'0')))
+        ((1..=16).contains(&d.len()) && d.iter().all(u8::is_ascii_digit)).then(|| {
+            d.iter().enumerate().fold(u64::MAX, |n, (i, b)| {
+                (n & !(0xF << (4 * i))) | (u64::from(b - b'0') << (4 * i))
+            })
+        })
     }
 
     #[test]
-    fn digit_parsing_edges() {
+    fn digit_packing_edges() {
         for s in [
             "0",
             "9",
+            "1234567",
             "12345678",
             "123456789",
             "1234567890123456",
             "14155550123",
             "109876543210987",
-            "9999999999999999999",
-            "99999999999999999999",
+            "9999999999999999",
+            "99999999999999999",
             "",
             "1234567/",
             "1234567:",
             "12345678a",
+            "123456789012345/",
             "/0000000",
             "\u{ff}1234567",
         ] {
-            assert_eq!(parse_digits(s.as_bytes()), slow(s.as_bytes()), "{s:?}");
+            assert_eq!(pack_digits(s.as_bytes()), slow(s.as_bytes()), "{s:?}");
         }
+        assert_eq!(pack_digits(b"1"), Some(0xFFFF_FFFF_FFFF_FFF1));
+        assert_eq!(
+            pack_digits(b"1234567890123456"),
+            Some(0x6543_2109_8765_4321)
+        );
+        assert_ne!(pair_key("", "0"), pair_key("", "00"));
+        assert_eq!(pair_key("+14155550123", "1"), pair_key("14155550123", "1"));
+        assert_eq!(digits_or_hash("12345678901234567") >> 60, 0xE);
+        assert_eq!(digits_or_hash("abc") >> 60, 0xE);
     }
 
     proptest::proptest! {
         #[test]
-        fn digit_parsing_matches_the_byte_loop(d in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
+        fn digit_packing_matches_the_byte_loop(d in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
                                                digits in "[0-9]{1,21}") {
-            proptest::prop_assert_eq!(parse_digits(&d), slow(&d));
-            proptest::prop_assert_eq!(parse_digits(digits.as_bytes()), slow(digits.as_bytes()));
+            proptest::prop_assert_eq!(pack_digits(&d), slow(&d));
+            proptest::prop_assert_eq!(pack_digits(digits.as_bytes()), slow(digits.as_bytes()));
+        }
+
+        #[test]
+        fn distinct_ids_get_distinct_keys(a in "[0-9]{1,16}", b in "[0-9]{1,16}", other in "[0-9]{17,20}|.*[^0-9+].*") {
+            let (ka, kb) = (digits_or_hash(&a), digits_or_hash(&b));
+            proptest::prop_assert_eq!(ka == kb, a == b);
+            // Packed ids never land in the hashed ids' range.
+            proptest::prop_assert_ne!(ka >> 60, 0xE);
+            proptest::prop_assert_eq!(digits_or_hash(&other) >> 60, 0xE);
         }
     }
 }

@@ -141,6 +141,27 @@ fn prefetch(addr: usize) {
     let _ = addr;
 }
 
+/// As [`prefetch`], asking for the line in a state this core may write
+/// (PREFETCHW): for a lock word the next instruction will update. Written
+/// as the instruction itself: `_mm_prefetch` with a write hint becomes a
+/// plain read prefetch unless the whole build targets `prfchw`, and CPUs
+/// without PREFETCHW execute its encoding as a no-op.
+#[inline(always)]
+fn prefetch_for_write(addr: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults, whatever the address,
+    // reads nothing into the program and writes nothing.
+    unsafe {
+        std::arch::asm!(
+            "prefetchw [{0}]",
+            in(reg) addr,
+            options(nostack, preserves_flags, readonly)
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Packed(u64);
 
@@ -260,6 +281,11 @@ impl MemoryContacts {
 
     #[inline]
     fn prefetch_home(&self, hash: u64, shard: usize) {
+        // The shard's lock word (and the table's header beside it): taking
+        // the read lock writes it, and under two threads its line is often
+        // in the other core's cache; fetched for writing, its transfer
+        // overlaps the table's misses.
+        prefetch_for_write(std::ptr::from_ref(&self.map.shards()[shard]) as usize);
         let home = &self.homes[shard];
         let (end, mask) = (
             home.data_end.load(Ordering::Relaxed),

@@ -30,6 +30,15 @@ cost() { # cost REQUESTS name:pid:ticks_before ...
 # Requests the load generator completed in its last run (warm-up included:
 # the tick samples cover it too).
 sent() { sed -n 's/^generator .*(\([0-9]*\) requests sent in all)/\1/p' "$1"; }
+# Runs the load generator (args: URL CONNECTIONS), prints its report and its
+# own CPU per request: it shares the two cores with the server under test.
+TIMEFORMAT='%U %S'
+load() {
+  { time $L run --url "$1" --connections "$2" --duration-secs "$dur" --warmup-secs 1 \
+      >"$dir/run.out" 2>"$dir/run.err"; } 2>"$dir/run.time"
+  cat "$dir/run.err" >&2; cat "$dir/run.out"
+  awk -v n="$(sent "$dir/run.out")" '{printf "loadgen cpu per request: %.1f us\n", ($1 + $2) * 1e6 / n}' "$dir/run.time"
+}
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; scripts/tansu.sh stop "$dir" || true; }
 trap cleanup EXIT
 
@@ -42,7 +51,7 @@ bp="${pids[0]}"
 for c in "${conns[@]}"; do
   echo "-- baseline connections=$c"
   b0=$(ticks "$bp")
-  $L run --url "http://$base/webhook" --connections "$c" --duration-secs "$dur" --warmup-secs 1 | tee "$dir/run.out"
+  load "http://$base/webhook" "$c"
   cost "$(sent "$dir/run.out")" "server:$bp:$b0"
 done
 kill "${pids[0]}" 2>/dev/null || true
@@ -60,7 +69,7 @@ gp="${pids[1]}"; tp=$(cat "$dir/tansu.pid")
 for c in "${conns[@]}"; do
   echo "-- gateway connections=$c"
   g0=$(ticks "$gp"); t0=$(ticks "$tp")
-  $L run --url "http://127.0.0.1:18080/webhook" --connections "$c" --duration-secs "$dur" --warmup-secs 1 | tee "$dir/run.out"
+  load "http://127.0.0.1:18080/webhook" "$c"
   cost "$(sent "$dir/run.out")" "gateway:$gp:$g0" "tansu:$tp:$t0"
 done
 echo "-- gateway metrics"

@@ -241,6 +241,7 @@ fn bootstrap(rt: &tokio::runtime::Runtime, brokers: &str, records: u64) {
                     &headers,
                     shared.clone(),
                     0,
+                    0,
                 ) {
                     Ok(()) => break,
                     Err(SendError::QueueFull) => {
@@ -736,7 +737,7 @@ struct Counts {
 }
 
 impl RecordAck for Counts {
-    fn done(&self, _tag: u32, result: Result<(), &rdkafka::error::KafkaError>) {
+    fn done(&self, _id: u64, _tag: u32, result: Result<(), &rdkafka::error::KafkaError>) {
         let counter = if result.is_ok() {
             &self.acked
         } else {

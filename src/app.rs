@@ -49,6 +49,20 @@ impl Gateway {
     /// (use port 0 to get free ones; see `public_addr`).
     pub async fn start(cfg: Config) -> anyhow::Result<Gateway> {
         let metrics = m::install();
+        // Every body under server.max_body_bytes must be storable: refuse to
+        // start (before any port is bound) when a topic ingress writes takes
+        // smaller records. A broker that cannot say is warned about.
+        match crate::kafka::check_record_limit(&cfg.kafka, Duration::from_secs(3)).await {
+            Ok(Some(small)) if !small.is_empty() => {
+                let why: Vec<String> = small.iter().map(|s| s.to_string()).collect();
+                anyhow::bail!("kafka: {}", why.join("; "));
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => tracing::warn!(
+                needed = cfg.kafka.message_max_bytes,
+                "kafka: could not read the max.message.bytes of the inbound topics; a body the broker refuses as too large is answered 503"
+            ),
+        }
         let producer = KafkaProducer::new(&cfg.kafka)
             .map_err(|e| anyhow::anyhow!("kafka.brokers: cannot create the producer: {e}"))?;
         // Ingress batches longer than egress (librdkafka sends one partition
@@ -91,7 +105,7 @@ impl Gateway {
                 requests_topic: crate::kafka::TopicNames::new(&cfg.kafka.topic_prefix)
                     .full("outbound.requests"),
                 ack_timeout: cfg.ingress.ack_timeout,
-                body_timeout: cfg.body_read_timeout,
+                body_limits: http::BodyLimits::of(&cfg, crate::admin::api::MAX_API_BODY),
             },
         });
 
@@ -102,6 +116,8 @@ impl Gateway {
         let (shutdown, rx) = watch::channel(false);
         let limits = Limits {
             max_connections: cfg.max_connections,
+            max_connections_per_peer: cfg.max_connections_per_peer,
+            h2_max_concurrent_streams: cfg.h2_max_concurrent_streams,
             header_read_timeout: cfg.header_read_timeout,
             shutdown_timeout: cfg.shutdown_timeout,
         };

@@ -68,6 +68,13 @@ pub struct RawServer {
     /// After SIGTERM: how long `/readyz` answers 503 while the listeners
     /// still serve, so a load balancer stops routing here first.
     pub shutdown_grace_ms: u64,
+    /// Open connections one peer address may hold (0: no per-peer cap; set
+    /// it when the listener faces the internet without a load balancer).
+    pub max_connections_per_peer: u64,
+    /// Concurrent streams per HTTP/2 connection.
+    pub h2_max_concurrent_streams: u64,
+    /// After a one-second grace, a body must arrive at least this fast.
+    pub min_body_bytes_per_sec: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,6 +101,14 @@ pub struct RawIngress {
     pub dedupe_max_entries: u64,
     pub max_in_flight: u64,
     pub linger_ms: u64,
+    /// Signed bodies' bytes being processed at once; beyond: 503.
+    pub max_in_flight_bytes: u64,
+    /// Deepest JSON nesting of a body that is exploded (deeper: kept raw).
+    pub max_json_depth: u64,
+    /// Most events one POST is exploded into (more: kept raw).
+    pub max_events_per_post: u64,
+    /// A POST's records may total this many bytes per body byte, plus 1 MiB.
+    pub max_record_bytes_factor: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -231,6 +246,9 @@ impl Default for RawServer {
             max_connections: 10_000,
             shutdown_timeout_ms: 30_000,
             shutdown_grace_ms: 0,
+            max_connections_per_peer: 0,
+            h2_max_concurrent_streams: 32,
+            min_body_bytes_per_sec: 4096,
         }
     }
 }
@@ -261,6 +279,11 @@ impl Default for RawIngress {
             dedupe_max_entries: 2_000_000,
             max_in_flight: 4_096,
             linger_ms: 20,
+            max_in_flight_bytes: 256 * 1024 * 1024,
+            max_json_depth: crate::meta::webhook::Limits::DEFAULT.max_depth as u64,
+            max_events_per_post: crate::meta::webhook::Limits::DEFAULT.max_events as u64,
+            max_record_bytes_factor: crate::meta::webhook::Limits::DEFAULT.record_bytes_factor
+                as u64,
         }
     }
 }
@@ -365,6 +388,10 @@ pub struct Config {
     pub max_connections: usize,
     pub shutdown_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// 0: no per-peer cap.
+    pub max_connections_per_peer: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub min_body_bytes_per_sec: u64,
     pub kafka: KafkaConfig,
     pub ingress: IngressConfig,
     pub egress: EgressConfig,
@@ -386,7 +413,14 @@ pub struct KafkaConfig {
     pub partitions: i32,
     pub replication_factor: i32,
     pub client_id: String,
+    /// librdkafka's `message.max.bytes` and the `max.message.bytes` that
+    /// `topics create` sets: `server.max_body_bytes` + 64 KiB, so that every
+    /// body under the limit (and every record made of it) can be stored.
+    pub message_max_bytes: usize,
 }
+
+/// What a record may add to the largest body: headers, key, envelope.
+pub const RECORD_OVERHEAD_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct IngressConfig {
@@ -399,6 +433,8 @@ pub struct IngressConfig {
     /// The ingress producer's batching window (its own producer when it
     /// differs from `kafka.linger_ms`).
     pub linger_ms: u64,
+    pub max_in_flight_bytes: usize,
+    pub limits: crate::meta::webhook::Limits,
 }
 
 #[derive(Debug, Clone)]
@@ -972,6 +1008,18 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
             }
             Duration::from_millis(s.shutdown_grace_ms)
         },
+        max_connections_per_peer: s.max_connections_per_peer.min(u32::MAX as u64) as usize,
+        h2_max_concurrent_streams: {
+            let n = positive(
+                "server.h2_max_concurrent_streams",
+                s.h2_max_concurrent_streams,
+            )?;
+            if n > 1024 {
+                return Err(invalid("server.h2_max_concurrent_streams", "at most 1024"));
+            }
+            n as u32
+        },
+        min_body_bytes_per_sec: s.min_body_bytes_per_sec,
         kafka: KafkaConfig {
             brokers: k.brokers.trim().to_string(),
             topic_prefix: k.topic_prefix.clone(),
@@ -986,6 +1034,7 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
             replication_factor: positive("kafka.replication_factor", k.replication_factor)?.min(100)
                 as i32,
             client_id: k.client_id.clone(),
+            message_max_bytes: max_body_bytes as usize + RECORD_OVERHEAD_BYTES,
         },
         ingress: IngressConfig {
             ack_timeout: Duration::from_millis(positive(
@@ -1009,6 +1058,31 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
                     ));
                 }
                 i.linger_ms
+            },
+            max_in_flight_bytes: {
+                let n = positive("ingress.max_in_flight_bytes", i.max_in_flight_bytes)?;
+                if n < max_body_bytes {
+                    return Err(invalid(
+                        "ingress.max_in_flight_bytes",
+                        "must be at least server.max_body_bytes",
+                    ));
+                }
+                n.min(u32::MAX as u64) as usize
+            },
+            limits: crate::meta::webhook::Limits {
+                max_depth: {
+                    if !(8..=512).contains(&i.max_json_depth) {
+                        return Err(invalid("ingress.max_json_depth", "between 8 and 512"));
+                    }
+                    i.max_json_depth as usize
+                },
+                max_events: positive("ingress.max_events_per_post", i.max_events_per_post)?
+                    .min(1_000_000) as usize,
+                record_bytes_factor: positive(
+                    "ingress.max_record_bytes_factor",
+                    i.max_record_bytes_factor,
+                )?
+                .min(64) as usize,
             },
         },
         egress: EgressConfig {

@@ -13,6 +13,8 @@ pub const WEBHOOK_REQUESTS: &str = "wagate_webhook_requests_total";
 pub const WEBHOOK_EVENTS: &str = "wagate_webhook_events_total";
 pub const WEBHOOK_DUPLICATES: &str = "wagate_webhook_duplicates_total";
 pub const WEBHOOK_UNPARSEABLE: &str = "wagate_webhook_unparseable_total";
+pub const WEBHOOK_OVER_LIMIT: &str = "wagate_webhook_over_limit_total";
+pub const HTTP_ERRORS: &str = "wagate_http_errors_total";
 pub const WEBHOOK_ACK_SECONDS: &str = "wagate_webhook_ack_seconds";
 pub const WEBHOOK_IN_FLIGHT: &str = "wagate_webhook_in_flight";
 pub const KAFKA_PRODUCE_SECONDS: &str = "wagate_kafka_produce_seconds";
@@ -68,10 +70,32 @@ pub enum WebhookOutcome {
     /// GET handshake answered 200 / 403.
     HandshakeOk,
     HandshakeForbidden,
+    /// 200: signed, but past a per-POST limit (events, record bytes); kept
+    /// on the raw topic.
+    OverLimit,
+    /// 405: a method other than GET or POST on a webhook route.
+    MethodNotAllowed,
 }
 
 impl WebhookOutcome {
-    pub const COUNT: usize = WebhookOutcome::HandshakeForbidden as usize + 1;
+    pub const COUNT: usize = WebhookOutcome::MethodNotAllowed as usize + 1;
+
+    pub const ALL: [WebhookOutcome; WebhookOutcome::COUNT] = [
+        WebhookOutcome::Ok,
+        WebhookOutcome::Unparseable,
+        WebhookOutcome::SignatureMissing,
+        WebhookOutcome::SignatureMalformed,
+        WebhookOutcome::SignatureMismatch,
+        WebhookOutcome::UnknownApp,
+        WebhookOutcome::TooLarge,
+        WebhookOutcome::BodyTimeout,
+        WebhookOutcome::BadRequest,
+        WebhookOutcome::Unavailable,
+        WebhookOutcome::HandshakeOk,
+        WebhookOutcome::HandshakeForbidden,
+        WebhookOutcome::OverLimit,
+        WebhookOutcome::MethodNotAllowed,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -87,8 +111,66 @@ impl WebhookOutcome {
             WebhookOutcome::Unavailable => "unavailable",
             WebhookOutcome::HandshakeOk => "handshake_ok",
             WebhookOutcome::HandshakeForbidden => "handshake_forbidden",
+            WebhookOutcome::OverLimit => "over_limit",
+            WebhookOutcome::MethodNotAllowed => "method_not_allowed",
         }
     }
+}
+
+/// Requests and connections a listener refused before (or instead of) a
+/// handler's answer: the `reason` of `wagate_http_errors_total{listener,
+/// reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpError {
+    /// 404: no such route.
+    NotFound,
+    /// 405 outside the webhook routes.
+    MethodNotAllowed,
+    /// hyper answered 400: the request head did not parse.
+    BadRequest,
+    /// hyper answered 431.
+    HeadersTooLarge,
+    /// hyper answered 414.
+    UriTooLong,
+    /// No complete request head within `server.header_read_timeout_ms`
+    /// (from accept, or between keep-alive requests).
+    HeaderTimeout,
+    /// The HTTP/2 connection ended with an error (GOAWAY for a protocol
+    /// error, a flood of resets or CONTINUATION frames, …).
+    H2Error,
+    /// Closed because the peer already holds `server.max_connections_per_peer`.
+    PeerLimit,
+}
+
+impl HttpError {
+    pub const ALL: [HttpError; 8] = [
+        HttpError::NotFound,
+        HttpError::MethodNotAllowed,
+        HttpError::BadRequest,
+        HttpError::HeadersTooLarge,
+        HttpError::UriTooLong,
+        HttpError::HeaderTimeout,
+        HttpError::H2Error,
+        HttpError::PeerLimit,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            HttpError::NotFound => "not_found",
+            HttpError::MethodNotAllowed => "method_not_allowed",
+            HttpError::BadRequest => "bad_request",
+            HttpError::HeadersTooLarge => "headers_too_large",
+            HttpError::UriTooLong => "uri_too_long",
+            HttpError::HeaderTimeout => "header_timeout",
+            HttpError::H2Error => "h2_error",
+            HttpError::PeerLimit => "peer_limit",
+        }
+    }
+}
+
+/// Counts one [`HttpError`] of `listener` (`public` or `internal`).
+pub fn http_error(listener: &'static str, e: HttpError) {
+    metrics::counter!(HTTP_ERRORS, "listener" => listener, "reason" => e.label()).increment(1);
 }
 
 /// Webhook fields Meta documents; any other field is counted as `other` so a
@@ -126,12 +208,19 @@ impl EventCounters {
 }
 
 /// Handles of `wagate_webhook_requests_total{app, outcome}` for one app,
-/// one per outcome, each made on its first use (so the exposition holds only
-/// outcomes that happened, as with the macro).
+/// one per outcome, each made on its first use; [`RequestCounters::zero`]
+/// publishes every outcome of a configured app at 0 from the start.
 #[derive(Default)]
 pub struct RequestCounters([OnceLock<metrics::Counter>; WebhookOutcome::COUNT]);
 
 impl RequestCounters {
+    /// Publishes every outcome of `app` at 0 (after the recorder is installed).
+    pub fn zero(&self, app: &str) {
+        for o in WebhookOutcome::ALL {
+            self.get(app, o).absolute(0);
+        }
+    }
+
     pub fn get(&self, app: &str, outcome: WebhookOutcome) -> &metrics::Counter {
         self.0[outcome as usize].get_or_init(|| {
             metrics::counter!(WEBHOOK_REQUESTS, "app" => app.to_string(), "outcome" => outcome.label())
@@ -192,12 +281,20 @@ pub fn install() -> PrometheusHandle {
 /// rates and alerts see a series from the first scrape rather than only
 /// after the first event (Prometheus' "initialise your metrics").
 fn zero() {
-    for name in [
-        WEBHOOK_DUPLICATES,
-        WEBHOOK_UNPARSEABLE,
-        DEDUPE_EVICTED_EARLY,
-    ] {
+    for name in [WEBHOOK_DUPLICATES, DEDUPE_EVICTED_EARLY] {
         metrics::counter!(name).absolute(0);
+    }
+    for reason in crate::meta::webhook::ParseError::REASONS {
+        metrics::counter!(WEBHOOK_UNPARSEABLE, "reason" => *reason).absolute(0);
+    }
+    for limit in crate::meta::webhook::OverLimit::ALL {
+        metrics::counter!(WEBHOOK_OVER_LIMIT, "limit" => limit.label()).absolute(0);
+    }
+    for listener in ["public", "internal"] {
+        for e in HttpError::ALL {
+            metrics::counter!(HTTP_ERRORS, "listener" => listener, "reason" => e.label())
+                .absolute(0);
+        }
     }
     for reason in [
         "timed_out",
@@ -250,7 +347,15 @@ fn describe() {
     );
     describe_counter!(
         WEBHOOK_UNPARSEABLE,
-        "Signed bodies that did not parse, kept on the raw topic."
+        "Signed bodies not exploded (by reason: json, shape, too_deep, lone_surrogate, bad_id), kept on the raw topic."
+    );
+    describe_counter!(
+        WEBHOOK_OVER_LIMIT,
+        "Signed bodies past a per-POST limit (events, record bytes), kept on the raw topic."
+    );
+    describe_counter!(
+        HTTP_ERRORS,
+        "Requests and connections refused by a listener before a handler answered, by reason."
     );
     describe_histogram!(
         WEBHOOK_ACK_SECONDS,

@@ -28,7 +28,8 @@ pub struct Api {
     pub producer: KafkaProducer,
     pub requests_topic: String,
     pub ack_timeout: Duration,
-    pub body_timeout: Duration,
+    /// Body limits of the API (`MAX_API_BODY`, the server's deadline and rate).
+    pub body_limits: http::BodyLimits,
 }
 
 impl Api {
@@ -53,7 +54,7 @@ impl Api {
                 "a valid Bearer token is required",
             );
         };
-        let body = match http::read_body(req, MAX_API_BODY, self.body_timeout).await {
+        let body = match http::read_body(req, &self.body_limits).await {
             Ok(b) => b,
             Err(e) => return e.response(MAX_API_BODY),
         };
@@ -125,20 +126,13 @@ impl Api {
                 "a valid Bearer token is required",
             );
         };
-        let valid = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 32
-                && s.trim_start_matches('+')
-                    .bytes()
-                    .all(|b| b.is_ascii_digit())
-        };
-        if !valid(phone_number_id) || !valid(wa_id) {
+        let Some((phone_number_id, wa_id)) = contact_ids(phone_number_id, wa_id) else {
             return http::json_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
-                "phone_number_id and wa_id are digits",
+                "phone_number_id is 1-20 digits; wa_id is 1-20 digits, optionally after one '+'",
             );
-        }
+        };
         if tenant
             .numbers
             .as_ref()
@@ -150,7 +144,6 @@ impl Api {
                 "this token may not use that phone_number_id",
             );
         }
-        let key = crate::contacts::sync::key(phone_number_id, wa_id);
         let state_json = |st: &crate::contacts::ContactState| {
             serde_json::to_vec(&serde_json::json!({
                 "v": 1, "consent": st.consent, "marketing": st.marketing, "last_inbound_ms": st.last_inbound_ms,
@@ -167,13 +160,14 @@ impl Api {
                 ),
             },
             hyper::Method::PUT => {
-                let body = match http::read_body(req, MAX_API_BODY, self.body_timeout).await {
+                let body = match http::read_body(req, &self.body_limits).await {
                     Ok(b) => b,
                     Err(e) => return e.response(MAX_API_BODY),
                 };
                 let upd: ContactUpdate = match serde_json::from_slice(&body) {
                     Ok(u) => u,
-                    Err(e) => return http::json_error(StatusCode::BAD_REQUEST, "invalid_request", &format!("expected {{\"consent\": \"opted_in\"|\"opted_out\", \"marketing\": \"allowed\"|\"stopped\"}}: {e}")),
+                    // serde's message can quote the bad value: name only where.
+                    Err(e) => return http::json_error(StatusCode::BAD_REQUEST, "invalid_request", &format!("expected {{\"consent\": \"opted_in\"|\"opted_out\", \"marketing\": \"allowed\"|\"stopped\"}} (error at line {}, column {})", e.line(), e.column())),
                 };
                 if upd.consent.is_none() && upd.marketing.is_none() {
                     return http::json_error(
@@ -234,17 +228,26 @@ impl Api {
                     ("wagate-kind", b"erase"),
                     ("wagate-app", tenant.name.as_bytes()),
                 ];
-                let a = self
-                    .producer
-                    .send_tombstone(&self.consent_topic, key.as_bytes(), &headers);
-                let b = self
-                    .producer
-                    .send_tombstone(&self.windows_topic, key.as_bytes(), &headers);
-                let (Ok(a), Ok(b)) = (a, b) else {
-                    return http::unavailable(2, "kafka cannot take the erasure now; retry");
-                };
-                match tokio::time::timeout(self.ack_timeout, async { (a.await, b.await) }).await {
-                    Ok((Ok(()), Ok(()))) => {
+                // Tombstones for every key the pair may have been written
+                // under: the normal form, and the `+`-prefixed number id that
+                // earlier versions accepted on this API and kept in keys.
+                let mut acks = Vec::new();
+                for k in erase_keys(phone_number_id, wa_id) {
+                    for topic in [&self.consent_topic, &self.windows_topic] {
+                        match self.producer.send_tombstone(topic, k.as_bytes(), &headers) {
+                            Ok(f) => acks.push(f),
+                            Err(_) => {
+                                return http::unavailable(
+                                    2,
+                                    "kafka cannot take the erasure now; retry",
+                                )
+                            }
+                        }
+                    }
+                }
+                let all = futures_util::future::join_all(acks);
+                match tokio::time::timeout(self.ack_timeout, all).await {
+                    Ok(done) if done.iter().all(|r| r.is_ok()) => {
                         let mut r = http::text(StatusCode::NO_CONTENT, "");
                         r.headers_mut().remove(hyper::header::CONTENT_TYPE);
                         r
@@ -254,11 +257,68 @@ impl Api {
                     }
                 }
             }
-            _ => http::json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "use GET, PUT or DELETE",
-            ),
+            _ => super::method_not_allowed("use GET, PUT or DELETE"),
         }
+    }
+}
+
+/// Longest id accepted on the contacts API (Meta's are 15-16 digits).
+const MAX_ID_DIGITS: usize = 20;
+
+/// Validates and normalises the two ids of a contacts path: the number id is
+/// digits only; the user may be written with one leading `+`, which is
+/// dropped, so that the cache, the compacted topics' keys and erasure all
+/// see one form.
+pub fn contact_ids<'a>(phone_number_id: &'a str, wa_id: &'a str) -> Option<(&'a str, &'a str)> {
+    let digits = |s: &str| {
+        !s.is_empty() && s.len() <= MAX_ID_DIGITS && s.bytes().all(|b| b.is_ascii_digit())
+    };
+    let wa_id = wa_id.strip_prefix('+').unwrap_or(wa_id);
+    (digits(phone_number_id) && digits(wa_id)).then_some((phone_number_id, wa_id))
+}
+
+/// Every key a pair may have been written under on the compacted topics.
+pub fn erase_keys(phone_number_id: &str, wa_id: &str) -> [String; 2] {
+    [
+        crate::contacts::sync::key(phone_number_id, wa_id),
+        crate::contacts::sync::key(&format!("+{phone_number_id}"), wa_id),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contact_ids_are_strict_and_normalised() {
+        assert_eq!(
+            contact_ids("109876543210987", "+14155550123"),
+            Some(("109876543210987", "14155550123"))
+        );
+        assert_eq!(
+            contact_ids("109876543210987", "14155550123"),
+            Some(("109876543210987", "14155550123"))
+        );
+        for (p, w) in [
+            ("+", "+"),
+            ("+109876543210987", "14155550123"),
+            ("109876543210987", "++14155550123"),
+            ("109876543210987", "+"),
+            ("", "1"),
+            ("1", ""),
+            ("1x", "1"),
+            ("1", "1 2"),
+            ("123456789012345678901", "1"),
+            ("1", "%2B1"),
+        ] {
+            assert_eq!(contact_ids(p, w), None, "{p:?} {w:?}");
+        }
+    }
+
+    #[test]
+    fn erasure_covers_the_old_plus_form() {
+        let keys = erase_keys("109876543210987", "14155550123");
+        assert_eq!(keys[0], "109876543210987:14155550123");
+        assert_eq!(keys[1], "+109876543210987:14155550123");
     }
 }

@@ -45,11 +45,7 @@ impl Admin {
             let parts: Vec<String> = rest.split('/').map(str::to_string).collect();
             return match parts.as_slice() {
                 [pnid, wa_id] => self.api.contact(req, pnid, wa_id).await,
-                _ => http::json_error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "use /v1/contacts/{phone_number_id}/{wa_id}",
-                ),
+                _ => not_found("use /v1/contacts/{phone_number_id}/{wa_id}"),
             };
         }
         match (req.method(), req.uri().path()) {
@@ -78,17 +74,25 @@ impl Admin {
                 }
             }
             (&Method::POST, "/v1/messages") => self.api.post_message(req).await,
-            (_, "/v1/messages") => http::json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "use POST",
-            ),
-            (_, "/metrics" | "/healthz" | "/readyz") => http::json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "use GET",
-            ),
-            _ => http::json_error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+            (_, "/v1/messages") => method_not_allowed("use POST"),
+            (_, "/metrics" | "/healthz" | "/readyz") => method_not_allowed("use GET"),
+            _ => not_found("no such route"),
         }
     }
+}
+
+/// 404 on the internal listener, counted.
+pub(crate) fn not_found(message: &str) -> Response<Body> {
+    crate::metrics::http_error("internal", crate::metrics::HttpError::NotFound);
+    http::json_error(StatusCode::NOT_FOUND, "not_found", message)
+}
+
+/// 405 on the internal listener, counted.
+pub(crate) fn method_not_allowed(message: &str) -> Response<Body> {
+    crate::metrics::http_error("internal", crate::metrics::HttpError::MethodNotAllowed);
+    http::json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        message,
+    )
 }

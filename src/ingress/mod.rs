@@ -48,9 +48,12 @@ pub struct Ingress {
     raw_enabled: bool,
     ack_timeout: Duration,
     retry_after_secs: u64,
-    max_body_bytes: usize,
-    body_read_timeout: Duration,
+    body_limits: http::BodyLimits,
     in_flight: Semaphore,
+    /// Bytes of signed bodies being processed (a permit per byte).
+    in_flight_bytes: Semaphore,
+    max_in_flight_bytes: usize,
+    limits: webhook::Limits,
     contacts: Option<Arc<dyn Contacts>>,
     keywords: Keywords,
     hot: std::sync::OnceLock<Arc<Hot>>,
@@ -60,6 +63,7 @@ pub struct Ingress {
 /// installed): updating them is an atomic op, not a registry lookup.
 struct Hot {
     events: m::EventCounters,
+    duplicates: metrics::Counter,
     in_flight: metrics::Gauge,
     ack_seconds: metrics::Histogram,
     produce_seconds: metrics::Histogram,
@@ -100,12 +104,18 @@ impl Ingress {
         contacts: Option<Arc<dyn Contacts>>,
     ) -> Ingress {
         let names = TopicNames::new(&cfg.kafka.topic_prefix);
+        let apps: HashMap<String, (AppConfig, m::RequestCounters)> = cfg
+            .apps
+            .iter()
+            .map(|a| (a.name.clone(), (a.clone(), Default::default())))
+            .collect();
+        // Every known outcome of every configured app is published at 0.
+        for (name, (_, counters)) in &apps {
+            counters.zero(name);
+        }
+        metrics::counter!(m::WEBHOOK_REQUESTS, "app" => "unknown", "outcome" => WebhookOutcome::UnknownApp.label()).absolute(0);
         Ingress {
-            apps: cfg
-                .apps
-                .iter()
-                .map(|a| (a.name.clone(), (a.clone(), Default::default())))
-                .collect(),
+            apps,
             producer,
             topics: IngressTopics {
                 messages: names.full(Topic::Messages.name()),
@@ -119,9 +129,11 @@ impl Ingress {
             raw_enabled: cfg.ingress.raw_enabled,
             ack_timeout: cfg.ingress.ack_timeout,
             retry_after_secs: cfg.ingress.retry_after_secs,
-            max_body_bytes: cfg.max_body_bytes,
-            body_read_timeout: cfg.body_read_timeout,
+            body_limits: http::BodyLimits::of(cfg, cfg.max_body_bytes),
             in_flight: Semaphore::new(cfg.ingress.max_in_flight),
+            in_flight_bytes: Semaphore::new(cfg.ingress.max_in_flight_bytes),
+            max_in_flight_bytes: cfg.ingress.max_in_flight_bytes,
+            limits: cfg.ingress.limits,
             contacts,
             keywords: cfg.contacts.keywords(),
             hot: Default::default(),
@@ -132,6 +144,7 @@ impl Ingress {
         self.hot.get_or_init(|| {
             Arc::new(Hot {
                 events: Default::default(),
+                duplicates: metrics::counter!(m::WEBHOOK_DUPLICATES),
                 in_flight: metrics::gauge!(m::WEBHOOK_IN_FLIGHT),
                 ack_seconds: metrics::histogram!(m::WEBHOOK_ACK_SECONDS),
                 produce_seconds: metrics::histogram!(m::KAFKA_PRODUCE_SECONDS),
@@ -151,7 +164,10 @@ impl Ingress {
         let app_name = match path.strip_prefix("/webhook") {
             Some("") | Some("/") => "default",
             Some(rest) if rest.starts_with('/') && !rest[1..].contains('/') => &rest[1..],
-            _ => return http::json_error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+            _ => {
+                m::http_error("public", m::HttpError::NotFound);
+                return http::json_error(StatusCode::NOT_FOUND, "not_found", "no such route");
+            }
         };
         let Some((app, app_counters)) = self.apps.get(app_name) else {
             // Unknown app names are not used as metric labels.
@@ -167,6 +183,9 @@ impl Ingress {
             Method::GET => self.handshake(app, &req),
             Method::POST => self.post(app, req, start).await,
             _ => {
+                app_counters
+                    .get(&app.name, WebhookOutcome::MethodNotAllowed)
+                    .increment(1);
                 let mut r = http::json_error(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "method_not_allowed",
@@ -214,18 +233,25 @@ impl Ingress {
     }
 
     async fn post(&self, app: &AppConfig, req: Request<Incoming>, start: Instant) -> Outcome {
-        let Ok(_permit) = self.in_flight.try_acquire() else {
+        // Meta sends one signature header; with two, which one was checked
+        // would be a matter of order, so neither is trusted.
+        let mut sigs = req.headers().get_all("x-hub-signature-256").iter();
+        let signature = sigs.next().map(|v| v.as_bytes().to_vec());
+        if sigs.next().is_some() {
             return (
-                WebhookOutcome::Unavailable,
-                http::unavailable(self.retry_after_secs, "too many webhooks in flight"),
+                WebhookOutcome::SignatureMalformed,
+                http::json_error(
+                    StatusCode::UNAUTHORIZED,
+                    "signature_malformed",
+                    "more than one X-Hub-Signature-256 header",
+                ),
             );
-        };
-        let _gauge = InFlightGauge::new(&self.hot().in_flight);
-        let signature = req
-            .headers()
-            .get("x-hub-signature-256")
-            .map(|v| v.as_bytes().to_vec());
-        let body = match http::read_body(req, self.max_body_bytes, self.body_read_timeout).await {
+        }
+        // The body is read before any permit is taken: a request that has
+        // not shown a valid signature holds nothing but its own connection
+        // and stream (bounded by the connection limits, the h2 stream limit,
+        // the body deadline and the minimum transfer rate).
+        let body = match http::read_body(req, &self.body_limits).await {
             Ok(b) => b,
             Err(e) => {
                 let outcome = match e {
@@ -233,7 +259,7 @@ impl Ingress {
                     http::BodyError::Timeout => WebhookOutcome::BodyTimeout,
                     http::BodyError::Broken => WebhookOutcome::BadRequest,
                 };
-                return (outcome, e.response(self.max_body_bytes));
+                return (outcome, e.response(self.body_limits.max_bytes));
             }
         };
         if let Err(e) = signature::verify(signature.as_deref(), &body, &app.secrets) {
@@ -248,6 +274,22 @@ impl Ingress {
                 http::json_error(StatusCode::UNAUTHORIZED, e.label(), &e.to_string()),
             );
         }
+        // Admission, for signed bodies only: a count and a byte budget (the
+        // parse tree and records of a POST are bounded by its body's size).
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return (
+                WebhookOutcome::Unavailable,
+                http::unavailable(self.retry_after_secs, "too many webhooks in flight"),
+            );
+        };
+        let weight = body.len().clamp(1, self.max_in_flight_bytes) as u32;
+        let Ok(_bytes) = self.in_flight_bytes.try_acquire_many(weight) else {
+            return (
+                WebhookOutcome::Unavailable,
+                http::unavailable(self.retry_after_secs, "too many webhook bytes in flight"),
+            );
+        };
+        let _gauge = InFlightGauge::new(&self.hot().in_flight);
         let received_at_ms = crate::clock::now_ms();
         let deadline = start + self.ack_timeout;
         let raw = RawBody {
@@ -262,106 +304,32 @@ impl Ingress {
             app: &app.name,
             received_at_ms,
         };
-        let events = match webhook::fan_out(&mut copy, ctx) {
-            Ok(evs) => evs,
+        let root = match webhook::parse(&mut copy, self.limits.max_depth) {
+            Ok(root) => root,
             Err(e) => {
-                metrics::counter!(m::WEBHOOK_UNPARSEABLE).increment(1);
-                tracing::warn!(app = %app.name, bytes = body.len(), error = %e, "signed body did not parse; keeping it on the raw topic");
-                // Kept even if the raw topic is switched off: nothing accepted is lost.
-                return match self.produce(&app.name, &[], Some(raw), deadline).await {
-                    Ok(()) => (
-                        WebhookOutcome::Unparseable,
-                        http::text(StatusCode::OK, "OK"),
-                    ),
-                    Err(msg) => (
-                        WebhookOutcome::Unavailable,
-                        http::unavailable(self.retry_after_secs, msg),
-                    ),
-                };
+                return self
+                    .keep_raw(&app.name, raw, Kept::Unparseable(&e), deadline)
+                    .await
             }
         };
-        // Contacts, before the 200 (guarantee 7): an inbound message opens the
-        // user's 24-hour window; STOP/START keywords and user_preferences
-        // changes take effect for every later send. The cache is updated at
-        // once, and the records for the compacted topics go out with this
-        // POST's own records, so the 200 also means they are durable.
-        let mut events = events;
-        if let Some(c) = &self.contacts {
-            let mut extra = Vec::new();
-            for ev in &events {
-                let mut changed: Option<(&str, &'static str)> = None;
-                if let Some((wa_id, ts)) = &ev.inbound {
-                    let ms = ((*ts).max(0) as u64 * 1000).min(received_at_ms);
-                    let before = c.get(&ev.key, wa_id).last_inbound_ms;
-                    c.record_inbound(&ev.key, wa_id, ms);
-                    if before.is_none_or(|b| ms >= b + WINDOW_WRITE_EVERY_MS) {
-                        extra.push(crate::contacts::sync::window_event(
-                            &ev.key,
-                            wa_id,
-                            ms,
-                            &ev.event_id,
-                        ));
-                    }
-                    let said = ev
-                        .payload
-                        .as_deref()
-                        .and_then(|p| self.keywords.detect_payload(p))
-                        .map(|k| (k, "quick_reply"))
-                        .or_else(|| {
-                            ev.text
-                                .as_deref()
-                                .and_then(|t| self.keywords.detect(t))
-                                .map(|k| (k, "keyword"))
-                        });
-                    match said {
-                        Some((Keyword::OptOut, source)) => {
-                            c.set_consent(&ev.key, wa_id, Consent::OptedOut);
-                            changed = Some((wa_id, source));
-                        }
-                        Some((Keyword::OptIn, source)) => {
-                            c.set_consent(&ev.key, wa_id, Consent::OptedIn);
-                            changed = Some((wa_id, source));
-                        }
-                        None => {}
-                    }
-                }
-                if let Some((wa_id, source)) = changed {
-                    let st = c.get(&ev.key, wa_id);
-                    extra.push(crate::contacts::sync::consent_event(
-                        &ev.key,
-                        wa_id,
-                        &st,
-                        source,
-                        received_at_ms,
-                        &ev.event_id,
-                    ));
-                }
-                for (wa_id, stop) in &ev.preferences {
-                    let m = if *stop {
-                        Marketing::Stopped
-                    } else {
-                        Marketing::Allowed
-                    };
-                    c.set_marketing(&ev.key, wa_id, m);
-                    let st = c.get(&ev.key, wa_id);
-                    let id = format!("{}:{wa_id}", ev.event_id);
-                    extra.push(crate::contacts::sync::consent_event(
-                        &ev.key,
-                        wa_id,
-                        &st,
-                        "user_preferences",
-                        received_at_ms,
-                        &id,
-                    ));
-                }
+        match webhook::plan(&root, ctx, body.len(), &self.limits) {
+            Ok(Ok(_events)) => {}
+            Ok(Err(over)) => {
+                return self
+                    .keep_raw(&app.name, raw, Kept::OverLimit(over), deadline)
+                    .await
             }
-            events.extend(extra);
+            Err(e) => {
+                return self
+                    .keep_raw(&app.name, raw, Kept::Unparseable(&e), deadline)
+                    .await
+            }
         }
         let raw = self.raw_enabled.then_some(raw);
-        match self.produce(&app.name, &events, raw, deadline).await {
+        match self.produce(&app.name, &root, ctx, raw, deadline).await {
             Ok(()) => (WebhookOutcome::Ok, http::text(StatusCode::OK, "OK")),
             Err(msg) => {
-                tracing::warn!(app = %app.name, events = events.len(), reason = msg, "webhook not acknowledged; answering 503");
+                tracing::warn!(app = %app.name, reason = msg, "webhook not acknowledged; answering 503");
                 (
                     WebhookOutcome::Unavailable,
                     http::unavailable(self.retry_after_secs, msg),
@@ -370,151 +338,363 @@ impl Ingress {
         }
     }
 
-    /// Dedupes and produces `events` (plus the raw body), waiting for every
-    /// acknowledgement until `deadline`. Events that another POST is producing
-    /// right now are waited for, then re-claimed if that POST failed.
+    /// A signed body that is not exploded (unparseable, or past a limit):
+    /// kept byte for byte on the raw topic (even when the raw topic is
+    /// switched off: nothing accepted is lost), with a header saying why,
+    /// and answered 200 once stored (a retry would not change it).
+    async fn keep_raw(
+        &self,
+        app: &str,
+        raw: RawBody<'_>,
+        why: Kept<'_>,
+        deadline: Instant,
+    ) -> Outcome {
+        let (outcome, header) = match why {
+            Kept::Unparseable(e) => {
+                metrics::counter!(m::WEBHOOK_UNPARSEABLE, "reason" => e.reason()).increment(1);
+                // The error names a position, never the body's bytes.
+                tracing::warn!(app, bytes = raw.body.len(), reason = e.reason(), error = %e, "signed body not exploded; keeping it on the raw topic");
+                (
+                    WebhookOutcome::Unparseable,
+                    ("wagate-unparseable", e.reason()),
+                )
+            }
+            Kept::OverLimit(limit) => {
+                metrics::counter!(m::WEBHOOK_OVER_LIMIT, "limit" => limit.label()).increment(1);
+                tracing::warn!(
+                    app,
+                    bytes = raw.body.len(),
+                    limit = limit.label(),
+                    "signed body past a per-POST limit; keeping it on the raw topic"
+                );
+                (
+                    WebhookOutcome::OverLimit,
+                    ("wagate-over-limit", limit.label()),
+                )
+            }
+        };
+        let mut round = Round::new(self, app);
+        round.raw(raw, Some(header));
+        let sealed = round.seal();
+        let waited = match sealed {
+            Ok((rx, _)) => wait_acks(vec![rx], deadline).await,
+            Err(msg) => Err(msg),
+        };
+        match waited {
+            Ok(()) => (outcome, http::text(StatusCode::OK, "OK")),
+            Err(msg) => (
+                WebhookOutcome::Unavailable,
+                http::unavailable(self.retry_after_secs, msg),
+            ),
+        }
+    }
+
+    /// Produces the raw body and every event of `root` (each with the
+    /// contacts records it causes), one record at a time as the fan-out
+    /// makes them, deduplicated, and waits for every acknowledgement until
+    /// `deadline`. Events that another POST is producing right now are
+    /// waited for, then re-claimed if that POST failed.
     async fn produce(
         &self,
         app: &str,
-        events: &[Event],
-        mut raw: Option<RawBody<'_>>,
+        root: &simd_json::BorrowedValue<'_>,
+        ctx: webhook::Context<'_>,
+        raw: Option<RawBody<'_>>,
         deadline: Instant,
     ) -> Result<(), &'static str> {
-        let mut todo: Vec<&Event> = events.iter().collect();
-        let mut acks: Vec<oneshot::Receiver<bool>> = Vec::new();
-        for _round in 0..3 {
-            let batch = Batch::new();
-            let mut fresh: Vec<(&Event, IdHash)> = Vec::with_capacity(todo.len());
-            let mut waits = Vec::new();
-            for ev in todo.drain(..) {
-                match self.dedupe.claim(&ev.event_id, &batch) {
-                    Claim::New(h) => fresh.push((ev, h)),
-                    Claim::Duplicate => metrics::counter!(m::WEBHOOK_DUPLICATES).increment(1),
-                    Claim::InFlight(rx) => waits.push((ev, rx)),
-                }
+        let mut round = Round::new(self, app);
+        if let Some(r) = raw {
+            round.raw(r, None);
+        }
+        let walked = webhook::for_each_event(root, ctx, &mut |ev| {
+            if let Some(c) = &self.contacts {
+                self.contacts_signals(c.as_ref(), &ev, ctx.received_at_ms, &mut |extra| {
+                    round.offer(extra)
+                });
             }
-            if !fresh.is_empty() || raw.is_some() {
-                acks.push(self.enqueue(app, fresh, raw.take(), batch)?);
-            }
-            if waits.is_empty() {
+            round.offer(ev);
+            round.failed.is_none()
+        });
+        if walked.is_err() {
+            // `plan` checked the same walk: unreachable, but never a 200.
+            debug_assert!(false, "fan-out failed after plan: {walked:?}");
+            let _ = round.seal();
+            return Err("the body could not be exploded");
+        }
+        let (rx, mut todo) = round.seal()?;
+        let mut acks = vec![rx];
+        for _round in 1..3 {
+            if todo.is_empty() {
                 break;
             }
-            for (ev, rx) in waits {
-                let waited = tokio::time::timeout_at(deadline.into(), rx.wait()).await;
+            let mut next = Round::new(self, app);
+            for (ev, other) in todo {
+                let waited = tokio::time::timeout_at(deadline.into(), other.wait()).await;
                 if waited.is_err() {
+                    let _ = next.seal();
                     return Err("kafka did not acknowledge in time");
                 }
-                // Acknowledged elsewhere → the re-claim finds it stored; failed
-                // elsewhere → the re-claim produces it here.
-                todo.push(ev);
+                // Acknowledged elsewhere → the re-claim finds it stored;
+                // failed elsewhere → the re-claim produces it here.
+                next.offer(ev);
             }
+            let (rx, waits) = next.seal()?;
+            acks.push(rx);
+            todo = waits;
         }
         if !todo.is_empty() {
             return Err("events are still being produced by another delivery");
         }
-        for rx in acks {
-            match tokio::time::timeout_at(deadline.into(), rx).await {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) | Ok(Err(_)) => return Err("kafka did not acknowledge every record"),
-                Err(_) => return Err("kafka did not acknowledge in time"),
-            }
-        }
-        Ok(())
+        wait_acks(acks, deadline).await
     }
 
-    /// Enqueues the records of one round. Each record's delivery report goes
-    /// to the round's [`PostAck`], which commits or releases its id at once
-    /// and, after the last report, finishes the batch and wakes the handler.
-    /// Reports that arrive after the handler gave up (deadline) still commit,
-    /// so a retry by Meta is then deduplicated instead of producing twice.
-    fn enqueue(
+    /// Contacts, before the 200 (guarantee 7): an inbound message opens the
+    /// user's 24-hour window; STOP/START keywords and user_preferences
+    /// changes take effect for every later send. The cache is updated at
+    /// once, and the records for the compacted topics go out with this
+    /// POST's own records (`emit`), so the 200 also means they are durable.
+    fn contacts_signals(
         &self,
-        app: &str,
-        fresh: Vec<(&Event, IdHash)>,
-        raw: Option<RawBody<'_>>,
-        batch: Arc<Batch>,
-    ) -> Result<oneshot::Receiver<bool>, &'static str> {
-        let (tx, rx) = oneshot::channel();
-        let planned = fresh.len() + usize::from(raw.is_some());
-        // One extra count, released below, so the ack cannot finish while
-        // records are still being enqueued.
-        let ack = Arc::new(PostAck {
-            remaining: AtomicUsize::new(planned + 1),
-            all_ok: AtomicBool::new(true),
-            dedupe: self.dedupe.clone(),
-            batch,
-            tx: Mutex::new(Some(tx)),
-            enqueued: Instant::now(),
-            records: fresh
-                .iter()
-                .map(|(ev, h)| (*h, m::event_kind_index(&ev.kind)))
-                .collect(),
-            hot: self.hot().clone(),
-        });
-        let shared: Arc<dyn RecordAck> = ack.clone();
-        let mut failed = false;
-        if let Some(r) = raw {
-            // The signature is an HMAC of the body: a free, unique id for it.
-            let id = std::str::from_utf8(r.signature)
-                .ok()
-                .and_then(|s| s.trim().strip_prefix("sha256="))
-                .unwrap_or("");
-            let mut ts = itoa::Buffer::new();
-            let ts = ts.format(r.received_at_ms).as_bytes();
-            let headers: [(&str, &[u8]); 5] = [
-                ("wagate-event-id", id.as_bytes()),
-                ("wagate-kind", b"raw"),
-                ("wagate-app", app.as_bytes()),
-                ("wagate-signature", r.signature),
-                ("wagate-received-at-ms", ts),
-            ];
-            if let Err(e) = self.producer.send_tagged(
-                &self.topics.raw,
-                app.as_bytes(),
-                r.body,
-                &headers,
-                shared.clone(),
-                RAW_TAG,
-            ) {
-                note_send_error(&e);
-                failed = true;
-                ack.report(RAW_TAG, Err(&KafkaError::Canceled));
+        c: &dyn Contacts,
+        ev: &Event,
+        received_at_ms: u64,
+        emit: &mut dyn FnMut(Event),
+    ) {
+        let mut changed: Option<(&str, &'static str)> = None;
+        if let Some((wa_id, ts)) = &ev.inbound {
+            // Meta's seconds, never later than receipt (and never wrapping).
+            let ms = u64::try_from(*ts)
+                .unwrap_or(0)
+                .saturating_mul(1000)
+                .min(received_at_ms);
+            let before = c.get(&ev.key, wa_id).last_inbound_ms;
+            c.record_inbound(&ev.key, wa_id, ms);
+            if before.is_none_or(|b| ms >= b.saturating_add(WINDOW_WRITE_EVERY_MS)) {
+                emit(crate::contacts::sync::window_event(
+                    &ev.key,
+                    wa_id,
+                    ms,
+                    &ev.event_id,
+                ));
+            }
+            let said = ev
+                .payload
+                .as_deref()
+                .and_then(|p| self.keywords.detect_payload(p))
+                .map(|k| (k, "quick_reply"))
+                .or_else(|| {
+                    ev.text
+                        .as_deref()
+                        .and_then(|t| self.keywords.detect(t))
+                        .map(|k| (k, "keyword"))
+                });
+            match said {
+                Some((Keyword::OptOut, source)) => {
+                    c.set_consent(&ev.key, wa_id, Consent::OptedOut);
+                    changed = Some((wa_id, source));
+                }
+                Some((Keyword::OptIn, source)) => {
+                    c.set_consent(&ev.key, wa_id, Consent::OptedIn);
+                    changed = Some((wa_id, source));
+                }
+                None => {}
             }
         }
-        for (i, (ev, _)) in fresh.iter().enumerate() {
-            let tag = i as u32;
-            if failed {
-                ack.report(tag, Err(&KafkaError::Canceled));
-                continue;
-            }
-            let headers: [(&str, &[u8]); 3] = [
-                ("wagate-event-id", ev.event_id.as_bytes()),
-                ("wagate-kind", ev.kind.as_bytes()),
-                ("wagate-app", app.as_bytes()),
-            ];
-            if let Err(e) = self.producer.send_tagged(
-                self.topics.of(ev.topic),
-                ev.key.as_bytes(),
-                &ev.value,
-                &headers,
-                shared.clone(),
-                tag,
-            ) {
-                note_send_error(&e);
-                failed = true;
-                ack.report(tag, Err(&KafkaError::Canceled));
-            }
+        if let Some((wa_id, source)) = changed {
+            let st = c.get(&ev.key, wa_id);
+            emit(crate::contacts::sync::consent_event(
+                &ev.key,
+                wa_id,
+                &st,
+                source,
+                received_at_ms,
+                &ev.event_id,
+            ));
         }
-        ack.report(GUARD_TAG, Ok(()));
-        if failed {
-            Err("kafka producer queue is full")
-        } else {
-            Ok(rx)
+        for (wa_id, stop) in &ev.preferences {
+            let m = if *stop {
+                Marketing::Stopped
+            } else {
+                Marketing::Allowed
+            };
+            c.set_marketing(&ev.key, wa_id, m);
+            let st = c.get(&ev.key, wa_id);
+            let id = format!("{}:{wa_id}", ev.event_id);
+            emit(crate::contacts::sync::consent_event(
+                &ev.key,
+                wa_id,
+                &st,
+                "user_preferences",
+                received_at_ms,
+                &id,
+            ));
         }
     }
 }
 
-/// Tags of the records of a [`PostAck`] that are not events.
+/// Why a signed body is kept raw instead of exploded.
+enum Kept<'a> {
+    Unparseable(&'a webhook::ParseError),
+    OverLimit(webhook::OverLimit),
+}
+
+/// Waits for every round's acknowledgement until `deadline`.
+async fn wait_acks(
+    acks: Vec<oneshot::Receiver<bool>>,
+    deadline: Instant,
+) -> Result<(), &'static str> {
+    for rx in acks {
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) | Ok(Err(_)) => return Err("kafka did not acknowledge every record"),
+            Err(_) => return Err("kafka did not acknowledge in time"),
+        }
+    }
+    Ok(())
+}
+
+/// One round of records of a POST: each event is claimed in the dedupe set
+/// and enqueued as it is offered, its delivery report going to the round's
+/// [`PostAck`], which commits or releases its id at once and, after the
+/// last report, finishes the batch and wakes the handler. Reports that
+/// arrive after the handler gave up (deadline) still commit, so a retry by
+/// Meta is then deduplicated instead of producing twice.
+struct Round<'a> {
+    ingress: &'a Ingress,
+    app: &'a str,
+    batch: Arc<Batch>,
+    ack: Arc<PostAck>,
+    rx: oneshot::Receiver<bool>,
+    /// Why an enqueue failed: nothing more is offered, the POST gets 503.
+    failed: Option<&'static str>,
+    /// Events another POST is producing: (event, that POST's batch).
+    waits: Vec<(Event, Arc<Batch>)>,
+}
+
+impl<'a> Round<'a> {
+    fn new(ingress: &'a Ingress, app: &'a str) -> Round<'a> {
+        let (tx, rx) = oneshot::channel();
+        let batch = Batch::new();
+        let ack = Arc::new(PostAck {
+            // The guard's count, released by `seal`, so the round cannot
+            // finish while records are still being enqueued.
+            remaining: AtomicUsize::new(1),
+            all_ok: AtomicBool::new(true),
+            dedupe: ingress.dedupe.clone(),
+            batch: batch.clone(),
+            tx: Mutex::new(Some(tx)),
+            enqueued: Instant::now(),
+            hot: ingress.hot().clone(),
+        });
+        Round {
+            ingress,
+            app,
+            batch,
+            ack,
+            rx,
+            failed: None,
+            waits: Vec::new(),
+        }
+    }
+
+    /// The raw body, with an extra header when it is kept instead of exploded.
+    fn raw(&mut self, r: RawBody<'_>, why: Option<(&str, &str)>) {
+        // The signature is an HMAC of the body: a free, unique id for it.
+        let id = std::str::from_utf8(r.signature)
+            .ok()
+            .and_then(|s| s.trim().strip_prefix("sha256="))
+            .unwrap_or("");
+        let mut ts = itoa::Buffer::new();
+        let ts = ts.format(r.received_at_ms).as_bytes();
+        let mut headers: [(&str, &[u8]); 6] = [
+            ("wagate-event-id", id.as_bytes()),
+            ("wagate-kind", b"raw"),
+            ("wagate-app", self.app.as_bytes()),
+            ("wagate-signature", r.signature),
+            ("wagate-received-at-ms", ts),
+            ("", b""),
+        ];
+        let n = match why {
+            Some((k, v)) => {
+                headers[5] = (k, v.as_bytes());
+                6
+            }
+            None => 5,
+        };
+        let topic = &self.ingress.topics.raw;
+        self.send(
+            topic,
+            self.app.as_bytes(),
+            r.body,
+            &headers[..n],
+            0,
+            RAW_TAG,
+        );
+    }
+
+    /// Claims `ev` and enqueues it if it is new.
+    fn offer(&mut self, ev: Event) {
+        if self.failed.is_some() {
+            return;
+        }
+        match self.ingress.dedupe.claim(&ev.event_id, &self.batch) {
+            Claim::New(h) => {
+                let headers: [(&str, &[u8]); 3] = [
+                    ("wagate-event-id", ev.event_id.as_bytes()),
+                    ("wagate-kind", ev.kind.as_bytes()),
+                    ("wagate-app", self.app.as_bytes()),
+                ];
+                let tag = m::event_kind_index(&ev.kind) as u32;
+                let topic = self.ingress.topics.of(ev.topic);
+                self.send(topic, ev.key.as_bytes(), &ev.value, &headers, h.0, tag);
+            }
+            Claim::Duplicate => self.ingress.hot().duplicates.increment(1),
+            Claim::InFlight(other) => self.waits.push((ev, other)),
+        }
+    }
+
+    fn send(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+        id: u64,
+        tag: u32,
+    ) {
+        self.ack.remaining.fetch_add(1, Ordering::AcqRel);
+        let shared: Arc<dyn RecordAck> = self.ack.clone();
+        let sent = self
+            .ingress
+            .producer
+            .send_tagged(topic, key, value, headers, shared, id, tag);
+        if let Err(e) = sent {
+            note_send_error(&e);
+            self.failed = Some(match e {
+                SendError::QueueFull => "kafka producer queue is full",
+                SendError::TooLarge => {
+                    tracing::error!(topic, bytes = value.len(), "record larger than kafka's message.max.bytes; raise the topic's max.message.bytes or lower server.max_body_bytes");
+                    "a record is larger than kafka accepts"
+                }
+                SendError::Kafka(_) => "kafka producer refused the record",
+            });
+            self.ack.report(id, tag, Err(&KafkaError::Canceled));
+        }
+    }
+
+    /// Ends the round: its acknowledgement, and the events to wait for.
+    #[allow(clippy::type_complexity)]
+    fn seal(self) -> Result<(oneshot::Receiver<bool>, Vec<(Event, Arc<Batch>)>), &'static str> {
+        self.ack.report(0, GUARD_TAG, Ok(()));
+        match self.failed {
+            Some(msg) => Err(msg),
+            None => Ok((self.rx, self.waits)),
+        }
+    }
+}
+
+/// Tags of the records of a [`PostAck`] that are not events (event records
+/// are tagged with their kind's metric index).
 const RAW_TAG: u32 = u32::MAX;
 const GUARD_TAG: u32 = u32::MAX - 1;
 
@@ -526,27 +706,26 @@ struct PostAck {
     batch: Arc<Batch>,
     tx: Mutex<Option<oneshot::Sender<bool>>>,
     enqueued: Instant,
-    /// Tag `i` is the `i`-th event record: its id and event-kind index.
-    records: Vec<(IdHash, usize)>,
     hot: Arc<Hot>,
 }
 
 impl RecordAck for PostAck {
-    fn done(&self, tag: u32, result: Result<(), &KafkaError>) {
-        self.report(tag, result);
+    fn done(&self, id: u64, tag: u32, result: Result<(), &KafkaError>) {
+        self.report(id, tag, result);
     }
 }
 
 impl PostAck {
-    /// One record's verdict (or the enqueue guard's).
-    fn report(&self, tag: u32, res: Result<(), &KafkaError>) {
-        let record = self.records.get(tag as usize);
+    /// One record's verdict (or the enqueue guard's): `id` is an event's
+    /// dedupe hash, `tag` its kind's index.
+    fn report(&self, id: u64, tag: u32, res: Result<(), &KafkaError>) {
+        let event = tag < GUARD_TAG;
         match res {
             Ok(()) => {
-                if let Some((h, kind)) = record {
-                    self.dedupe.commit(&[*h]);
+                if event {
+                    self.dedupe.commit(&[IdHash(id)]);
                     // Counted once acknowledged, so the counter means "stored".
-                    self.hot.events.get(*kind).increment(1);
+                    self.hot.events.get(tag as usize).increment(1);
                 }
             }
             Err(e) => {
@@ -555,8 +734,8 @@ impl PostAck {
                     metrics::counter!(m::KAFKA_PRODUCE_ERRORS, "reason" => kafka_error_label(e))
                         .increment(1);
                 }
-                if let Some((h, _)) = record {
-                    self.dedupe.release(&[*h]);
+                if event {
+                    self.dedupe.release(&[IdHash(id)]);
                 }
             }
         }
@@ -583,6 +762,7 @@ struct RawBody<'a> {
 fn note_send_error(e: &SendError) {
     let reason = match e {
         SendError::QueueFull => "queue_full",
+        SendError::TooLarge => "too_large",
         SendError::Kafka(_) => "enqueue_failed",
     };
     metrics::counter!(m::KAFKA_PRODUCE_ERRORS, "reason" => reason).increment(1);

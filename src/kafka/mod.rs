@@ -90,8 +90,19 @@ impl TopicNames {
 pub enum SendError {
     #[error("kafka producer queue is full")]
     QueueFull,
+    /// Larger than the producer's `message.max.bytes`: no retry helps.
+    #[error("the record is larger than kafka.message_max_bytes")]
+    TooLarge,
     #[error("kafka producer: {0}")]
     Kafka(#[from] KafkaError),
+}
+
+fn send_error(e: KafkaError) -> SendError {
+    match e {
+        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
+        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge) => SendError::TooLarge,
+        other => SendError::Kafka(other),
+    }
 }
 
 /// A record header.
@@ -101,8 +112,9 @@ pub type HeaderPair<'a> = (&'a str, &'a [u8]);
 /// one shared object per group of records (an ingress POST), each record
 /// identified by its `tag`, so a record costs no closure or lock of its own.
 pub trait RecordAck: Send + Sync + 'static {
-    /// Called once per record on librdkafka's poll thread (keep it short).
-    fn done(&self, tag: u32, result: Result<(), &KafkaError>);
+    /// Called once per record on librdkafka's poll thread (keep it short),
+    /// with the `id` and `tag` the record was sent with.
+    fn done(&self, id: u64, tag: u32, result: Result<(), &KafkaError>);
 }
 
 /// Routes librdkafka's delivery reports to each record's [`Pending`].
@@ -164,8 +176,8 @@ impl rdkafka::consumer::ConsumerContext for LagContext {}
 pub enum Pending {
     /// A future waits for it ([`KafkaProducer::send`]).
     Oneshot(tokio::sync::oneshot::Sender<Result<(), KafkaError>>),
-    /// A shared [`RecordAck`] with the record's tag.
-    Tagged(Arc<dyn RecordAck>, u32),
+    /// A shared [`RecordAck`] with the record's id and tag.
+    Tagged(Arc<dyn RecordAck>, u64, u32),
 }
 
 impl ProducerContext for CompletionContext {
@@ -180,7 +192,7 @@ impl ProducerContext for CompletionContext {
             Pending::Oneshot(tx) => {
                 let _ = tx.send(result.map_err(Clone::clone));
             }
-            Pending::Tagged(ack, tag) => ack.done(tag, result),
+            Pending::Tagged(ack, id, tag) => ack.done(id, tag, result),
         }
     }
 }
@@ -228,11 +240,14 @@ impl KafkaProducer {
             )
             .set("compression.type", &cfg.compression)
             .set("socket.keepalive.enable", "true")
+            // Every body under server.max_body_bytes is storable (librdkafka's
+            // default of 1,000,000 would refuse bodies Meta may send).
+            .set("message.max.bytes", cfg.message_max_bytes.to_string())
             .create_with_context(CompletionContext)?;
         Ok(KafkaProducer { inner })
     }
 
-    /// Enqueues one record; `ack.done(tag, ..)` is called when Kafka
+    /// Enqueues one record; `ack.done(id, tag, ..)` is called when Kafka
     /// acknowledges it (or librdkafka gives up after `message.timeout.ms`).
     /// On an enqueue error it is not called.
     pub fn send_tagged(
@@ -242,9 +257,10 @@ impl KafkaProducer {
         payload: &[u8],
         headers: &[HeaderPair<'_>],
         ack: Arc<dyn RecordAck>,
+        id: u64,
         tag: u32,
     ) -> Result<(), SendError> {
-        self.send_pending(topic, key, payload, headers, Pending::Tagged(ack, tag))
+        self.send_pending(topic, key, payload, headers, Pending::Tagged(ack, id, tag))
     }
 
     fn send_pending(
@@ -266,10 +282,7 @@ impl KafkaProducer {
             .key(key)
             .payload(payload)
             .headers(hs);
-        self.inner.send(rec).map_err(|(e, _)| match e {
-            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
-            other => SendError::Kafka(other),
-        })
+        self.inner.send(rec).map_err(|(e, _)| send_error(e))
     }
 
     /// Produces a tombstone (null value) for `key` and returns the future of
@@ -292,10 +305,7 @@ impl KafkaProducer {
             BaseRecord::with_opaque_to(topic, Box::new(Pending::Oneshot(tx)))
                 .key(key)
                 .headers(hs);
-        self.inner.send(rec).map_err(|(e, _)| match e {
-            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
-            other => SendError::Kafka(other),
-        })?;
+        self.inner.send(rec).map_err(|(e, _)| send_error(e))?;
         Ok(Delivery(rx))
     }
 
@@ -343,6 +353,7 @@ pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, bool)>, Kaf
         .map(|t| format!("{}{}", cfg.topic_prefix, t.name))
         .collect();
     let retention: Vec<String> = TOPICS.iter().map(|t| t.retention_ms.to_string()).collect();
+    let max_message = cfg.message_max_bytes.to_string();
     let new: Vec<NewTopic<'_>> = TOPICS
         .iter()
         .zip(&names)
@@ -353,6 +364,7 @@ pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, bool)>, Kaf
                 cfg.partitions,
                 TopicReplication::Fixed(cfg.replication_factor),
             );
+            let nt = nt.set("max.message.bytes", &max_message);
             if t.compact {
                 nt.set("cleanup.policy", "compact")
             } else {
@@ -374,6 +386,92 @@ pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, bool)>, Kaf
         }
     }
     Ok(out)
+}
+
+/// The topics ingress writes a body's records to: each must take a record of
+/// `kafka.message_max_bytes`.
+pub const INGRESS_TOPICS: &[&str] = &[
+    "inbound.raw",
+    "inbound.messages",
+    "inbound.statuses",
+    "inbound.events",
+];
+
+/// A topic whose `max.message.bytes` is below what ingress may write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordLimitTooSmall {
+    pub topic: String,
+    pub limit: usize,
+    pub needed: usize,
+}
+
+impl std::fmt::Display for RecordLimitTooSmall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "topic {} takes records of at most {} bytes (max.message.bytes), but server.max_body_bytes needs {} \
+             (the body plus {} bytes of headers): raise the topic's max.message.bytes to at least {}, \
+             or lower server.max_body_bytes to at most {}",
+            self.topic,
+            self.limit,
+            self.needed,
+            crate::config::RECORD_OVERHEAD_BYTES,
+            self.needed,
+            self.limit.saturating_sub(crate::config::RECORD_OVERHEAD_BYTES)
+        )
+    }
+}
+
+/// Asks the brokers for the `max.message.bytes` of every topic ingress writes
+/// and returns those below `kafka.message_max_bytes`. `Ok(None)` when the
+/// broker could not say (unreachable in `timeout`, or it does not answer
+/// DescribeConfigs): the caller warns and goes on.
+pub async fn check_record_limit(
+    cfg: &KafkaConfig,
+    timeout: Duration,
+) -> Result<Option<Vec<RecordLimitTooSmall>>, KafkaError> {
+    use rdkafka::admin::{ConfigResourceResult, OwnedResourceSpecifier, ResourceSpecifier};
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", &cfg.client_id)
+        .create()?;
+    let names: Vec<String> = INGRESS_TOPICS
+        .iter()
+        .map(|t| format!("{}{t}", cfg.topic_prefix))
+        .collect();
+    let specs: Vec<ResourceSpecifier<'_>> =
+        names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
+    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    let answer =
+        match tokio::time::timeout(timeout, admin.describe_configs(specs.iter(), &opts)).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(_)) | Err(_) => return Ok(None),
+        };
+    let mut small = Vec::new();
+    for r in answer {
+        let r: ConfigResourceResult = r;
+        let Ok(res) = r else {
+            // Unknown topic (not created yet) or not answered: nothing to say.
+            continue;
+        };
+        let OwnedResourceSpecifier::Topic(topic) = &res.specifier else {
+            continue;
+        };
+        let limit = res
+            .get("max.message.bytes")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse::<usize>().ok());
+        if let Some(limit) = limit {
+            if limit < cfg.message_max_bytes {
+                small.push(RecordLimitTooSmall {
+                    topic: topic.clone(),
+                    limit,
+                    needed: cfg.message_max_bytes,
+                });
+            }
+        }
+    }
+    Ok(Some(small))
 }
 
 /// One consumed record, as `tail` prints it.

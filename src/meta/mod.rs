@@ -6,5 +6,6 @@
 //! property-tested in isolation.
 
 pub mod errors;
+pub mod scan;
 pub mod signature;
 pub mod webhook;

@@ -9,10 +9,14 @@
 //! simd-json rewrites the buffer it parses, so callers hand this module a
 //! *copy* of the verified bytes (see `ingress`).
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
+
+use super::scan::ScanError;
 
 /// Which topic an event goes to (names are resolved with the prefix by the
 /// caller).
@@ -64,15 +68,6 @@ pub struct Event {
     pub payload: Option<String>,
     /// For `user_preferences` changes: (wa_id, marketing stopped?).
     pub preferences: Vec<(String, bool)>,
-}
-
-/// The body is not a webhook envelope we can walk.
-#[derive(Debug, thiserror::Error)]
-pub enum ParseError {
-    #[error("body is not valid JSON: {0}")]
-    Json(String),
-    #[error("body is JSON but not a webhook envelope: {0}")]
-    Shape(&'static str),
 }
 
 /// Context shared by every record of one POST.
@@ -193,70 +188,359 @@ fn encode<T: Serialize>(t: &T) -> Vec<u8> {
     simd_json::to_vec(t).expect("record encoding")
 }
 
+/// Why a signed body is not exploded into records. The body is not lost: the
+/// caller keeps it byte for byte on the raw topic and answers 200 (a retry
+/// would not change it).
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// The parser's message is not used: it can quote bytes of the body.
+    #[error("body is not valid JSON (at byte {0})")]
+    Json(usize),
+    #[error("body is JSON but not a webhook envelope: {0}")]
+    Shape(&'static str),
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    #[error("an id that would become a Kafka key or header is unusable: {0}")]
+    BadId(&'static str),
+}
+
+impl ParseError {
+    /// Every [`ParseError::reason`], for metrics.
+    pub const REASONS: &'static [&'static str] =
+        &["json", "shape", "too_deep", "lone_surrogate", "bad_id"];
+
+    /// A closed label for metrics and the raw record's header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ParseError::Json(_) => "json",
+            ParseError::Shape(_) => "shape",
+            ParseError::Scan(ScanError::TooDeep(_)) => "too_deep",
+            ParseError::Scan(ScanError::LoneSurrogate(_)) => "lone_surrogate",
+            ParseError::BadId(_) => "bad_id",
+        }
+    }
+}
+
+/// Bounds on what one POST may become (`ingress.max_json_depth`,
+/// `ingress.max_events_per_post`, `ingress.max_record_bytes_factor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Deepest nesting of `[` / `{` accepted (real webhooks stay under 12).
+    pub max_depth: usize,
+    /// Most events (messages, statuses, errors, other changes) in one POST.
+    pub max_events: usize,
+    /// The records of a POST may total at most this many bytes per body
+    /// byte, plus [`Limits::RECORD_BYTES_FLOOR`].
+    pub record_bytes_factor: usize,
+}
+
+impl Limits {
+    /// Record bytes every POST may use whatever its size.
+    pub const RECORD_BYTES_FLOOR: usize = 1 << 20;
+
+    pub const DEFAULT: Limits = Limits {
+        max_depth: 64,
+        max_events: 2_000,
+        record_bytes_factor: 4,
+    };
+
+    /// The record bytes a body of `body_len` bytes may become.
+    pub fn max_record_bytes(&self, body_len: usize) -> usize {
+        body_len
+            .saturating_mul(self.record_bytes_factor)
+            .saturating_add(Self::RECORD_BYTES_FLOOR)
+    }
+}
+
+/// A POST past one of the [`Limits`]: kept raw, answered 200, counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverLimit {
+    Events,
+    RecordBytes,
+}
+
+impl OverLimit {
+    pub const ALL: [OverLimit; 2] = [OverLimit::Events, OverLimit::RecordBytes];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            OverLimit::Events => "events",
+            OverLimit::RecordBytes => "record_bytes",
+        }
+    }
+}
+
+/// Scans `buf` (see [`scan`](super::scan)) and parses it in place. `buf` is a
+/// copy of the body: simd-json rewrites it.
+pub fn parse(buf: &mut [u8], max_depth: usize) -> Result<BorrowedValue<'_>, ParseError> {
+    super::scan::scan(buf, max_depth)?;
+    simd_json::to_borrowed_value(buf).map_err(|e| ParseError::Json(e.index()))
+}
+
+/// Checks a parsed body's envelope and ids and measures what it would become,
+/// without encoding a record: `Ok(Ok(events))`, or `Ok(Err(limit))` when it
+/// is past a limit.
+pub fn plan(
+    root: &BorrowedValue<'_>,
+    ctx: Context<'_>,
+    body_len: usize,
+    limits: &Limits,
+) -> Result<Result<usize, OverLimit>, ParseError> {
+    // A count from array lengths first: it costs one step per change, so a
+    // body of a million tiny events is refused before any is looked at.
+    let mut events = 0usize;
+    for change in changes(entries(root)?) {
+        events += match (change.field, change.value) {
+            (_, None) => 0,
+            ("messages", Some(v)) => {
+                let n = ["messages", "statuses", "errors"]
+                    .iter()
+                    .filter_map(|k| v.get(*k).and_then(|a| a.as_array()))
+                    .map(|a| a.len())
+                    .sum::<usize>();
+                n.max(1)
+            }
+            (_, Some(_)) => 1,
+        };
+        if events > limits.max_events {
+            return Ok(Err(OverLimit::Events));
+        }
+    }
+    let mut bytes = body_len;
+    walk(root, ctx, &mut |rec| {
+        bytes = bytes.saturating_add(rec.envelope_len());
+        true
+    })?;
+    if bytes > limits.max_record_bytes(body_len) {
+        return Ok(Err(OverLimit::RecordBytes));
+    }
+    Ok(Ok(events))
+}
+
+/// Calls `each` with every event of a parsed body, in body order, encoding
+/// one record at a time (the caller can produce it and drop it before the
+/// next is made); `each` returns false to stop.
+pub fn for_each_event(
+    root: &BorrowedValue<'_>,
+    ctx: Context<'_>,
+    each: &mut dyn FnMut(Event) -> bool,
+) -> Result<(), ParseError> {
+    walk(root, ctx, &mut |rec| each(rec.into_event()))
+}
+
 /// Parses `buf` (a copy of the body; it is modified in place) and returns
-/// every event of the POST, in body order.
+/// every event of the POST, in body order, under the default depth limit
+/// and without the size limits (tests and benches).
 pub fn fan_out(buf: &mut [u8], ctx: Context<'_>) -> Result<Vec<Event>, ParseError> {
-    let root = simd_json::to_borrowed_value(buf).map_err(|e| ParseError::Json(e.to_string()))?;
+    let root = parse(buf, Limits::DEFAULT.max_depth)?;
     fan_out_value(&root, ctx)
 }
 
 /// As [`fan_out`], over an already parsed body.
 pub fn fan_out_value(root: &BorrowedValue<'_>, ctx: Context<'_>) -> Result<Vec<Event>, ParseError> {
-    if !root.is_object() {
-        return Err(ParseError::Shape("top level is not an object"));
-    }
-    let entries = root
-        .get("entry")
-        .and_then(|e| e.as_array())
-        .ok_or(ParseError::Shape("no entry array"))?;
     let mut out = Vec::new();
-    for entry in entries {
-        let waba_id = str_field(entry, "id").unwrap_or("");
-        let Some(changes) = entry.get("changes").and_then(|c| c.as_array()) else {
-            continue;
-        };
-        for change in changes {
-            let field = str_field(change, "field").unwrap_or("unknown");
-            let Some(value) = change.get("value") else {
-                continue;
-            };
-            fan_out_change(&mut out, ctx, waba_id, field, value);
-        }
-    }
+    for_each_event(root, ctx, &mut |e| {
+        out.push(e);
+        true
+    })?;
     Ok(out)
 }
 
-fn fan_out_change(
-    out: &mut Vec<Event>,
-    ctx: Context<'_>,
-    waba_id: &str,
-    field: &str,
-    value: &BorrowedValue<'_>,
-) {
-    let metadata = value.get("metadata");
-    let phone_number_id = metadata.and_then(|m| str_field(m, "phone_number_id"));
-    let display = metadata.and_then(|m| str_field(m, "display_phone_number"));
-    let key = phone_number_id.unwrap_or(waba_id).to_string();
-    let mut produced = false;
+/// The `entry` array of a webhook envelope.
+fn entries<'a, 'v>(root: &'a BorrowedValue<'v>) -> Result<&'a [BorrowedValue<'v>], ParseError> {
+    if !root.is_object() {
+        return Err(ParseError::Shape("top level is not an object"));
+    }
+    // Another product's webhook (a Page, Instagram) on the same callback URL
+    // is not exploded as if it were WhatsApp's.
+    if let Some(o) = root.get("object") {
+        if o.as_str() != Some("whatsapp_business_account") {
+            return Err(ParseError::Shape("object is not whatsapp_business_account"));
+        }
+    }
+    root.get("entry")
+        .and_then(|e| e.as_array())
+        .map(|a| a.as_slice())
+        .ok_or(ParseError::Shape("no entry array"))
+}
 
-    if field == "messages" {
-        let contacts = value.get("contacts").and_then(|c| c.as_array());
-        if let Some(messages) = value.get("messages").and_then(|m| m.as_array()) {
-            for msg in messages {
-                produced = true;
-                let from = str_field(msg, "from");
-                // The contact for this sender, else the first (system messages have none).
-                let contact = contacts.and_then(|cs| {
-                    cs.iter()
-                        .find(|c| from.is_some() && str_field(c, "wa_id") == from)
-                        .or_else(|| cs.first())
-                });
-                let wa_id = from.or_else(|| contact.and_then(|c| str_field(c, "wa_id")));
-                let profile_name = contact
-                    .and_then(|c| c.get("profile"))
-                    .and_then(|p| str_field(p, "name"));
-                let event_id = match str_field(msg, "id") {
-                    Some(id) => id.to_string(),
+struct Change<'a, 'v> {
+    entry: &'a BorrowedValue<'v>,
+    field: &'a str,
+    value: Option<&'a BorrowedValue<'v>>,
+}
+
+fn changes<'a, 'v>(entries: &'a [BorrowedValue<'v>]) -> impl Iterator<Item = Change<'a, 'v>> {
+    entries.iter().flat_map(|entry| {
+        entry
+            .get("changes")
+            .and_then(|c| c.as_array())
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(move |change| Change {
+                entry,
+                field: str_field(change, "field").unwrap_or("unknown"),
+                value: change.get("value"),
+            })
+    })
+}
+
+/// Longest id wagate puts in a Kafka key or header.
+const MAX_ID_BYTES: usize = 256;
+
+/// An id that becomes (part of) a Kafka key or header: a string, or a whole
+/// number written as one. Empty counts as absent; control characters or
+/// more than [`MAX_ID_BYTES`] bytes make the body unusable.
+fn id_field<'a>(
+    v: &'a BorrowedValue<'_>,
+    key: &str,
+    what: &'static str,
+) -> Result<Option<Cow<'a, str>>, ParseError> {
+    let Some(x) = v.get(key) else {
+        return Ok(None);
+    };
+    let s: Cow<'a, str> = if let Some(s) = x.as_str() {
+        Cow::Borrowed(s)
+    } else if let Some(n) = x.as_u64() {
+        Cow::Owned(n.to_string())
+    } else {
+        return Ok(None);
+    };
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.len() > MAX_ID_BYTES || s.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return Err(ParseError::BadId(what));
+    }
+    Ok(Some(s))
+}
+
+/// The contact of a message's sender, else the first (system messages have
+/// none). Long contact lists are indexed once per change, so a body of many
+/// messages and many contacts costs no more than its size.
+struct ContactIndex<'a, 'v> {
+    list: &'a [BorrowedValue<'v>],
+    by_wa_id: Option<std::collections::HashMap<&'a str, &'a BorrowedValue<'v>>>,
+}
+
+impl<'a, 'v> ContactIndex<'a, 'v> {
+    fn new(value: &'a BorrowedValue<'v>) -> Self {
+        let list = value
+            .get("contacts")
+            .and_then(|c| c.as_array())
+            .map(|a| a.as_slice())
+            .unwrap_or_default();
+        let by_wa_id = (list.len() > 16).then(|| {
+            let mut m = std::collections::HashMap::with_capacity(list.len());
+            for c in list {
+                if let Some(w) = str_field(c, "wa_id") {
+                    m.entry(w).or_insert(c);
+                }
+            }
+            m
+        });
+        ContactIndex { list, by_wa_id }
+    }
+
+    fn find(&self, from: Option<&str>) -> Option<&'a BorrowedValue<'v>> {
+        let found = from.and_then(|f| match &self.by_wa_id {
+            Some(m) => m.get(f).copied(),
+            None => self.list.iter().find(|c| str_field(c, "wa_id") == Some(f)),
+        });
+        found.or_else(|| self.list.first())
+    }
+}
+
+/// One event of a body, its fields borrowed: measured by [`plan`], encoded by
+/// [`for_each_event`].
+struct Rec<'a, 'v> {
+    ctx: Context<'a>,
+    waba_id: &'a str,
+    phone_number_id: Option<&'a str>,
+    /// phone_number_id, else the WABA id.
+    key: &'a str,
+    item: Item<'a, 'v>,
+}
+
+enum Item<'a, 'v> {
+    Message {
+        msg: &'a BorrowedValue<'v>,
+        id: Option<Cow<'a, str>>,
+        wa_id: Option<Cow<'a, str>>,
+        display: Option<&'a str>,
+        profile_name: Option<&'a str>,
+    },
+    Status {
+        st: &'a BorrowedValue<'v>,
+        id: Option<Cow<'a, str>>,
+        status: Option<Cow<'a, str>>,
+    },
+    Error {
+        err: &'a BorrowedValue<'v>,
+    },
+    Other {
+        field: &'a str,
+        value: &'a BorrowedValue<'v>,
+    },
+}
+
+/// Bytes of a record's envelope besides Meta's object (field names, ids,
+/// times): an upper estimate.
+const ENVELOPE_BYTES: usize = 256;
+
+impl<'a, 'v> Rec<'a, 'v> {
+    /// What this record adds to the body's own bytes: its envelope, with
+    /// every string that it repeats from elsewhere in the body.
+    fn envelope_len(&self) -> usize {
+        let common = ENVELOPE_BYTES
+            + self.ctx.app.len()
+            + self.waba_id.len()
+            + self.phone_number_id.map_or(0, str::len)
+            + self.key.len();
+        common
+            + match &self.item {
+                Item::Message {
+                    id,
+                    wa_id,
+                    display,
+                    profile_name,
+                    ..
+                } => {
+                    id.as_deref().map_or(32, str::len)
+                        + wa_id.as_deref().map_or(0, str::len)
+                        + display.map_or(0, str::len)
+                        + profile_name.map_or(0, str::len)
+                }
+                Item::Status { id, status, st } => {
+                    id.as_deref().map_or(32, str::len)
+                        + status.as_deref().map_or(0, str::len)
+                        + str_field(st, "recipient_id").map_or(0, str::len)
+                        + str_field(st, "biz_opaque_callback_data").map_or(0, str::len)
+                }
+                Item::Error { .. } => 32,
+                Item::Other { field, .. } => 32 + field.len(),
+            }
+    }
+
+    fn into_event(self) -> Event {
+        let Rec {
+            ctx,
+            waba_id,
+            phone_number_id,
+            key,
+            item,
+        } = self;
+        match item {
+            Item::Message {
+                msg,
+                id,
+                wa_id,
+                display,
+                profile_name,
+            } => {
+                let event_id = match id {
+                    Some(id) => id.into_owned(),
                     None => stable_hash(waba_id, "message", msg),
                 };
                 let rec = InboundMessage {
@@ -267,13 +551,17 @@ fn fan_out_change(
                     waba_id,
                     phone_number_id,
                     display_phone_number: display,
-                    wa_id,
+                    wa_id: wa_id.as_deref(),
                     profile_name,
                     timestamp: timestamp(msg),
                     received_at_ms: ctx.received_at_ms,
                     message: msg,
                 };
-                let inbound = wa_id.zip(timestamp(msg)).map(|(w, t)| (w.to_string(), t));
+                let value = encode(&rec);
+                let inbound = wa_id
+                    .as_deref()
+                    .zip(timestamp(msg))
+                    .map(|(w, t)| (w.to_string(), t));
                 let text = msg
                     .get("text")
                     .and_then(|t| str_field(t, "body"))
@@ -290,24 +578,21 @@ fn fan_out_change(
                         })
                     })
                     .map(str::to_string);
-                out.push(Event {
+                Event {
                     topic: Topic::Messages,
-                    key: key.clone(),
-                    value: encode(&rec),
+                    key: key.to_string(),
+                    value,
                     event_id,
                     kind: "message".into(),
                     inbound,
                     text,
                     payload,
                     preferences: Vec::new(),
-                });
+                }
             }
-        }
-        if let Some(statuses) = value.get("statuses").and_then(|s| s.as_array()) {
-            for st in statuses {
-                produced = true;
-                let status = str_field(st, "status");
-                let event_id = match str_field(st, "id") {
+            Item::Status { st, id, status } => {
+                let status = status.as_deref();
+                let event_id = match id {
                     Some(id) => format!("{id}:{}", status.unwrap_or("")),
                     None => stable_hash(waba_id, "status", st),
                 };
@@ -327,9 +612,9 @@ fn fan_out_change(
                     errors: st.get("errors"),
                     status_object: st,
                 };
-                out.push(Event {
+                Event {
                     topic: Topic::Statuses,
-                    key: key.clone(),
+                    key: key.to_string(),
                     value: encode(&rec),
                     event_id,
                     kind: "status".into(),
@@ -337,65 +622,153 @@ fn fan_out_change(
                     text: None,
                     payload: None,
                     preferences: Vec::new(),
-                });
+                }
             }
-        }
-        if let Some(errors) = value.get("errors").and_then(|e| e.as_array()) {
-            for err in errors {
-                produced = true;
-                let event_id = stable_hash(waba_id, "error", err);
-                let rec = OtherEvent {
-                    v: 1,
-                    event_id: &event_id,
-                    kind: "error",
-                    app: ctx.app,
-                    waba_id,
-                    phone_number_id,
-                    received_at_ms: ctx.received_at_ms,
-                    value: err,
-                };
-                out.push(Event {
-                    topic: Topic::Events,
-                    key: key.clone(),
-                    value: encode(&rec),
-                    event_id,
-                    kind: "error".into(),
-                    inbound: None,
-                    text: None,
-                    payload: None,
-                    preferences: Vec::new(),
-                });
+            Item::Error { err } => other_event(ctx, waba_id, phone_number_id, key, "error", err),
+            Item::Other { field, value } => {
+                let mut ev = other_event(ctx, waba_id, phone_number_id, key, field, value);
+                ev.preferences = user_preferences(field, value);
+                ev
             }
         }
     }
+}
 
-    if !produced {
-        // Any other field (templates, quality, account, user_preferences, and
-        // fields Meta adds tomorrow), or a `messages` change with none of the
-        // three arrays: one record for the whole change.
-        let event_id = stable_hash(waba_id, field, value);
-        let rec = OtherEvent {
-            v: 1,
-            event_id: &event_id,
-            kind: field,
-            app: ctx.app,
+fn other_event(
+    ctx: Context<'_>,
+    waba_id: &str,
+    phone_number_id: Option<&str>,
+    key: &str,
+    kind: &str,
+    value: &BorrowedValue<'_>,
+) -> Event {
+    let event_id = stable_hash(waba_id, kind, value);
+    let rec = OtherEvent {
+        v: 1,
+        event_id: &event_id,
+        kind,
+        app: ctx.app,
+        waba_id,
+        phone_number_id,
+        received_at_ms: ctx.received_at_ms,
+        value,
+    };
+    Event {
+        topic: Topic::Events,
+        key: key.to_string(),
+        value: encode(&rec),
+        event_id,
+        kind: kind.to_string(),
+        inbound: None,
+        text: None,
+        payload: None,
+        preferences: Vec::new(),
+    }
+}
+
+/// Walks every event of the body in order. Every `entry[] × changes[] ×
+/// {messages[], statuses[], errors[]}` item, and every change of any other
+/// field (or a `messages` change with none of the three arrays), is one
+/// event. Stops when `each` returns false.
+fn walk(
+    root: &BorrowedValue<'_>,
+    ctx: Context<'_>,
+    each: &mut dyn FnMut(Rec<'_, '_>) -> bool,
+) -> Result<(), ParseError> {
+    for change in changes(entries(root)?) {
+        let Some(value) = change.value else {
+            continue;
+        };
+        let waba = id_field(change.entry, "id", "entry.id")?;
+        let waba_id = waba.as_deref().unwrap_or("");
+        let field = change.field;
+        if field.bytes().any(|b| b < 0x20 || b == 0x7f) || field.len() > MAX_ID_BYTES {
+            return Err(ParseError::BadId("changes.field"));
+        }
+        let metadata = value.get("metadata");
+        let pnid = match metadata {
+            Some(m) => id_field(m, "phone_number_id", "metadata.phone_number_id")?,
+            None => None,
+        };
+        let phone_number_id = pnid.as_deref();
+        let display = metadata.and_then(|m| str_field(m, "display_phone_number"));
+        let key = phone_number_id.unwrap_or(waba_id);
+        let rec = |item| Rec {
+            ctx,
             waba_id,
             phone_number_id,
-            received_at_ms: ctx.received_at_ms,
-            value,
-        };
-        out.push(Event {
-            topic: Topic::Events,
             key,
-            value: encode(&rec),
-            event_id,
-            kind: field.to_string(),
-            inbound: None,
-            text: None,
-            payload: None,
-            preferences: user_preferences(field, value),
-        });
+            item,
+        };
+        let mut produced = false;
+        if field == "messages" {
+            if let Some(messages) = value.get("messages").and_then(|m| m.as_array()) {
+                let contacts = ContactIndex::new(value);
+                for msg in messages {
+                    produced = true;
+                    let from = id_field(msg, "from", "messages.from")?;
+                    let contact = contacts.find(from.as_deref());
+                    let wa_id = match from {
+                        Some(f) => Some(f),
+                        None => match contact {
+                            Some(c) => id_field(c, "wa_id", "contacts.wa_id")?,
+                            None => None,
+                        },
+                    };
+                    let profile_name = contact
+                        .and_then(|c| c.get("profile"))
+                        .and_then(|p| str_field(p, "name"));
+                    if !each(rec(Item::Message {
+                        msg,
+                        id: id_field(msg, "id", "messages.id")?,
+                        wa_id,
+                        display,
+                        profile_name,
+                    })) {
+                        return Ok(());
+                    }
+                }
+            }
+            if let Some(statuses) = value.get("statuses").and_then(|s| s.as_array()) {
+                for st in statuses {
+                    produced = true;
+                    if !each(rec(Item::Status {
+                        st,
+                        id: id_field(st, "id", "statuses.id")?,
+                        status: id_field(st, "status", "statuses.status")?,
+                    })) {
+                        return Ok(());
+                    }
+                }
+            }
+            if let Some(errors) = value.get("errors").and_then(|e| e.as_array()) {
+                for err in errors {
+                    produced = true;
+                    if !each(rec(Item::Error { err })) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if !produced {
+            // Any other field (templates, quality, account, user_preferences,
+            // and fields Meta adds tomorrow): one record for the whole change.
+            if field == "user_preferences" {
+                for p in value
+                    .get("user_preferences")
+                    .and_then(|v| v.as_array())
+                    .map(|a| a.as_slice())
+                    .unwrap_or_default()
+                {
+                    id_field(p, "wa_id", "user_preferences.wa_id")?;
+                }
+            }
+            if !each(rec(Item::Other { field, value })) {
+                return Ok(());
+            }
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -699,5 +1072,266 @@ mod tests {
         let r: Value = serde_json::from_slice(&evs[0].value).unwrap();
         assert_eq!(r["message"]["text"]["body"], "café 😀 https://example.com");
         assert_eq!(r["profile_name"], "João Pereira");
+    }
+
+    fn text_body(wamid_json: &str, text_json: &str) -> Vec<u8> {
+        format!(r#"{{"object":"whatsapp_business_account","entry":[{{"id":"102345678901234","changes":[{{"field":"messages","value":{{"messaging_product":"whatsapp","metadata":{{"display_phone_number":"15550199999","phone_number_id":"109876543210987"}},"contacts":[{{"profile":{{"name":"Ana"}},"wa_id":"14155550123"}}],"messages":[{{"from":"14155550123",{wamid_json},"timestamp":"1781600500","type":"text","text":{text_json}}}]}}}}]}}]}}"#).into_bytes()
+    }
+
+    /// What a consumer's parser (last key wins) reads from a record.
+    fn consumer_view(e: &Event) -> Value {
+        serde_json::from_slice(&e.value).unwrap()
+    }
+
+    #[test]
+    fn duplicate_keys_are_read_last_wins_in_the_record_and_by_wagate() {
+        for (text, want) in [
+            (r#"{"body":"hello","body":"STOP"}"#, "STOP"),
+            (r#"{"body":"STOP","body":"hello"}"#, "hello"),
+        ] {
+            let mut b = text_body(r#""id":"wamid.A""#, text);
+            let evs = fan_out(&mut b, CTX).unwrap();
+            assert_eq!(evs.len(), 1);
+            assert_eq!(evs[0].text.as_deref(), Some(want), "wagate acts on {text}");
+            let v = consumer_view(&evs[0]);
+            assert_eq!(v["message"]["text"]["body"], want);
+            // The record carries one key, not both.
+            let raw = String::from_utf8(evs[0].value.clone()).unwrap();
+            assert_eq!(raw.matches("\"body\"").count(), 1, "{raw}");
+        }
+        // A duplicated message id: the event id is the one consumers see.
+        let mut b = text_body(r#""id":"wamid.FIRST","id":"wamid.LAST""#, r#"{"body":"x"}"#);
+        let evs = fan_out(&mut b, CTX).unwrap();
+        assert_eq!(evs[0].event_id, "wamid.LAST");
+        assert_eq!(consumer_view(&evs[0])["message"]["id"], "wamid.LAST");
+        // A duplicated `entry`: only the last one is exploded, as consumers read it.
+        let mut b = br#"{"entry":[{"id":"1","changes":[{"field":"account_update","value":{"event":"A"}}]}],"entry":[{"id":"2","changes":[{"field":"account_update","value":{"event":"B"}}]}]}"#.to_vec();
+        let evs = fan_out(&mut b, CTX).unwrap();
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].key, "2");
+        assert_eq!(consumer_view(&evs[0])["value"]["event"], "B");
+    }
+
+    #[test]
+    fn deep_bodies_are_refused_before_parsing() {
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let err = fan_out(&mut deep.into_bytes(), CTX).unwrap_err();
+        assert_eq!(err.reason(), "too_deep");
+        // Deep inside a message.
+        let inner = format!("{}1{}", "[".repeat(9_000), "]".repeat(9_000));
+        let mut b = text_body(
+            r#""id":"wamid.A""#,
+            &format!(r#"{{"body":"x","deep":{inner}}}"#),
+        );
+        assert_eq!(fan_out(&mut b, CTX).unwrap_err().reason(), "too_deep");
+        // Real webhooks are far below the limit.
+        for name in ["inbound_order.json", "inbound_batched_multi_entry.json"] {
+            assert!(fan_out(&mut fixture(name), CTX).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn lone_surrogates_are_refused_not_altered() {
+        let mut b = text_body(r#""id":"wamid.A""#, r#"{"body":"a\ud800b"}"#);
+        assert_eq!(fan_out(&mut b, CTX).unwrap_err().reason(), "lone_surrogate");
+        // A pair is text like any other.
+        let mut b = text_body(r#""id":"wamid.A""#, r#"{"body":"a\ud83d\ude00b"}"#);
+        let evs = fan_out(&mut b, CTX).unwrap();
+        assert_eq!(evs[0].text.as_deref(), Some("a😀b"));
+    }
+
+    #[test]
+    fn parse_errors_never_quote_the_body() {
+        let mut b = b"{\"entry\":[\"secret-\xff-bytes\"".to_vec();
+        let e = fan_out(&mut b, CTX).unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.reason(), "json");
+        assert!(!text.contains("secret"), "{text}");
+    }
+
+    #[test]
+    fn other_objects_and_bad_ids_are_not_exploded() {
+        let mut b =
+            br#"{"object":"page","entry":[{"id":"1","changes":[{"field":"feed","value":{}}]}]}"#
+                .to_vec();
+        assert_eq!(fan_out(&mut b, CTX).unwrap_err().reason(), "shape");
+        let mut b = br#"{"object":7,"entry":[]}"#.to_vec();
+        assert_eq!(fan_out(&mut b, CTX).unwrap_err().reason(), "shape");
+        for id in [r#""id":"wamid.\u0000x""#, r#""id":"wamid.\nx""#] {
+            let mut b = text_body(id, r#"{"body":"x"}"#);
+            assert_eq!(fan_out(&mut b, CTX).unwrap_err().reason(), "bad_id", "{id}");
+        }
+        let long = format!(r#""id":"{}""#, "w".repeat(300));
+        let mut b = text_body(&long, r#"{"body":"x"}"#);
+        assert_eq!(fan_out(&mut b, CTX).unwrap_err().reason(), "bad_id");
+        let mut b =
+            br#"{"entry":[{"id":"1","changes":[{"field":"acc\u0000ount","value":{}}]}]}"#.to_vec();
+        assert_eq!(fan_out(&mut b, CTX).unwrap_err().reason(), "bad_id");
+    }
+
+    #[test]
+    fn a_numeric_phone_number_id_keys_the_record() {
+        let mut b = br#"{"entry":[{"id":"9","changes":[{"field":"messages","value":{"metadata":{"phone_number_id":109876543210987},"statuses":[{"id":"wamid.S","status":"sent","recipient_id":"1"}]}}]}]}"#.to_vec();
+        let evs = fan_out(&mut b, CTX).unwrap();
+        assert_eq!(evs[0].key, "109876543210987");
+        assert_eq!(consumer_view(&evs[0])["phone_number_id"], "109876543210987");
+    }
+
+    fn many_messages(n: usize, name_len: usize) -> Vec<u8> {
+        let msgs: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"from":"14155550123","id":"wamid.{i}","timestamp":"1","type":"text","text":{{"body":"m"}}}}"#))
+            .collect();
+        format!(r#"{{"entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"metadata":{{"phone_number_id":"5"}},"contacts":[{{"profile":{{"name":"{}"}},"wa_id":"14155550123"}}],"messages":[{}]}}}}]}}]}}"#, "n".repeat(name_len), msgs.join(",")).into_bytes()
+    }
+
+    fn plan_of(body: &[u8], limits: &Limits) -> Result<Result<usize, OverLimit>, ParseError> {
+        let mut copy = body.to_vec();
+        let root = parse(&mut copy, limits.max_depth)?;
+        plan(&root, CTX, body.len(), limits)
+    }
+
+    #[test]
+    fn plan_bounds_events_and_record_bytes_per_post() {
+        let l = Limits::DEFAULT;
+        // An ordinary batch passes with its count.
+        assert_eq!(
+            plan_of(&fixture("inbound_batched_multi_entry.json"), &l).unwrap(),
+            Ok(4)
+        );
+        assert_eq!(plan_of(&many_messages(1_000, 10), &l).unwrap(), Ok(1_000));
+        // Too many events.
+        assert_eq!(
+            plan_of(&many_messages(2_001, 10), &l).unwrap(),
+            Err(OverLimit::Events)
+        );
+        // A 300 KB name repeated into 2,000 records.
+        assert_eq!(
+            plan_of(&many_messages(2_000, 300_000), &l).unwrap(),
+            Err(OverLimit::RecordBytes)
+        );
+        // A million empty messages in a 3 MiB body: refused by count, at once.
+        let empty = format!(
+            r#"{{"entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"messages":[{}]}}}}]}}]}}"#,
+            vec!["{}"; 1_000_000].join(",")
+        );
+        assert_eq!(
+            plan_of(empty.as_bytes(), &l).unwrap(),
+            Err(OverLimit::Events)
+        );
+        // The estimate holds what the records really are.
+        let body = many_messages(500, 2_000);
+        assert_eq!(plan_of(&body, &l).unwrap(), Ok(500));
+        let total: usize = fan_out(&mut body.clone(), CTX)
+            .unwrap()
+            .iter()
+            .map(|e| e.value.len())
+            .sum();
+        assert!(total <= l.max_record_bytes(body.len()), "{total}");
+    }
+
+    #[test]
+    fn many_contacts_are_indexed_not_scanned() {
+        let contacts: Vec<String> = (0..5_000)
+            .map(|i| format!(r#"{{"profile":{{"name":"P{i}"}},"wa_id":"{i}"}}"#))
+            .collect();
+        let msgs: Vec<String> = (0..1_000)
+            .map(|i| format!(r#"{{"from":"{}","id":"wamid.{i}","timestamp":"1","type":"text","text":{{"body":"m"}}}}"#, i * 5))
+            .collect();
+        let mut b = format!(r#"{{"entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"metadata":{{"phone_number_id":"5"}},"contacts":[{}],"messages":[{}]}}}}]}}]}}"#, contacts.join(","), msgs.join(",")).into_bytes();
+        let evs = fan_out(&mut b, CTX).unwrap();
+        assert_eq!(evs.len(), 1_000);
+        let v = consumer_view(&evs[7]);
+        assert_eq!(v["profile_name"], "P35");
+    }
+
+    mod fuzz {
+        //! Generated bodies: nested, with duplicate keys, truncated or with
+        //! bytes flipped. The fan-out never panics, never recurses without
+        //! bound, and what it acts on is what a last-wins consumer reads.
+        use super::*;
+        use proptest::prelude::*;
+
+        fn junk() -> impl Strategy<Value = String> {
+            let leaf = prop_oneof![
+                Just("null".to_string()),
+                any::<i32>().prop_map(|n| n.to_string()),
+                "[a-zA-Z0-9 \u{e9}\u{1f600}]{0,6}".prop_map(|s| format!("{s:?}")),
+            ];
+            leaf.prop_recursive(12, 64, 3, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..3)
+                        .prop_map(|v| format!("[{}]", v.join(","))),
+                    // Keys drawn from a tiny set, so duplicates are common.
+                    prop::collection::vec(("[ab]", inner), 0..4).prop_map(|kv| {
+                        let parts: Vec<String> =
+                            kv.into_iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+                        format!("{{{}}}", parts.join(","))
+                    }),
+                ]
+            })
+        }
+
+        fn bodies() -> impl Strategy<Value = (Vec<u8>, usize)> {
+            (
+                prop::collection::vec(("[a-z]{1,5}", "[a-z]{1,5}", junk()), 1..6),
+                0usize..40,
+            )
+                .prop_map(|(msgs, depth)| {
+                    let items: Vec<String> = msgs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (b1, b2, extra))| {
+                            format!(r#"{{"from":"1415555{i}","id":"wamid.{i}","id":"wamid.L{i}","timestamp":"1","type":"text","text":{{"body":{b1:?},"body":{b2:?}}},"x":{}{extra}{}}}"#, "[".repeat(depth), "]".repeat(depth))
+                        })
+                        .collect();
+                    let body = format!(r#"{{"object":"whatsapp_business_account","entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"metadata":{{"phone_number_id":"5"}},"messages":[{}]}}}}]}}]}}"#, items.join(","));
+                    (body.into_bytes(), msgs.len())
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn fan_out_agrees_with_a_last_wins_reader((body, n) in bodies()) {
+                let source: Value = serde_json::from_slice(&body).unwrap();
+                let evs = fan_out(&mut body.clone(), CTX);
+                let Ok(evs) = evs else {
+                    // Only nesting can refuse these bodies.
+                    prop_assert_eq!(evs.unwrap_err().reason(), "too_deep");
+                    return Ok(());
+                };
+                prop_assert_eq!(evs.len(), n);
+                let msgs = &source["entry"][0]["changes"][0]["value"]["messages"];
+                for (i, e) in evs.iter().enumerate() {
+                    let want = &msgs[i];
+                    prop_assert_eq!(e.event_id.as_str(), want["id"].as_str().unwrap());
+                    prop_assert_eq!(e.text.as_deref(), want["text"]["body"].as_str());
+                    let rec: Value = serde_json::from_slice(&e.value).unwrap();
+                    prop_assert_eq!(&rec["message"], want);
+                }
+            }
+
+            #[test]
+            fn damaged_bodies_never_panic(
+                (body, _) in bodies(),
+                cut in any::<prop::sample::Index>(),
+                flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            ) {
+                let mut b = body.clone();
+                for (at, byte) in flips {
+                    let i = at.index(b.len());
+                    b[i] = byte;
+                }
+                b.truncate(cut.index(b.len() + 1));
+                let mut copy = b.clone();
+                let parsed = parse(&mut copy, Limits::DEFAULT.max_depth);
+                if let Ok(root) = &parsed {
+                    let _ = plan(root, CTX, b.len(), &Limits::DEFAULT);
+                    let _ = fan_out_value(root, CTX);
+                }
+                drop(parsed);
+            }
+        }
     }
 }

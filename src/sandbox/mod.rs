@@ -345,6 +345,8 @@ impl Sandbox {
         });
         let limits = Limits {
             max_connections: 4096,
+            max_connections_per_peer: 0,
+            h2_max_concurrent_streams: 256,
             header_read_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(2),
         };

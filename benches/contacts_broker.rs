@@ -240,8 +240,7 @@ fn bootstrap(rt: &tokio::runtime::Runtime, brokers: &str, records: u64) {
                     &ev.value,
                     &headers,
                     shared.clone(),
-                    0,
-                    0,
+                    wagate::kafka::RecordTag { id: 0, tag: 0 },
                 ) {
                     Ok(()) => break,
                     Err(SendError::QueueFull) => {

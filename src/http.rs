@@ -180,8 +180,10 @@ async fn drive<C, E>(
         }
     };
     if let Err(e) = result {
-        if let Some(kind) = classify(e.into().as_ref()) {
-            m::http_error(name, kind);
+        let e = e.into();
+        match classify(e.as_ref()) {
+            Some(kind) => m::http_error(name, kind),
+            None => tracing::debug!(listener = name, error = %e, "connection ended with an error"),
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::config::{AppConfig, Config};
 use crate::contacts::keywords::{Keyword, Keywords};
 use crate::contacts::{Consent, Contacts, Marketing};
 use crate::http::{self, Body};
-use crate::kafka::{KafkaProducer, RecordAck, SendError, TopicNames};
+use crate::kafka::{KafkaProducer, RecordAck, RecordTag, SendError, TopicNames};
 use crate::meta::signature;
 use crate::meta::webhook::{self, Event, Topic};
 use crate::metrics::{self as m, WebhookOutcome};
@@ -664,10 +664,14 @@ impl<'a> Round<'a> {
     ) {
         self.ack.remaining.fetch_add(1, Ordering::AcqRel);
         let shared: Arc<dyn RecordAck> = self.ack.clone();
-        let sent = self
-            .ingress
-            .producer
-            .send_tagged(topic, key, value, headers, shared, id, tag);
+        let sent = self.ingress.producer.send_tagged(
+            topic,
+            key,
+            value,
+            headers,
+            shared,
+            RecordTag { id, tag },
+        );
         if let Err(e) = sent {
             note_send_error(&e);
             self.failed = Some(match e {

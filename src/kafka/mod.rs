@@ -117,6 +117,13 @@ pub trait RecordAck: Send + Sync + 'static {
     fn done(&self, id: u64, tag: u32, result: Result<(), &KafkaError>);
 }
 
+/// What a record sent with [`KafkaProducer::send_tagged`] is reported as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordTag {
+    pub id: u64,
+    pub tag: u32,
+}
+
 /// Routes librdkafka's delivery reports to each record's [`Pending`].
 pub struct CompletionContext;
 
@@ -257,10 +264,10 @@ impl KafkaProducer {
         payload: &[u8],
         headers: &[HeaderPair<'_>],
         ack: Arc<dyn RecordAck>,
-        id: u64,
-        tag: u32,
+        tag: RecordTag,
     ) -> Result<(), SendError> {
-        self.send_pending(topic, key, payload, headers, Pending::Tagged(ack, id, tag))
+        let pending = Pending::Tagged(ack, tag.id, tag.tag);
+        self.send_pending(topic, key, payload, headers, pending)
     }
 
     fn send_pending(

@@ -113,7 +113,7 @@ pub async fn request(req: Request<Full<Bytes>>) -> Resp {
     let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
         .await
         .expect("response within 30s")
-        .expect("request");
+        .unwrap_or_else(|e| panic!("request: {e:?}"));
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.expect("body").to_bytes();

@@ -1,5 +1,5 @@
 # wagate — common tasks. `make test` is the test command CI runs.
-.PHONY: dev test lint bench loadtest build release
+.PHONY: dev test lint bench loadtest build release fuzz
 
 dev:            ## run the gateway with everything embedded
 	cargo run --bin wagate -- serve --dev
@@ -10,6 +10,9 @@ test:           ## whole suite: installs/starts Tansu on loopback, runs every te
 lint:           ## formatting and clippy, warnings are errors
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+fuzz:           ## the fan-out's property tests with many cases (WAGATE_FUZZ_CASES, default 20000)
+	WAGATE_FUZZ_CASES=$${WAGATE_FUZZ_CASES:-20000} cargo test --release --lib -- fuzz depth_limit --nocapture
 
 bench:          ## criterion benches (CPU cost per webhook)
 	cargo bench --bench ingress

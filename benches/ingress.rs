@@ -1,5 +1,7 @@
 //! Ingress CPU costs: signature verification by body size, parse + fan-out of
-//! a 1-event and a 50-event body, record encoding alone, and the dedupe set.
+//! a 1-event and a 50-event body, ingress's whole body path (scan, parse,
+//! plan, fan-out), the scan and the plan alone, record encoding alone, and
+//! the dedupe set.
 //!
 //! Run: `cargo bench --bench ingress`
 
@@ -58,6 +60,47 @@ fn bench_fan_out(c: &mut Criterion) {
                 assert_eq!(evs.len(), n);
                 evs
             })
+        });
+    }
+    g.finish();
+
+    // What ingress does per signed body since the hostile-input limits:
+    // the pre-scan, the parse, the plan (envelope, ids, count, size
+    // estimate) and the fan-out one event at a time.
+    let mut g = c.benchmark_group("ingress_path");
+    let limits = webhook::Limits::DEFAULT;
+    for n in [1usize, 50] {
+        let body = body_with(n);
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::new("events", n), &body, |b, body| {
+            b.iter(|| {
+                let mut copy = body.clone();
+                let root = webhook::parse(black_box(&mut copy), limits.max_depth).unwrap();
+                let planned = webhook::plan(&root, ctx, body.len(), &limits).unwrap();
+                assert_eq!(planned, Ok(n));
+                let mut bytes = 0;
+                webhook::for_each_event(&root, ctx, &mut |e| {
+                    bytes += e.value.len();
+                    true
+                })
+                .unwrap();
+                bytes
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("scan_plan");
+    for n in [1usize, 50] {
+        let body = body_with(n);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_with_input(BenchmarkId::new("scan", n), &body, |b, body| {
+            b.iter(|| wagate::meta::scan::scan(black_box(body), 64).unwrap())
+        });
+        let mut copy = body.clone();
+        let root = simd_json::to_borrowed_value(&mut copy).unwrap();
+        g.bench_with_input(BenchmarkId::new("plan", n), &root, |b, root| {
+            b.iter(|| webhook::plan(black_box(root), ctx, body.len(), &limits).unwrap())
         });
     }
     g.finish();

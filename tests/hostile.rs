@@ -535,6 +535,28 @@ async fn lone_surrogates_and_two_signatures() {
             .await
             .is_empty()
     );
+    // A timestamp at i64::MAX neither panics nor wraps: the window opens at
+    // receipt, not in the far past or future.
+    let t0 = wagate::clock::now_ms();
+    let huge = String::from_utf8(text_body("wamid.T1", r#"{"body":"hi"}"#))
+        .unwrap()
+        .replace("1781600500", "9223372036854775807");
+    let r = post_signed(gw.public_addr, "/webhook", huge.as_bytes()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let req = Request::get(format!(
+        "http://{}/v1/contacts/109876543210987/14155550123",
+        gw.internal_addr
+    ))
+    .header("authorization", "Bearer test-api-token")
+    .body(Full::new(Bytes::new()))
+    .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&request(req).await.body).unwrap();
+    let at = st["last_inbound_ms"].as_u64().unwrap();
+    // (The cache keeps whole seconds.)
+    assert!(
+        at >= t0 / 1000 * 1000 && at <= wagate::clock::now_ms(),
+        "{st}"
+    );
     // Two signature headers, one of them right: refused.
     let good = fixture("inbound_text.json");
     let req = Request::post(format!("http://{}/webhook", gw.public_addr))

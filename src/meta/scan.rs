@@ -140,6 +140,23 @@ mod tests {
         assert_eq!(scan(br#"{"t":"abc"#, 8), Ok(()));
     }
 
+    /// Every other JSON parser in wagate is serde_json, whose recursion limit
+    /// (128) bounds the stack: this fails if a dependency ever turns on its
+    /// `unbounded_depth` feature.
+    #[test]
+    fn serde_json_keeps_its_recursion_limit() {
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(serde_json::from_str::<serde_json::Value>(&deep).is_err());
+        // Fields skipped by a struct are skipped without recursion.
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Small {
+            v: Option<u8>,
+        }
+        let skipped = format!(r#"{{"x":{deep},"v":1}}"#);
+        let _ = serde_json::from_str::<Small>(&skipped);
+    }
+
     /// The scan's depth agrees with serde_json's view of the same document.
     fn depth_of(v: &serde_json::Value) -> usize {
         match v {

@@ -1251,6 +1251,14 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
+        /// 256 in the test command; `make fuzz` sets `WAGATE_FUZZ_CASES`.
+        fn fuzz_cases() -> u32 {
+            std::env::var("WAGATE_FUZZ_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(256)
+        }
+
         fn junk() -> impl Strategy<Value = String> {
             let leaf = prop_oneof![
                 Just("null".to_string()),
@@ -1290,7 +1298,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+            #![proptest_config(ProptestConfig { cases: fuzz_cases(), ..ProptestConfig::default() })]
 
             #[test]
             fn fan_out_agrees_with_a_last_wins_reader((body, n) in bodies()) {

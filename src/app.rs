@@ -52,7 +52,12 @@ impl Gateway {
         // Every body under server.max_body_bytes must be storable: refuse to
         // start (before any port is bound) when a topic ingress writes takes
         // smaller records. A broker that cannot say is warned about.
-        match crate::kafka::check_record_limit(&cfg.kafka, Duration::from_secs(3)).await {
+        let checked = if cfg.kafka.check_record_limit {
+            crate::kafka::check_record_limit(&cfg.kafka, Duration::from_secs(3)).await
+        } else {
+            Ok(Some(Vec::new()))
+        };
+        match checked {
             Ok(Some(small)) if !small.is_empty() => {
                 let why: Vec<String> = small.iter().map(|s| s.to_string()).collect();
                 anyhow::bail!("kafka: {}", why.join("; "));

@@ -417,6 +417,9 @@ pub struct KafkaConfig {
     /// `topics create` sets: `server.max_body_bytes` + 64 KiB, so that every
     /// body under the limit (and every record made of it) can be stored.
     pub message_max_bytes: usize,
+    /// Ask the brokers at start whether the inbound topics take records of
+    /// `message_max_bytes` (off for `--dev`: the mock cluster cannot say).
+    pub check_record_limit: bool,
 }
 
 /// What a record may add to the largest body: headers, key, envelope.
@@ -1035,6 +1038,7 @@ fn validate(raw: RawConfig, env: &dyn Env, opts: LoadOptions) -> Result<Config, 
                 as i32,
             client_id: k.client_id.clone(),
             message_max_bytes: max_body_bytes as usize + RECORD_OVERHEAD_BYTES,
+            check_record_limit: true,
         },
         ingress: IngressConfig {
             ack_timeout: Duration::from_millis(positive(

@@ -45,7 +45,7 @@ use wagate::app::Gateway;
 use wagate::config::{self, LoadOptions};
 use wagate::contacts::sync;
 use wagate::contacts::{Consent, ContactState, Contacts, Marketing, MemoryContacts};
-use wagate::kafka::{self, KafkaProducer, RecordAck, SendError, TopicNames};
+use wagate::kafka::{self, KafkaProducer, RecordAck, SendError, TopicId, Topics};
 
 // The allocator the `wagate` binary uses.
 #[global_allocator]
@@ -207,8 +207,11 @@ fn bootstrap(rt: &tokio::runtime::Runtime, brokers: &str, records: u64) {
     let cfg = config(brokers, &prefix, &[]);
     rt.block_on(kafka::create_topics(&cfg.kafka))
         .expect("create topics");
-    let names = TopicNames::new(&prefix);
-    let (consent_topic, windows_topic) = (names.full("consent"), names.full("windows"));
+    let names = Topics::new(&prefix);
+    let (consent_topic, windows_topic) = (
+        names.name(TopicId::Consent).to_string(),
+        names.name(TopicId::Windows).to_string(),
+    );
     let pairs = records / 2;
 
     // Produce with the gateway's own producer (acks=all, idempotent, lz4).
@@ -600,7 +603,7 @@ async fn stop_propagation(brokers: &str, stops: usize) {
     let tail = {
         let (brokers, topic) = (
             brokers.to_string(),
-            TopicNames::new(&prefix).full("consent"),
+            Topics::new(&prefix).name(TopicId::Consent).to_string(),
         );
         let (seen, stop) = (seen.clone(), tail_stop.clone());
         std::thread::spawn(move || {

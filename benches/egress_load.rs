@@ -822,8 +822,8 @@ fn drain(
         .block_on(kafka::create_topics(&cfg.kafka))
         .expect("create topics");
     assert_eq!(created.len(), kafka::TOPICS.len());
-    let names = kafka::TopicNames::new(&prefix);
-    let requests_topic = names.full("outbound.requests");
+    let names = kafka::Topics::new(&prefix);
+    let requests_topic = names.name(kafka::TopicId::OutboundRequests).to_string();
     let n = run.requests.len();
     let secs = produce(brokers, &requests_topic, &run.requests);
     eprintln!(
@@ -886,7 +886,12 @@ fn drain(
             partition_counts(brokers, &requests_topic)
         );
     }
-    check_results(tag, brokers, &names.full("outbound.results"), &run.ids);
+    check_results(
+        tag,
+        brokers,
+        names.name(kafka::TopicId::OutboundResults),
+        &run.ids,
+    );
     let sends = sb.sends();
     assert_eq!(sb.attempts(), n, "POSTs the sandbox received");
     assert_eq!(sends.len(), n, "sends the sandbox accepted");

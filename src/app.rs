@@ -21,7 +21,7 @@ use crate::egress::drain::Egress;
 use crate::http::{self, Limits};
 use crate::ingress::dedupe::Dedupe;
 use crate::ingress::Ingress;
-use crate::kafka::KafkaProducer;
+use crate::kafka::{KafkaProducer, TopicId, Topics};
 use crate::metrics as m;
 
 /// A running gateway.
@@ -89,8 +89,11 @@ impl Gateway {
             cfg.ingress.dedupe_max_entries,
         ));
         let contacts = Arc::new(MemoryContacts::new());
+        // Every topic name, resolved once from the prefix.
+        let topics = Topics::new(&cfg.kafka.topic_prefix);
         let ingress = Arc::new(Ingress::new(
             &cfg,
+            topics.clone(),
             ingress_producer.clone().unwrap_or_else(|| producer.clone()),
             dedupe.clone(),
             Some(contacts.clone() as Arc<dyn Contacts>),
@@ -102,13 +105,10 @@ impl Gateway {
             api: crate::admin::api::Api {
                 tenants: cfg.tenants.clone(),
                 contacts: contacts.clone(),
-                consent_topic: crate::kafka::TopicNames::new(&cfg.kafka.topic_prefix)
-                    .full("consent"),
-                windows_topic: crate::kafka::TopicNames::new(&cfg.kafka.topic_prefix)
-                    .full("windows"),
+                consent_topic: topics.name(TopicId::Consent).to_string(),
+                windows_topic: topics.name(TopicId::Windows).to_string(),
                 producer: producer.clone(),
-                requests_topic: crate::kafka::TopicNames::new(&cfg.kafka.topic_prefix)
-                    .full("outbound.requests"),
+                requests_topic: topics.name(TopicId::OutboundRequests).to_string(),
                 ack_timeout: cfg.ingress.ack_timeout,
                 body_limits: http::BodyLimits::of(&cfg, crate::admin::api::MAX_API_BODY),
             },
@@ -145,6 +145,7 @@ impl Gateway {
         let egress_plane = cfg.egress.enabled.then(|| {
             Arc::new(Egress::new(
                 &cfg,
+                topics.clone(),
                 producer.clone(),
                 contacts.clone() as Arc<dyn Contacts>,
             ))
@@ -160,8 +161,10 @@ impl Gateway {
         // Contacts: bootstrap from the compacted topics, then tail them.
         let contacts_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let contacts_thread = {
-            let names = crate::kafka::TopicNames::new(&cfg.kafka.topic_prefix);
-            let (consent, windows) = (names.full("consent"), names.full("windows"));
+            let (consent, windows) = (
+                topics.name(TopicId::Consent).to_string(),
+                topics.name(TopicId::Windows).to_string(),
+            );
             let (brokers, cache, r, stop) = (
                 cfg.kafka.brokers.clone(),
                 contacts.clone(),

@@ -190,10 +190,11 @@ pub fn tail(
 ) -> anyhow::Result<()> {
     let cfg = tool_config(path)?;
     let brokers = brokers.unwrap_or(&cfg.kafka.brokers).to_string();
-    let full = if kafka::TOPICS.iter().any(|t| t.name == topic) {
-        format!("{}{topic}", cfg.kafka.topic_prefix)
-    } else {
-        topic.to_string()
+    let full = match kafka::TopicId::from_name(topic) {
+        Some(t) => kafka::Topics::new(&cfg.kafka.topic_prefix)
+            .name(t)
+            .to_string(),
+        None => topic.to_string(),
     };
     if max == Some(0) {
         bail!("--max must be at least 1");

@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq;
 use crate::config::TenantConfig;
 use crate::egress::request::SendRequest;
 use crate::http::{self, Body};
-use crate::kafka::KafkaProducer;
+use crate::kafka::{KafkaProducer, Kind, RecordHeaders};
 
 /// Largest accepted API body.
 pub const MAX_API_BODY: usize = 256 * 1024;
@@ -73,17 +73,15 @@ impl Api {
         }
         // Re-encode what was validated (drops unknown fields' whitespace, keeps fields).
         let bytes = serde_json::to_vec(&send).unwrap_or_default();
-        let headers: [(&str, &[u8]); 3] = [
-            ("wagate-event-id", send.request_id.as_bytes()),
-            ("wagate-kind", b"request"),
-            ("wagate-app", tenant.name.as_bytes()),
-        ];
-        let fut = match self.producer.send(
-            &self.requests_topic,
-            send.phone_number_id.as_bytes(),
-            &bytes,
-            &headers,
-        ) {
+        let headers = RecordHeaders::new(&send.request_id, Kind::Request, &tenant.name);
+        let fut = match headers.with(|h| {
+            self.producer.send(
+                &self.requests_topic,
+                send.phone_number_id.as_bytes(),
+                &bytes,
+                h,
+            )
+        }) {
             Ok(f) => f,
             Err(_) => return http::unavailable(2, "kafka cannot take the request now"),
         };
@@ -199,17 +197,11 @@ impl Api {
                     now,
                     &format!("api:{now}"),
                 );
-                let headers: [(&str, &[u8]); 3] = [
-                    ("wagate-event-id", ev.event_id.as_bytes()),
-                    ("wagate-kind", b"consent"),
-                    ("wagate-app", tenant.name.as_bytes()),
-                ];
-                match self.producer.send(
-                    &self.consent_topic,
-                    ev.key.as_bytes(),
-                    &ev.value,
-                    &headers,
-                ) {
+                let headers = RecordHeaders::new(&ev.event_id, Kind::Consent, &tenant.name);
+                match headers.with(|h| {
+                    self.producer
+                        .send(&self.consent_topic, ev.key.as_bytes(), &ev.value, h)
+                }) {
                     Ok(f) => match tokio::time::timeout(self.ack_timeout, f).await {
                         Ok(Ok(())) => http::json(StatusCode::OK, state_json(&st)),
                         _ => http::unavailable(
@@ -223,18 +215,15 @@ impl Api {
             hyper::Method::DELETE => {
                 self.contacts.erase(phone_number_id, wa_id);
                 let event_id = format!("erase:{}", crate::egress::drain::now_ms_pub());
-                let headers: [(&str, &[u8]); 3] = [
-                    ("wagate-event-id", event_id.as_bytes()),
-                    ("wagate-kind", b"erase"),
-                    ("wagate-app", tenant.name.as_bytes()),
-                ];
+                let headers = RecordHeaders::new(&event_id, Kind::Erase, &tenant.name);
                 // Tombstones for every key the pair may have been written
                 // under: the normal form, and the `+`-prefixed number id that
                 // earlier versions accepted on this API and kept in keys.
                 let mut acks = Vec::new();
                 for k in erase_keys(phone_number_id, wa_id) {
                     for topic in [&self.consent_topic, &self.windows_topic] {
-                        match self.producer.send_tombstone(topic, k.as_bytes(), &headers) {
+                        match headers.with(|h| self.producer.send_tombstone(topic, k.as_bytes(), h))
+                        {
                             Ok(f) => acks.push(f),
                             Err(_) => {
                                 return http::unavailable(

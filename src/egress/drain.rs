@@ -39,7 +39,7 @@ use crate::egress::graph::{GraphClient, GraphOutcome};
 use crate::egress::policy;
 use crate::egress::request::{Outcome, ResultError, SendRequest, SendResult};
 use crate::egress::tier;
-use crate::kafka::{self, KafkaProducer, TopicNames};
+use crate::kafka::{self, KafkaProducer, Kind, RecordHeaders, TopicId, Topics};
 use crate::meta::errors::{self, Action};
 use crate::metrics as m;
 use crate::ratelimit::{PairKey, PairRate, Throughput};
@@ -430,27 +430,17 @@ pub struct Egress {
     buffered: Arc<Semaphore>,
 }
 
-struct Topics {
-    requests: String,
-    results: String,
-    dlq: String,
-    attempts: String,
-    consent: String,
-}
-
 impl Egress {
-    pub fn new(cfg: &Config, producer: KafkaProducer, contacts: Arc<dyn Contacts>) -> Egress {
-        let names = TopicNames::new(&cfg.kafka.topic_prefix);
+    pub fn new(
+        cfg: &Config,
+        topics: Topics,
+        producer: KafkaProducer,
+        contacts: Arc<dyn Contacts>,
+    ) -> Egress {
         Egress {
             cfg: cfg.egress.clone(),
             brokers: cfg.kafka.brokers.clone(),
-            topics: Topics {
-                requests: names.full("outbound.requests"),
-                results: names.full("outbound.results"),
-                dlq: names.full("outbound.dlq"),
-                attempts: names.full("outbound.attempts"),
-                consent: names.full("consent"),
-            },
+            topics,
             producer,
             graph: GraphClient::new(&cfg.graph.base_url, cfg.egress.send_timeout),
             contacts,
@@ -518,7 +508,7 @@ impl Egress {
                 splitter: std::sync::OnceLock::new(),
                 readers: readers.clone(),
                 tracker: self.tracker.clone(),
-                topic: self.topics.requests.clone(),
+                topic: self.topics.name(TopicId::OutboundRequests).to_string(),
                 revoke_wait: self.cfg.send_timeout + Duration::from_secs(5),
             })?;
         let consumer = Arc::new(consumer);
@@ -527,14 +517,14 @@ impl Egress {
             consumer: Arc::downgrade(&consumer),
             tx: split_tx,
         });
-        consumer.subscribe(&[&self.topics.requests])?;
+        consumer.subscribe(&[self.topics.name(TopicId::OutboundRequests)])?;
         let lanes: Arc<Mutex<Lanes>> = Arc::new(Mutex::new(HashMap::new()));
         let mut commit_tick = tokio::time::interval(Duration::from_millis(200));
         // Pairs whose pair-rate state is back to full burst are forgotten
         // once a minute, so the limiter's memory follows the active pairs.
         let mut prune_tick = tokio::time::interval(Duration::from_secs(60));
         prune_tick.tick().await;
-        tracing::info!(topic = %self.topics.requests, group = %self.cfg.group_id, "egress draining");
+        tracing::info!(topic = %self.topics.name(TopicId::OutboundRequests), group = %self.cfg.group_id, "egress draining");
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -687,7 +677,11 @@ impl Egress {
         }
         let mut tpl = TopicPartitionList::new();
         for (p, o) in offsets {
-            let _ = tpl.add_partition_offset(&self.topics.requests, p, Offset::Offset(o));
+            let _ = tpl.add_partition_offset(
+                self.topics.name(TopicId::OutboundRequests),
+                p,
+                Offset::Offset(o),
+            );
         }
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             tracing::warn!(error = %e, "offset commit failed");
@@ -699,7 +693,10 @@ impl Egress {
     async fn load_history(&self) {
         let since = now_ms().saturating_sub(self.cfg.history_window.as_millis() as u64);
         let brokers = self.brokers.clone();
-        let (results, attempts) = (self.topics.results.clone(), self.topics.attempts.clone());
+        let (results, attempts) = (
+            self.topics.name(TopicId::OutboundResults).to_string(),
+            self.topics.name(TopicId::OutboundAttempts).to_string(),
+        );
         let tiers = !self.tiers.is_empty();
         let got = tokio::task::spawn_blocking(move || {
             let mut h = History::default();
@@ -1139,17 +1136,15 @@ impl Egress {
             "started_at_ms": now_ms(),
         });
         let bytes = serde_json::to_vec(&attempt).unwrap_or_default();
-        let headers: [(&str, &[u8]); 3] = [
-            ("wagate-event-id", job.req.request_id.as_bytes()),
-            ("wagate-kind", b"attempt"),
-            ("wagate-app", b"egress"),
-        ];
-        let acked = match self.producer.send(
-            &self.topics.attempts,
-            job.req.phone_number_id.as_bytes(),
-            &bytes,
-            &headers,
-        ) {
+        let headers = RecordHeaders::new(&job.req.request_id, Kind::Attempt, "egress");
+        let acked = match headers.with(|h| {
+            self.producer.send(
+                self.topics.name(TopicId::OutboundAttempts),
+                job.req.phone_number_id.as_bytes(),
+                &bytes,
+                h,
+            )
+        }) {
             Ok(f) => f.await.is_ok(),
             Err(_) => false,
         };
@@ -1321,15 +1316,15 @@ impl Egress {
             now_ms(),
             &job.req.request_id,
         );
-        let headers: [(&str, &[u8]); 3] = [
-            ("wagate-event-id", ev.event_id.as_bytes()),
-            ("wagate-kind", b"consent"),
-            ("wagate-app", b"egress"),
-        ];
-        match self
-            .producer
-            .send(&self.topics.consent, ev.key.as_bytes(), &ev.value, &headers)
-        {
+        let headers = RecordHeaders::new(&ev.event_id, Kind::Consent, "egress");
+        match headers.with(|h| {
+            self.producer.send(
+                self.topics.name(TopicId::Consent),
+                ev.key.as_bytes(),
+                &ev.value,
+                h,
+            )
+        }) {
             Ok(delivery) => {
                 tokio::spawn(async move {
                     if let Err(e) = delivery.await {
@@ -1434,15 +1429,18 @@ impl Egress {
         }
         let bytes = serde_json::to_vec(&value).unwrap_or_default();
         let producer = self.producer.clone();
-        let (results, dlq_topic) = (self.topics.results.clone(), self.topics.dlq.clone());
+        let (results, dlq_topic) = (
+            self.topics.name(TopicId::OutboundResults).to_string(),
+            self.topics.name(TopicId::OutboundDlq).to_string(),
+        );
         let key = result.phone_number_id.clone();
         let id = result.request_id.clone();
         let tracker = self.tracker.clone();
         tokio::spawn(async move {
             if let Some(d) = dlq {
-                produce_until_acked(&producer, &dlq_topic, &key, &id, "dlq", &d).await;
+                produce_until_acked(&producer, &dlq_topic, &key, &id, Kind::Dlq, &d).await;
             }
-            produce_until_acked(&producer, &results, &key, &id, "result", &bytes).await;
+            produce_until_acked(&producer, &results, &key, &id, Kind::Result, &bytes).await;
             tracker.lock().unwrap().done(partition, offset);
             drop(permit);
         });
@@ -1454,17 +1452,13 @@ async fn produce_until_acked(
     topic: &str,
     key: &str,
     id: &str,
-    kind: &str,
+    kind: Kind<'_>,
     bytes: &[u8],
 ) {
-    let headers: [(&str, &[u8]); 3] = [
-        ("wagate-event-id", id.as_bytes()),
-        ("wagate-kind", kind.as_bytes()),
-        ("wagate-app", b"egress"),
-    ];
+    let headers = RecordHeaders::new(id, kind, "egress");
     let mut delay = Duration::from_millis(100);
     loop {
-        if let Ok(f) = producer.send(topic, key.as_bytes(), bytes, &headers) {
+        if let Ok(f) = headers.with(|h| producer.send(topic, key.as_bytes(), bytes, h)) {
             if f.await.is_ok() {
                 return;
             }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::kafka::{self, KafkaProducer};
+use crate::kafka::{self, KafkaProducer, Kind, RecordHeaders};
 
 /// Which DLQ records to redrive.
 #[derive(Debug, Clone, Default)]
@@ -77,8 +77,9 @@ pub async fn redrive(
     filter: &Filter,
     dry_run: bool,
 ) -> anyhow::Result<Report> {
-    let dlq = format!("{prefix}outbound.dlq");
-    let requests = format!("{prefix}outbound.requests");
+    let topics = kafka::Topics::new(prefix);
+    let dlq = topics.name(kafka::TopicId::OutboundDlq).to_string();
+    let requests = topics.name(kafka::TopicId::OutboundRequests);
     let (b, t) = (brokers.to_string(), dlq.clone());
     let records = tokio::task::spawn_blocking(move || {
         let mut out: Vec<(Option<String>, Value)> = Vec::new();
@@ -120,25 +121,18 @@ pub async fn redrive(
             .unwrap_or("");
         let body = serde_json::to_vec(req)?;
         let next = (id.1 + 1).to_string();
-        let headers: [(&str, &[u8]); 4] = [
-            ("wagate-event-id", id.0.as_bytes()),
-            ("wagate-kind", b"request"),
-            ("wagate-app", b"redrive"),
-            ("wagate-redrive", next.as_bytes()),
-        ];
-        producer
-            .send(&requests, number.as_bytes(), &body, &headers)?
+        let headers = RecordHeaders {
+            redrive: Some(next.as_bytes()),
+            ..RecordHeaders::new(&id.0, Kind::Request, "redrive")
+        };
+        headers
+            .with(|h| producer.send(requests, number.as_bytes(), &body, h))?
             .await?;
         let marker = serde_json::to_vec(&serde_json::json!({
             "v": 1, "kind": "redriven", "request_id": id.0, "redrive": id.1, "redriven_at_ms": now,
         }))?;
-        let mh: [(&str, &[u8]); 3] = [
-            ("wagate-event-id", id.0.as_bytes()),
-            ("wagate-kind", b"redriven"),
-            ("wagate-app", b"redrive"),
-        ];
-        producer
-            .send(&dlq, number.as_bytes(), &marker, &mh)?
+        RecordHeaders::new(&id.0, Kind::Redriven, "redrive")
+            .with(|h| producer.send(&dlq, number.as_bytes(), &marker, h))?
             .await?;
         report.redriven += 1;
     }

@@ -33,7 +33,9 @@ use crate::config::{AppConfig, Config};
 use crate::contacts::keywords::{Keyword, Keywords};
 use crate::contacts::{Consent, Contacts, Marketing};
 use crate::http::{self, Body};
-use crate::kafka::{KafkaProducer, RecordAck, RecordTag, SendError, TopicNames};
+use crate::kafka::{
+    headers, KafkaProducer, Kind, RecordAck, RecordHeaders, RecordTag, SendError, TopicId, Topics,
+};
 use crate::meta::signature;
 use crate::meta::webhook::{self, Event, Topic};
 use crate::metrics::{self as m, WebhookOutcome};
@@ -43,7 +45,7 @@ use dedupe::{Batch, Claim, Dedupe, IdHash};
 pub struct Ingress {
     apps: HashMap<String, (AppConfig, m::RequestCounters)>,
     producer: KafkaProducer,
-    topics: IngressTopics,
+    topics: Topics,
     dedupe: Arc<Dedupe>,
     raw_enabled: bool,
     ack_timeout: Duration,
@@ -69,24 +71,14 @@ struct Hot {
     produce_seconds: metrics::Histogram,
 }
 
-struct IngressTopics {
-    messages: String,
-    statuses: String,
-    events: String,
-    consent: String,
-    windows: String,
-    raw: String,
-}
-
-impl IngressTopics {
-    fn of(&self, t: Topic) -> &str {
-        match t {
-            Topic::Messages => &self.messages,
-            Topic::Statuses => &self.statuses,
-            Topic::Events => &self.events,
-            Topic::Consent => &self.consent,
-            Topic::Windows => &self.windows,
-        }
+/// The topic of an event of the fan-out (or of the contacts records it causes).
+fn topic_of(t: Topic) -> TopicId {
+    match t {
+        Topic::Messages => TopicId::InboundMessages,
+        Topic::Statuses => TopicId::InboundStatuses,
+        Topic::Events => TopicId::InboundEvents,
+        Topic::Consent => TopicId::Consent,
+        Topic::Windows => TopicId::Windows,
     }
 }
 
@@ -99,11 +91,11 @@ type Outcome = (WebhookOutcome, Response<Body>);
 impl Ingress {
     pub fn new(
         cfg: &Config,
+        topics: Topics,
         producer: KafkaProducer,
         dedupe: Arc<Dedupe>,
         contacts: Option<Arc<dyn Contacts>>,
     ) -> Ingress {
-        let names = TopicNames::new(&cfg.kafka.topic_prefix);
         let apps: HashMap<String, (AppConfig, m::RequestCounters)> = cfg
             .apps
             .iter()
@@ -117,14 +109,7 @@ impl Ingress {
         Ingress {
             apps,
             producer,
-            topics: IngressTopics {
-                messages: names.full(Topic::Messages.name()),
-                statuses: names.full(Topic::Statuses.name()),
-                events: names.full(Topic::Events.name()),
-                consent: names.full(Topic::Consent.name()),
-                windows: names.full(Topic::Windows.name()),
-                raw: names.full("inbound.raw"),
-            },
+            topics,
             dedupe,
             raw_enabled: cfg.ingress.raw_enabled,
             ack_timeout: cfg.ingress.ack_timeout,
@@ -356,7 +341,7 @@ impl Ingress {
                 tracing::warn!(app, bytes = raw.body.len(), reason = e.reason(), error = %e, "signed body not exploded; keeping it on the raw topic");
                 (
                     WebhookOutcome::Unparseable,
-                    ("wagate-unparseable", e.reason()),
+                    (headers::UNPARSEABLE, e.reason()),
                 )
             }
             Kept::OverLimit(limit) => {
@@ -369,7 +354,7 @@ impl Ingress {
                 );
                 (
                     WebhookOutcome::OverLimit,
-                    ("wagate-over-limit", limit.label()),
+                    (headers::OVER_LIMIT, limit.label()),
                 )
             }
         };
@@ -606,30 +591,24 @@ impl<'a> Round<'a> {
             .unwrap_or("");
         let mut ts = itoa::Buffer::new();
         let ts = ts.format(r.received_at_ms).as_bytes();
-        let mut headers: [(&str, &[u8]); 6] = [
-            ("wagate-event-id", id.as_bytes()),
-            ("wagate-kind", b"raw"),
-            ("wagate-app", self.app.as_bytes()),
-            ("wagate-signature", r.signature),
-            ("wagate-received-at-ms", ts),
+        let mut extra: [(&str, &[u8]); 3] = [
+            (headers::SIGNATURE, r.signature),
+            (headers::RECEIVED_AT_MS, ts),
             ("", b""),
         ];
         let n = match why {
             Some((k, v)) => {
-                headers[5] = (k, v.as_bytes());
-                6
+                extra[2] = (k, v.as_bytes());
+                3
             }
-            None => 5,
+            None => 2,
         };
-        let topic = &self.ingress.topics.raw;
-        self.send(
-            topic,
-            self.app.as_bytes(),
-            r.body,
-            &headers[..n],
-            0,
-            RAW_TAG,
-        );
+        let h = RecordHeaders {
+            extra: &extra[..n],
+            ..RecordHeaders::new(id, Kind::Raw, self.app)
+        };
+        let topic = self.ingress.topics.name(TopicId::InboundRaw);
+        h.with(|h| self.send(topic, self.app.as_bytes(), r.body, h, 0, RAW_TAG));
     }
 
     /// Claims `ev` and enqueues it if it is new.
@@ -639,14 +618,15 @@ impl<'a> Round<'a> {
         }
         match self.ingress.dedupe.claim(&ev.event_id, &self.batch) {
             Claim::New(h) => {
-                let headers: [(&str, &[u8]); 3] = [
-                    ("wagate-event-id", ev.event_id.as_bytes()),
-                    ("wagate-kind", ev.kind.as_bytes()),
-                    ("wagate-app", self.app.as_bytes()),
-                ];
+                let kind = match ev.topic {
+                    Topic::Consent => Kind::Consent,
+                    Topic::Windows => Kind::Window,
+                    _ => Kind::Webhook(&ev.kind),
+                };
+                let headers = RecordHeaders::new(&ev.event_id, kind, self.app);
                 let tag = m::event_kind_index(&ev.kind) as u32;
-                let topic = self.ingress.topics.of(ev.topic);
-                self.send(topic, ev.key.as_bytes(), &ev.value, &headers, h.0, tag);
+                let topic = self.ingress.topics.name(topic_of(ev.topic));
+                headers.with(|hs| self.send(topic, ev.key.as_bytes(), &ev.value, hs, h.0, tag));
             }
             Claim::Duplicate => self.ingress.hot().duplicates.increment(1),
             Claim::InFlight(other) => self.waits.push((ev, other)),

@@ -22,68 +22,11 @@ use serde::Serialize;
 
 use crate::config::KafkaConfig;
 
-/// Every topic of DESIGN §4 (without prefix): name, compacted, retention.
-pub const TOPICS: &[TopicSpec] = &[
-    TopicSpec::delete("inbound.messages", DAYS_30),
-    TopicSpec::delete("inbound.statuses", DAYS_30),
-    TopicSpec::delete("inbound.events", DAYS_30),
-    TopicSpec::delete("inbound.raw", DAYS_3),
-    TopicSpec::delete("outbound.requests", DAYS_7),
-    TopicSpec::delete("outbound.results", DAYS_7),
-    TopicSpec::delete("outbound.dlq", DAYS_30),
-    // Internal: an attempt is recorded before each Graph API call (guarantee 5).
-    TopicSpec::delete("outbound.attempts", DAYS_7),
-    TopicSpec::compact("consent"),
-    TopicSpec::compact("windows"),
-];
+pub mod headers;
+pub mod topics;
 
-const DAY_MS: i64 = 24 * 3600 * 1000;
-const DAYS_3: i64 = 3 * DAY_MS;
-const DAYS_7: i64 = 7 * DAY_MS;
-const DAYS_30: i64 = 30 * DAY_MS;
-
-/// A topic wagate uses.
-#[derive(Debug, Clone, Copy)]
-pub struct TopicSpec {
-    pub name: &'static str,
-    pub compact: bool,
-    /// `retention.ms` for delete topics.
-    pub retention_ms: i64,
-}
-
-impl TopicSpec {
-    const fn delete(name: &'static str, retention_ms: i64) -> TopicSpec {
-        TopicSpec {
-            name,
-            compact: false,
-            retention_ms,
-        }
-    }
-    const fn compact(name: &'static str) -> TopicSpec {
-        TopicSpec {
-            name,
-            compact: true,
-            retention_ms: -1,
-        }
-    }
-}
-
-/// Full topic names for one prefix.
-#[derive(Debug, Clone)]
-pub struct TopicNames {
-    pub prefix: String,
-}
-
-impl TopicNames {
-    pub fn new(prefix: &str) -> TopicNames {
-        TopicNames {
-            prefix: prefix.to_string(),
-        }
-    }
-    pub fn full(&self, name: &str) -> String {
-        format!("{}{}", self.prefix, name)
-    }
-}
+pub use headers::{Kind, RecordHeaders};
+pub use topics::{TopicId, TopicSpec, Topics, TOPICS};
 
 /// Why a record could not be enqueued.
 #[derive(Debug, thiserror::Error)]
@@ -355,10 +298,8 @@ pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, bool)>, Kaf
         .set("bootstrap.servers", &cfg.brokers)
         .set("client.id", &cfg.client_id)
         .create()?;
-    let names: Vec<String> = TOPICS
-        .iter()
-        .map(|t| format!("{}{}", cfg.topic_prefix, t.name))
-        .collect();
+    let topics = Topics::new(&cfg.topic_prefix);
+    let names: Vec<&str> = TopicId::ALL.iter().map(|t| topics.name(*t)).collect();
     let retention: Vec<String> = TOPICS.iter().map(|t| t.retention_ms.to_string()).collect();
     let max_message = cfg.message_max_bytes.to_string();
     let new: Vec<NewTopic<'_>> = TOPICS
@@ -397,11 +338,11 @@ pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, bool)>, Kaf
 
 /// The topics ingress writes a body's records to: each must take a record of
 /// `kafka.message_max_bytes`.
-pub const INGRESS_TOPICS: &[&str] = &[
-    "inbound.raw",
-    "inbound.messages",
-    "inbound.statuses",
-    "inbound.events",
+pub const INGRESS_TOPICS: [TopicId; 4] = [
+    TopicId::InboundRaw,
+    TopicId::InboundMessages,
+    TopicId::InboundStatuses,
+    TopicId::InboundEvents,
 ];
 
 /// A topic whose `max.message.bytes` is below what ingress may write.
@@ -442,12 +383,11 @@ pub async fn check_record_limit(
         .set("bootstrap.servers", &cfg.brokers)
         .set("client.id", &cfg.client_id)
         .create()?;
-    let names: Vec<String> = INGRESS_TOPICS
+    let topics = Topics::new(&cfg.topic_prefix);
+    let specs: Vec<ResourceSpecifier<'_>> = INGRESS_TOPICS
         .iter()
-        .map(|t| format!("{}{t}", cfg.topic_prefix))
+        .map(|t| ResourceSpecifier::Topic(topics.name(*t)))
         .collect();
-    let specs: Vec<ResourceSpecifier<'_>> =
-        names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
     let opts = AdminOptions::new().request_timeout(Some(timeout));
     let answer =
         match tokio::time::timeout(timeout, admin.describe_configs(specs.iter(), &opts)).await {
@@ -691,15 +631,16 @@ pub mod mock {
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::DefaultProducerContext;
 
-    use super::TOPICS;
+    use super::{TopicId, Topics};
 
     pub type Cluster = MockCluster<'static, DefaultProducerContext>;
 
     /// Starts a one-broker mock cluster with every topic created.
     pub fn start(prefix: &str, partitions: i32) -> Result<Cluster, rdkafka::error::KafkaError> {
         let cluster = MockCluster::new(1)?;
-        for t in TOPICS {
-            cluster.create_topic(&format!("{prefix}{}", t.name), partitions, 1)?;
+        let topics = Topics::new(prefix);
+        for t in TopicId::ALL {
+            cluster.create_topic(topics.name(t), partitions, 1)?;
         }
         Ok(cluster)
     }

@@ -1,0 +1,112 @@
+//! A consumed request to its lane: parsed (else `blocked: invalid_request`),
+//! checked against the history, given its number's token and lane.
+
+use super::*;
+
+impl Egress {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn dispatch(
+        self: Arc<Self>,
+        lanes: &mut HashMap<String, mpsc::UnboundedSender<Job>>,
+        partition: i32,
+        offset: i64,
+        redrive: u32,
+        key: &str,
+        payload: &[u8],
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let req = match SendRequest::parse(payload) {
+            Ok(r) => r,
+            Err(why) => {
+                // Keep what can be read of the request for the result.
+                let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+                let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+                let phone = if s("phone_number_id").is_empty() {
+                    key.to_string()
+                } else {
+                    s("phone_number_id")
+                };
+                let result = SendResult {
+                    v: 1,
+                    request_id: s("request_id"),
+                    phone_number_id: phone,
+                    to: s("to"),
+                    outcome: Outcome::Blocked,
+                    wamid: None,
+                    message_status: None,
+                    error: Some(ResultError::gateway(
+                        "invalid_request",
+                        "the request is not a valid SendRequest",
+                        Some(why),
+                    )),
+                    attempts: 0,
+                    completed_at_ms: now_ms(),
+                    tier_counted: false,
+                };
+                self.finish_raw(partition, offset, redrive, result, None, permit);
+                return;
+            }
+        };
+        let hk = history_key(&req.request_id, redrive);
+        let (completed, attempted) = {
+            let h = self.history.lock().unwrap();
+            (h.completed.contains(&hk), h.attempted.contains(&hk))
+        };
+        let pair = PairKey::new(&req.phone_number_id, &req.to_digits());
+        let job = Job {
+            req,
+            partition,
+            offset,
+            redrive,
+            attempts: 0,
+            not_before: Instant::now(),
+            enqueued: Instant::now(),
+            pair,
+            last_error: None,
+            tier: None,
+            _permit: permit,
+        };
+        if completed {
+            // Already has a result (seen before a restart): nothing to do.
+            self.tracker.lock().unwrap().done(partition, offset);
+            return;
+        }
+        if attempted {
+            // It may have reached Meta before a crash: report, never re-send.
+            self.finish(job, Verdict::Unknown);
+            return;
+        }
+        let number = job.req.phone_number_id.clone();
+        let token = self
+            .cfg
+            .numbers
+            .get(&number)
+            .and_then(|n| n.access_token.clone())
+            .or_else(|| self.default_token.clone());
+        let Some(token) = token else {
+            let err = ResultError::gateway(
+                "unknown_number",
+                "no access token is configured for this business number",
+                None,
+            );
+            self.finish(job, Verdict::Blocked(err));
+            return;
+        };
+        let lane = lanes.entry(number.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let rate = self
+                .cfg
+                .numbers
+                .get(&number)
+                .and_then(|n| n.throughput)
+                .unwrap_or(self.cfg.default_throughput);
+            let lane = Lane::new(number.clone(), token, rate, &self.cfg);
+            tokio::spawn(lane.run(self.clone(), rx));
+            tx
+        });
+        if let Err(e) = lane.send(job) {
+            // The lane ended (only at shutdown): the offset stays uncommitted.
+            drop(e);
+        }
+    }
+}

@@ -78,23 +78,9 @@ fn sizes() -> Sizes {
     }
 }
 
-fn brokers() -> String {
-    std::env::var("WAGATE_TEST_BROKERS").unwrap_or_else(|_| {
-        panic!(
-            "WAGATE_TEST_BROKERS is not set: start a broker with \
-             `scripts/tansu.sh start target/bench-env` (it prints host:port) and set \
-             WAGATE_TEST_BROKERS to it, or run `make test`"
-        )
-    })
-}
-
-fn unique_prefix(tag: &str) -> String {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros();
-    format!("b{}{}-{tag}.", std::process::id(), t % 1_000_000_000)
-}
+#[path = "../tests/common/broker.rs"]
+mod broker;
+use broker::{brokers, unique_prefix};
 
 fn now_ms() -> u64 {
     SystemTime::now()

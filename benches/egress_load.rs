@@ -41,11 +41,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -100,23 +100,9 @@ fn selected(name: &str) -> bool {
     filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
 }
 
-fn brokers() -> String {
-    std::env::var("WAGATE_TEST_BROKERS").unwrap_or_else(|_| {
-        panic!(
-            "WAGATE_TEST_BROKERS is not set: start a broker with \
-             `scripts/tansu.sh start target/bench-env` (it prints host:port) and set \
-             WAGATE_TEST_BROKERS to it, or run `make test`"
-        )
-    })
-}
-
-fn unique_prefix(tag: &str) -> String {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros();
-    format!("b{}{}-{tag}.", std::process::id(), t % 1_000_000_000)
-}
+#[path = "../tests/common/broker.rs"]
+mod broker;
+use broker::{brokers, unique_prefix};
 
 // ---------------------------------------------------------------- CPU time
 
@@ -474,46 +460,36 @@ fn write_config(dir: &Path, quotas: &[(String, u32)]) -> PathBuf {
     file
 }
 
-/// `wagate serve --config FILE` as a child process.
-struct Gateway {
-    child: Child,
-    log: PathBuf,
-}
+/// `wagate serve --config FILE` as a child process (the tests' process kit).
+#[path = "../tests/common/process.rs"]
+mod process;
+
+struct Gateway(process::Running);
 
 impl Gateway {
     fn spawn(file: &Path, env: &BTreeMap<String, String>, log: PathBuf) -> Gateway {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wagate"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(file)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("WAGATE_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("gateway log"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Gateway {
-            child: cmd.spawn().expect("spawn wagate"),
-            log,
-        }
+        Gateway(
+            process::GatewayProcess::new()
+                .arg("--config")
+                .arg(file.display())
+                .env("WAGATE_LOG", "warn")
+                .envs(env)
+                .log_to(log)
+                .spawn(),
+        )
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.0.pid()
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        self.0.log_tail(40)
     }
 
     /// Panics (with its log) if the gateway has exited.
     fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Some(status) = self.0.try_wait() {
             panic!(
                 "the gateway exited early ({status}); its log:\n{}",
                 self.log_tail()
@@ -523,31 +499,16 @@ impl Gateway {
 
     /// SIGTERM, then up to 20 s for it to exit (SIGKILL after that).
     fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        let end = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < end {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                if !status.success() {
-                    eprintln!(
-                        "egress_load: the gateway exited with {status}; its log:\n{}",
-                        self.log_tail()
-                    );
-                }
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("egress_load: the gateway did not stop within 20 s of SIGTERM; killing it");
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        self.0.sigterm();
+        match self.0.wait_for_exit(Duration::from_secs(20)) {
+            Some(status) if !status.success() => eprintln!(
+                "egress_load: the gateway exited with {status}; its log:\n{}",
+                self.log_tail()
+            ),
+            Some(_) => {}
+            None => eprintln!(
+                "egress_load: the gateway did not stop within 20 s of SIGTERM; killing it"
+            ),
         }
     }
 }

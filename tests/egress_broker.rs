@@ -24,11 +24,6 @@ async fn sandbox(cfg: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
     sandbox_on_own_runtime(c).await
 }
 
-fn template(id: &str, number: &str, to: &str) -> Value {
-    json!({"v":1,"request_id":id,"phone_number_id":number,"to":to,"category":"utility",
-           "message":{"type":"template","template":{"name":"order_shipped","language":{"code":"en_US"}}}})
-}
-
 /// Produces requests straight to the requests topic, as upstream apps do.
 async fn produce_requests(brokers: &str, prefix: &str, reqs: &[Value]) {
     let cfg = config(brokers, prefix, &[]);
@@ -83,19 +78,12 @@ async fn results(
 ) -> HashMap<String, Vec<Value>> {
     let end = Instant::now() + within;
     loop {
-        let recs = read_all(
-            brokers,
-            prefix,
-            "outbound.results",
-            Duration::from_millis(800),
-        )
-        .await;
-        let mut by: HashMap<String, Vec<Value>> = HashMap::new();
-        for r in recs {
-            by.entry(r.value["request_id"].as_str().unwrap_or("").to_string())
-                .or_default()
-                .push(r.value);
-        }
+        let by: HashMap<String, Vec<Value>> =
+            results_by_id(brokers, prefix, Duration::from_millis(800))
+                .await
+                .into_iter()
+                .map(|(id, recs)| (id, recs.into_iter().map(|r| r.value).collect()))
+                .collect();
         if by.len() >= n || Instant::now() > end {
             return by;
         }

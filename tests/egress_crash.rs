@@ -10,34 +10,17 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
 use wagate::sandbox::{ErrorInjection, SandboxConfig};
 
-fn spawn_gateway(brokers: &str, prefix: &str, graph: &str, log: &str) -> Child {
-    let log = std::fs::File::create(format!("{}/{log}", env!("CARGO_TARGET_TMPDIR"))).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_wagate"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("WAGATE_APP_SECRET", SECRET)
-        .env("WAGATE_VERIFY_TOKEN", VERIFY)
-        .env("WAGATE_API_TOKEN", "t")
-        .env("WAGATE_ACCESS_TOKEN", "a")
-        .env("WAGATE_KAFKA_BROKERS", brokers)
-        .env("WAGATE_TOPIC_PREFIX", prefix)
-        .env("WAGATE_LISTEN", "127.0.0.1:0")
-        .env("WAGATE_INTERNAL_LISTEN", "127.0.0.1:0")
+fn spawn_gateway(brokers: &str, prefix: &str, graph: &str, log: &str) -> process::Running {
+    gateway_process(brokers, prefix)
         .env("WAGATE_GRAPH_BASE_URL", graph)
-        .env("WAGATE_LOG", "info")
-        .env("WAGATE_EGRESS_GROUP_ID", format!("{prefix}egress"))
-        .stdout(Stdio::null())
-        .stderr(log)
+        .log(log)
         .spawn()
-        .expect("start wagate")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,8 +78,7 @@ async fn kill_9_mid_drain_then_restart_one_result_each_never_sent_twice() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    gw.kill().unwrap(); // SIGKILL
-    gw.wait().unwrap();
+    gw.kill9();
     let sent_before = sb.accepted();
     assert!(
         sent_before < ids.len() as u64,
@@ -118,8 +100,7 @@ async fn kill_9_mid_drain_then_restart_one_result_each_never_sent_twice() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    gw.kill().unwrap();
-    gw.wait().unwrap();
+    gw.kill9();
 
     let mut sends: HashMap<String, usize> = HashMap::new();
     for s in sb.sends() {

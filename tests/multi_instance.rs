@@ -28,7 +28,6 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,7 +37,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
+use serde_json::Value;
 use wagate::sandbox::{ErrorInjection, SandboxConfig};
 
 const PARTITIONS: i32 = 3;
@@ -62,21 +61,8 @@ struct Instance {
     version: &'static str,
     public: SocketAddr,
     internal: SocketAddr,
-    child: Option<Child>,
-}
-
-/// Kills whatever is still running when the test ends (also on panic).
-struct Instances(Vec<Instance>);
-
-impl Drop for Instances {
-    fn drop(&mut self) {
-        for i in &mut self.0 {
-            if let Some(mut c) = i.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
+    /// Killed when dropped (also on a panic).
+    child: Option<process::Running>,
 }
 
 fn free_addr() -> SocketAddr {
@@ -94,27 +80,13 @@ fn spawn_instance(
     graph: &str,
 ) -> Instance {
     let (public, internal) = (free_addr(), free_addr());
-    let log = format!("{}/multi_instance_{name}.log", env!("CARGO_TARGET_TMPDIR"));
-    let child = Command::new(env!("CARGO_BIN_EXE_wagate"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("WAGATE_APP_SECRET", SECRET)
-        .env("WAGATE_VERIFY_TOKEN", VERIFY)
-        .env("WAGATE_API_TOKEN", "t")
-        .env("WAGATE_ACCESS_TOKEN", "a")
-        .env("WAGATE_KAFKA_BROKERS", brokers)
-        .env("WAGATE_TOPIC_PREFIX", prefix)
-        .env("WAGATE_LISTEN", public.to_string())
-        .env("WAGATE_INTERNAL_LISTEN", internal.to_string())
+    let child = gateway_process(brokers, prefix)
+        .env("WAGATE_LISTEN", public)
+        .env("WAGATE_INTERNAL_LISTEN", internal)
         .env("WAGATE_GRAPH_BASE_URL", format!("{graph}/{version}"))
         .env("WAGATE_DEFAULT_THROUGHPUT", THROUGHPUT)
-        .env("WAGATE_EGRESS_GROUP_ID", format!("{prefix}egress"))
-        .env("WAGATE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start wagate");
+        .log(&format!("multi_instance_{name}.log"))
+        .spawn();
     Instance {
         name,
         version,
@@ -207,27 +179,18 @@ async fn egress_metrics(
         .unwrap_or_else(|| "(no answer)".into())
 }
 
-fn template(id: &str, number: &str, to: &str) -> Value {
-    json!({"v":1,"request_id":id,"phone_number_id":number,"to":to,"category":"utility",
-           "message":{"type":"template","template":{"name":"order_shipped","language":{"code":"en_US"}}}})
-}
-
 /// Reads every result so far, by request id.
 async fn results(brokers: &str, prefix: &str) -> HashMap<String, Vec<(i32, Value)>> {
-    let mut by: HashMap<String, Vec<(i32, Value)>> = HashMap::new();
-    for r in read_all(
-        brokers,
-        prefix,
-        "outbound.results",
-        Duration::from_millis(800),
-    )
-    .await
-    {
-        by.entry(r.value["request_id"].as_str().unwrap_or("").to_string())
-            .or_default()
-            .push((r.partition, r.value));
-    }
-    by
+    results_by_id(brokers, prefix, Duration::from_millis(800))
+        .await
+        .into_iter()
+        .map(|(id, recs)| {
+            (
+                id,
+                recs.into_iter().map(|r| (r.partition, r.value)).collect(),
+            )
+        })
+        .collect()
 }
 
 /// On librdkafka's mock cluster (as `egress_crash.rs`): it runs Kafka's group
@@ -276,16 +239,16 @@ async fn scenario(b: &str, p: &str) {
     let graph = format!("http://{}", sb.addr());
 
     // 1. Three processes, each calling the sandbox under its own version.
-    let mut procs = Instances(vec![
+    let mut procs = vec![
         spawn_instance("A", "v23.0", &b, &p, &graph),
         spawn_instance("B", "v22.0", &b, &p, &graph),
         spawn_instance("C", "v21.0", &b, &p, &graph),
-    ]);
+    ];
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let end = Instant::now() + Duration::from_secs(30);
-    for i in &mut procs.0 {
+    for i in &mut procs {
         loop {
-            if let Some(st) = i.child.as_mut().unwrap().try_wait().unwrap() {
+            if let Some(st) = i.child.as_mut().unwrap().try_wait() {
                 panic!(
                     "instance {} exited with {st} (log: target/tmp/multi_instance_{}.log)",
                     i.name, i.name
@@ -309,11 +272,10 @@ async fn scenario(b: &str, p: &str) {
     }
     eprintln!("[{:?}] all three ready", t0.elapsed());
     let names: HashMap<String, &'static str> = procs
-        .0
         .iter()
         .map(|i| (i.version.to_string(), i.name))
         .collect();
-    let c_version = procs.0[2].version;
+    let c_version = procs[2].version;
     let name = |v: &str| names.get(v).copied().unwrap_or("?");
 
     let numbers = numbers();
@@ -359,7 +321,7 @@ async fn scenario(b: &str, p: &str) {
     );
 
     // 2. Webhook load, alternately on A's and B's public ports.
-    let (pa, pb) = (procs.0[0].public, procs.0[1].public);
+    let (pa, pb) = (procs[0].public, procs[1].public);
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let attempted: Arc<Mutex<Vec<String>>> = Arc::default();
     let statuses: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
@@ -423,10 +385,8 @@ async fn scenario(b: &str, p: &str) {
                 assert!(Instant::now() < end, "C never sent anything");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let c = &mut procs.0[2];
-            let mut child = c.child.take().unwrap();
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
+            let c = &mut procs[2];
+            c.child.take().unwrap().kill9();
             kill_at = Some(Instant::now());
             eprintln!(
                 "[{:?}] C killed after {} of its sends",
@@ -463,18 +423,15 @@ async fn scenario(b: &str, p: &str) {
     // A little longer: a late second result or send would show up too.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let by = results(&b, &p).await;
-    for i in procs.0.iter().filter(|i| i.child.is_some()) {
+    for i in procs.iter().filter(|i| i.child.is_some()) {
         eprintln!(
             "--- {}'s egress metrics:\n{}",
             i.name,
             egress_metrics(&client, i.internal).await
         );
     }
-    for i in &mut procs.0 {
-        if let Some(mut c) = i.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+    for i in &mut procs {
+        drop(i.child.take()); // killed
     }
     let sends = sb.sends();
 

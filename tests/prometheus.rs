@@ -10,14 +10,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use hyper::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
 use wagate::sandbox::{FixedError, SandboxConfig, StatusWebhookConfig};
 
 /// A tool from Debian's prometheus package. Missing means the test command
@@ -40,15 +40,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Percent-encodes a query-string value.
@@ -142,11 +133,6 @@ async fn api_send(internal: std::net::SocketAddr, body: &Value) -> StatusCode {
     request(req).await.status
 }
 
-fn template(id: &str, number: &str, to: &str, category: &str) -> Value {
-    json!({"v":1,"request_id":id,"phone_number_id":number,"to":to,"category":category,
-           "message":{"type":"template","template":{"name":"order_shipped","language":{"code":"en_US"}}}})
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboards_rules_and_exposition_hold_against_a_live_prometheus() {
     let prometheus = tool("prometheus");
@@ -208,7 +194,7 @@ async fn dashboards_rules_and_exposition_hold_against_a_live_prometheus() {
     )
     .unwrap();
     let prom_port = free_port();
-    let _prom = KillOnDrop(
+    let _prom = process::KillOnDrop::new(
         Command::new(&prometheus)
             .arg(format!(
                 "--config.file={}",
@@ -276,7 +262,7 @@ async fn dashboards_rules_and_exposition_hold_against_a_live_prometheus() {
                 ][(i % 4) as usize];
                 let s = api_send(
                     internal,
-                    &template(
+                    &template_request(
                         &format!("prom-{i}"),
                         n,
                         &format!("+1415555{:04}", i % 10_000),
@@ -288,7 +274,7 @@ async fn dashboards_rules_and_exposition_hold_against_a_live_prometheus() {
                 // Marketing to a user who never opted in: blocked by policy.
                 api_send(
                     internal,
-                    &template(
+                    &template_request(
                         &format!("prom-mkt-{i}"),
                         "109876543210987",
                         "+14155559999",

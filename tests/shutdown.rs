@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,24 +22,13 @@ async fn sigterm_under_load_loses_nothing_acknowledged() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wagate"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("WAGATE_APP_SECRET", SECRET)
-        .env("WAGATE_VERIFY_TOKEN", VERIFY)
-        .env("WAGATE_API_TOKEN", "t")
-        .env("WAGATE_KAFKA_BROKERS", &b)
-        .env("WAGATE_TOPIC_PREFIX", &p)
+    let child = gateway_process(&b, &p)
+        .without("WAGATE_ACCESS_TOKEN")
         .env("WAGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("WAGATE_INTERNAL_LISTEN", "127.0.0.1:0")
         .env("WAGATE_EGRESS_ENABLED", "false")
         .env("WAGATE_SERVER_SHUTDOWN_TIMEOUT_MS", "10000")
         .env("WAGATE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // Wait until it answers.
     let end = Instant::now() + Duration::from_secs(20);
@@ -91,11 +79,8 @@ async fn sigterm_under_load_loses_nothing_acknowledged() {
     let before = acked.lock().unwrap().len();
     assert!(before > 0, "no webhook was acknowledged before the signal");
     let sent_at = Instant::now();
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    child.sigterm();
+    let mut child = child.into_child();
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
@@ -146,39 +131,18 @@ async fn post_signed_raw(addr: std::net::SocketAddr, body: &[u8]) -> Option<Stat
     Some(status)
 }
 
-fn spawn_egress(
-    b: &str,
-    p: &str,
-    graph: &str,
-    internal_port: u16,
-    log: &str,
-) -> std::process::Child {
-    let log = std::fs::File::create(format!("{}/{log}", env!("CARGO_TARGET_TMPDIR"))).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_wagate"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("WAGATE_APP_SECRET", SECRET)
-        .env("WAGATE_VERIFY_TOKEN", VERIFY)
-        .env("WAGATE_API_TOKEN", "t")
-        .env("WAGATE_ACCESS_TOKEN", "a")
-        .env("WAGATE_KAFKA_BROKERS", b)
-        .env("WAGATE_TOPIC_PREFIX", p)
-        .env("WAGATE_LISTEN", "127.0.0.1:0")
+fn spawn_egress(b: &str, p: &str, graph: &str, internal_port: u16, log: &str) -> process::Running {
+    gateway_process(b, p)
         .env(
             "WAGATE_INTERNAL_LISTEN",
             format!("127.0.0.1:{internal_port}"),
         )
         .env("WAGATE_GRAPH_BASE_URL", graph)
-        .env("WAGATE_EGRESS_GROUP_ID", format!("{p}egress"))
         .env("WAGATE_DEFAULT_THROUGHPUT", "5")
         .env("WAGATE_SERVER_SHUTDOWN_TIMEOUT_MS", "15000")
         .env("WAGATE_SERVER_SHUTDOWN_GRACE_MS", "1000")
-        .env("WAGATE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
+        .log(log)
         .spawn()
-        .expect("start wagate")
 }
 
 /// SIGTERM while egress drains: readiness goes false while the instance
@@ -236,17 +200,13 @@ async fn sigterm_mid_drain_then_restart_one_result_each() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = spawn_egress(&b, &p, &sb.base_url(), port, "shutdown_egress_1.log");
+    let child = spawn_egress(&b, &p, &sb.base_url(), port, "shutdown_egress_1.log");
     let end = Instant::now() + Duration::from_secs(60);
     while sb.accepted() < 20 {
         assert!(Instant::now() < end, "the gateway never started sending");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    child.sigterm();
     // During the grace period: still answering, but not ready.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = get(&format!("http://127.0.0.1:{port}/readyz")).await;
@@ -255,6 +215,7 @@ async fn sigterm_mid_drain_then_restart_one_result_each() {
         StatusCode::SERVICE_UNAVAILABLE,
         "readiness goes false first"
     );
+    let mut child = child.into_child();
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
@@ -288,8 +249,7 @@ async fn sigterm_mid_drain_then_restart_one_result_each() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let _ = child.kill();
-    let _ = child.wait();
+    child.kill9();
     let mut sends: std::collections::HashMap<String, usize> = Default::default();
     for s in sb.sends() {
         *sends

@@ -26,8 +26,7 @@ fn text(id: &str) -> Value {
 }
 
 fn template(id: &str) -> Value {
-    json!({"v":1,"request_id":id,"phone_number_id":NUMBER,"to":format!("+{USER}"),"category":"utility",
-           "message":{"type":"template","template":{"name":"order_shipped","language":{"code":"en_US"}}}})
+    common::template(id, NUMBER, &format!("+{USER}"))
 }
 
 async fn produce(brokers: &str, prefix: &str, reqs: &[Value]) {
@@ -51,19 +50,12 @@ async fn produce(brokers: &str, prefix: &str, reqs: &[Value]) {
 async fn results_for(brokers: &str, prefix: &str, ids: &[&str]) -> HashMap<String, Vec<Value>> {
     let end = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut by: HashMap<String, Vec<Value>> = HashMap::new();
-        for r in read_all(
-            brokers,
-            prefix,
-            "outbound.results",
-            Duration::from_millis(2000),
-        )
-        .await
-        {
-            by.entry(r.value["request_id"].as_str().unwrap_or("").to_string())
-                .or_default()
-                .push(r.value);
-        }
+        let by: HashMap<String, Vec<Value>> =
+            results_by_id(brokers, prefix, Duration::from_millis(2000))
+                .await
+                .into_iter()
+                .map(|(id, recs)| (id, recs.into_iter().map(|r| r.value).collect()))
+                .collect();
         if ids.iter().all(|id| by.contains_key(*id)) {
             return by;
         }

@@ -3,9 +3,17 @@
 //! `WAGATE_TEST_BROKERS` (the README's test command starts Tansu and sets it).
 #![allow(dead_code)]
 
+pub mod broker;
+pub mod process;
+pub mod requests;
+
+#[allow(unused_imports)]
+pub use broker::{brokers, unique_prefix};
+#[allow(unused_imports)]
+pub use requests::{template, template_request};
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,25 +28,6 @@ use wagate::kafka::{self, TailRecord};
 
 pub const SECRET: &str = "test-app-secret";
 pub const VERIFY: &str = "test-verify-token";
-
-/// The broker under test. Panics (fails the test) if none is configured:
-/// a broker test that silently skips would prove nothing.
-pub fn brokers() -> String {
-    std::env::var("WAGATE_TEST_BROKERS").unwrap_or_else(|_| {
-        panic!("WAGATE_TEST_BROKERS is not set: run the README's test command (make test), which starts a Tansu broker")
-    })
-}
-
-/// A topic prefix no other test uses.
-pub fn unique_prefix(tag: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros();
-    format!("t{}{}{}-{tag}.", std::process::id(), t % 1_000_000_000, n)
-}
 
 pub fn env() -> BTreeMap<String, String> {
     [
@@ -83,6 +72,23 @@ pub fn init_logs() {
             .with_test_writer()
             .try_init();
     }
+}
+
+/// A `wagate serve` process with the test secrets (API token `t`, Graph
+/// token `a`), the broker and a prefix, both listeners on free loopback
+/// ports and an egress group of its own; override any variable after.
+pub fn gateway_process(brokers: &str, prefix: &str) -> process::GatewayProcess {
+    process::GatewayProcess::new()
+        .env("WAGATE_APP_SECRET", SECRET)
+        .env("WAGATE_VERIFY_TOKEN", VERIFY)
+        .env("WAGATE_API_TOKEN", "t")
+        .env("WAGATE_ACCESS_TOKEN", "a")
+        .env("WAGATE_KAFKA_BROKERS", brokers)
+        .env("WAGATE_TOPIC_PREFIX", prefix)
+        .env("WAGATE_LISTEN", "127.0.0.1:0")
+        .env("WAGATE_INTERNAL_LISTEN", "127.0.0.1:0")
+        .env("WAGATE_EGRESS_GROUP_ID", format!("{prefix}egress"))
+        .env("WAGATE_LOG", "info")
 }
 
 /// Creates the topics and starts a gateway, waiting until it is ready.
@@ -182,6 +188,22 @@ pub fn text_webhook(phone_number_id: &str, wamids: &[&str]) -> Vec<u8> {
             "messages":msgs}}]}]
     }))
     .unwrap()
+}
+
+/// Every record on `outbound.results` until none arrived for `idle`, by
+/// request id, in topic order.
+pub async fn results_by_id(
+    brokers: &str,
+    prefix: &str,
+    idle: Duration,
+) -> std::collections::HashMap<String, Vec<TailRecord>> {
+    let mut by: std::collections::HashMap<String, Vec<TailRecord>> = Default::default();
+    for r in read_all(brokers, prefix, "outbound.results", idle).await {
+        by.entry(r.value["request_id"].as_str().unwrap_or("").to_string())
+            .or_default()
+            .push(r);
+    }
+    by
 }
 
 pub fn event_ids(recs: &[TailRecord]) -> Vec<String> {

@@ -1,0 +1,206 @@
+//! Config tests.
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn required() -> BTreeMap<String, String> {
+    env(&[
+        ("WAGATE_APP_SECRET", "s3cret"),
+        ("WAGATE_VERIFY_TOKEN", "vt"),
+        ("WAGATE_API_TOKEN", "api"),
+        ("WAGATE_ACCESS_TOKEN", "acc"),
+    ])
+}
+
+#[test]
+fn example_config_with_contract_env_is_complete() {
+    let c = load(None, &required(), LoadOptions::default()).unwrap();
+    assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+    assert_eq!(c.kafka.topic_prefix, "wa.");
+    assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(c.internal_listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(c.app("default").unwrap().secrets[0].expose(), "s3cret");
+    assert_eq!(c.app("default").unwrap().verify_token.expose(), "vt");
+    assert_eq!(c.tenants[0].token.expose(), "api");
+    assert!(c.tenants[0].numbers.is_none());
+    assert_eq!(c.graph.access_token.as_ref().unwrap().expose(), "acc");
+    assert_eq!(c.graph.base_url, "https://graph.facebook.com/v23.0");
+    assert_eq!(c.egress.default_throughput, 80);
+    assert_eq!(c.max_body_bytes, 3 * 1024 * 1024);
+}
+
+#[test]
+fn graph_token_file_replaces_the_default_env_var() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("token");
+    std::fs::write(&f, "from-file\n").unwrap();
+    let mut e = required();
+    e.insert(
+        "WAGATE_GRAPH_ACCESS_TOKEN_FILE".into(),
+        f.to_str().unwrap().into(),
+    );
+    let c = load(None, &e, LoadOptions::default()).unwrap();
+    assert_eq!(c.graph.access_token.as_ref().unwrap().expose(), "from-file");
+    // Another variable named explicitly and a file: ambiguous, refused.
+    e.insert("WAGATE_GRAPH_ACCESS_TOKEN_ENV".into(), "OTHER_TOKEN".into());
+    let err = load(None, &e, LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("graph.access_token"), "{err}");
+}
+
+#[test]
+fn contract_env_overrides() {
+    let mut e = required();
+    for (k, v) in [
+        ("WAGATE_KAFKA_BROKERS", "10.1.1.1:9092,10.1.1.2:9092"),
+        ("WAGATE_TOPIC_PREFIX", "acme."),
+        ("WAGATE_LISTEN", "127.0.0.1:18080"),
+        ("WAGATE_INTERNAL_LISTEN", "127.0.0.1:19090"),
+        ("WAGATE_GRAPH_BASE_URL", "http://127.0.0.1:7000/v23.0/"),
+        ("WAGATE_DEFAULT_THROUGHPUT", "20"),
+        ("WAGATE_INGRESS_RAW_ENABLED", "false"),
+    ] {
+        e.insert(k.into(), v.into());
+    }
+    let c = load(None, &e, LoadOptions::default()).unwrap();
+    assert_eq!(c.kafka.brokers, "10.1.1.1:9092,10.1.1.2:9092");
+    assert_eq!(c.kafka.topic_prefix, "acme.");
+    assert_eq!(c.listen.port(), 18080);
+    assert_eq!(c.internal_listen.port(), 19090);
+    assert_eq!(c.graph.base_url, "http://127.0.0.1:7000/v23.0");
+    assert_eq!(c.egress.default_throughput, 20);
+    assert!(!c.ingress.raw_enabled);
+}
+
+#[test]
+fn opt_out_lists_are_configurable_and_checked() {
+    let c = load(None, &required(), LoadOptions::default()).unwrap();
+    assert!(c.contacts.opt_out_keywords.iter().any(|k| k == "stop"));
+    let mut e = required();
+    e.insert(
+        "WAGATE_CONTACTS_OPT_OUT_KEYWORDS".into(),
+        "halt, désabonner".into(),
+    );
+    e.insert("WAGATE_CONTACTS_OPT_OUT_PAYLOADS".into(), "OPT_OUT".into());
+    let c = load(None, &e, LoadOptions::default()).unwrap();
+    assert_eq!(c.contacts.opt_out_keywords, ["halt", "désabonner"]);
+    let k = c.contacts.keywords();
+    assert!(k.detect("DESABONNER").is_some() && k.detect("stop").is_none());
+    assert!(k.detect_payload("OPT_OUT").is_some());
+    for (key, value) in [
+        ("WAGATE_CONTACTS_OPT_IN_KEYWORDS", "Stop!"),
+        ("WAGATE_CONTACTS_OPT_OUT_KEYWORDS", "stop,!!"),
+        ("WAGATE_CONTACTS_OPT_IN_PAYLOADS", "OPT_OUT"),
+    ] {
+        let mut e = required();
+        e.insert("WAGATE_CONTACTS_OPT_OUT_PAYLOADS".into(), "OPT_OUT".into());
+        e.insert(key.into(), value.into());
+        let err = load(None, &e, LoadOptions::default()).unwrap_err();
+        let named = key.trim_start_matches("WAGATE_").to_ascii_lowercase();
+        let named = named.replacen('_', ".", 1);
+        assert!(err.to_string().contains(&named), "{key}: {err}");
+    }
+}
+
+#[test]
+fn tenants_never_share_a_token() {
+    // a and default share a token, with b between them in key order.
+    let text = format!(
+        "{EXAMPLE_TOML}\n[tenants.a]\ntoken_env = \"WAGATE_API_TOKEN\"\nnumbers = [\"1\"]\n\
+         [tenants.b]\ntoken_env = \"TB\"\nnumbers = [\"2\"]\n"
+    );
+    let mut e = required();
+    e.insert("TB".into(), "token-b".into());
+    let err = load_str(&text, "x.toml", &e, LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("tenants.default.token"), "{err}");
+}
+
+#[test]
+fn ingress_linger_defaults_to_20_ms_and_must_leave_room_for_the_ack() {
+    let c = load(None, &required(), LoadOptions::default()).unwrap();
+    assert_eq!(c.ingress.linger_ms, 20);
+    assert_eq!(c.kafka.linger_ms, 5);
+    let mut e = required();
+    e.insert("WAGATE_INGRESS_LINGER_MS".into(), "5".into());
+    let c = load(None, &e, LoadOptions::default()).unwrap();
+    assert_eq!(c.ingress.linger_ms, 5);
+    e.insert("WAGATE_INGRESS_ACK_TIMEOUT_MS".into(), "9".into());
+    let err = load(None, &e, LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("ingress.linger_ms"), "{err}");
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let text = format!("{EXAMPLE_TOML}\n[kafka2]\nbrokerz = 1\n");
+    let err = load_str(&text, "x.toml", &required(), LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("kafka2"), "{err}");
+    let text = EXAMPLE_TOML.replace("[kafka]", "[kafka]\nbrokerz = \"a\"");
+    let err = load_str(&text, "x.toml", &required(), LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("brokerz"), "{err}");
+}
+
+#[test]
+fn bad_env_value_names_the_variable() {
+    let mut e = required();
+    e.insert("WAGATE_DEFAULT_THROUGHPUT".into(), "fast".into());
+    let err = load(None, &e, LoadOptions::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("WAGATE_DEFAULT_THROUGHPUT"),
+        "{err}"
+    );
+    let mut e = required();
+    e.insert("WAGATE_LISTEN".into(), "nowhere".into());
+    let err = load(None, &e, LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().starts_with("listen:"), "{err}");
+}
+
+#[test]
+fn missing_secret_is_an_error_naming_the_variable_except_in_dev() {
+    let err = load(None, &env(&[]), LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("WAGATE_APP_SECRET"), "{err}");
+    let c = load(None, &env(&[]), LoadOptions { dev: true }).unwrap();
+    assert_eq!(
+        c.app("default").unwrap().secrets[0].expose(),
+        DEV_APP_SECRET
+    );
+}
+
+#[test]
+fn rotation_and_secret_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("prev");
+    std::fs::write(&f, "old-secret\n").unwrap();
+    let text = EXAMPLE_TOML.replace(
+        "secret_env = \"WAGATE_APP_SECRET\"",
+        &format!(
+            "secret_env = \"WAGATE_APP_SECRET\"\nprevious_secret_file = {:?}",
+            f.display().to_string()
+        ),
+    );
+    let c = load_str(&text, "x", &required(), LoadOptions::default()).unwrap();
+    let app = c.app("default").unwrap();
+    assert_eq!(app.secrets.len(), 2);
+    assert_eq!(app.secrets[1].expose(), "old-secret");
+}
+
+#[test]
+fn secrets_do_not_show_in_debug() {
+    let c = load(None, &required(), LoadOptions::default()).unwrap();
+    let dbg = format!("{c:?}");
+    assert!(!dbg.contains("s3cret"));
+    assert!(dbg.contains("***"));
+}
+
+#[test]
+fn env_names() {
+    assert_eq!(env_name_for("kafka.brokers"), "WAGATE_KAFKA_BROKERS");
+    assert_eq!(env_name_for("graph.base_url"), "WAGATE_GRAPH_BASE_URL");
+    assert_eq!(env_name_for("internal_listen"), "WAGATE_INTERNAL_LISTEN");
+}

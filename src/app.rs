@@ -105,8 +105,7 @@ impl Gateway {
             api: crate::admin::api::Api {
                 tenants: cfg.tenants.clone(),
                 contacts: contacts.clone(),
-                consent_topic: topics.name(TopicId::Consent).to_string(),
-                windows_topic: topics.name(TopicId::Windows).to_string(),
+                writer: crate::contacts::writer::ContactsWriter::new(producer.clone(), &topics),
                 producer: producer.clone(),
                 requests_topic: topics.name(TopicId::OutboundRequests).to_string(),
                 ack_timeout: cfg.ingress.ack_timeout,

@@ -213,7 +213,7 @@ async fn one_result_per_request_for_every_action_class() {
         ],
     )
     .await;
-    let now = wagate::egress::drain::now_ms_pub();
+    let now = wagate::clock::now_ms();
     let mut reqs = vec![
         template("retry", "100000000000001", "+14155550001"),
         template("fail", "100000000000002", "+14155550002"),
@@ -460,7 +460,7 @@ async fn free_form_reply_is_sent_inside_the_window_opened_by_an_inbound_message(
     // The user writes first: the webhook opens the 24-hour window.
     let mut inbound = text_webhook("109876543210987", &["wamid.WINDOW1"]);
     // text_webhook's sender is 14155550123, with a current timestamp.
-    let now_s = wagate::egress::drain::now_ms_pub() / 1000;
+    let now_s = wagate::clock::now_ms() / 1000;
     inbound = String::from_utf8(inbound)
         .unwrap()
         .replace("1781600500", &now_s.to_string())
@@ -781,7 +781,7 @@ async fn the_portfolio_messaging_tier_blocks_new_users_and_survives_a_restart() 
     let gw = start_with_portfolio(&b, &p, &sb.base_url(), 2).await;
     let (n1, n2) = ("420000000000001", "420000000000002");
     // A user inside their window does not count: they wrote first.
-    let now_s = wagate::egress::drain::now_ms_pub() / 1000;
+    let now_s = wagate::clock::now_ms() / 1000;
     let inbound = String::from_utf8(text_webhook(n1, &["wamid.TIER-IN"]))
         .unwrap()
         .replace("1781600500", &now_s.to_string());
@@ -961,7 +961,7 @@ async fn a_throttled_number_or_pair_holds_only_itself() {
     })
     .await;
     let gw = start(&b, &p, &[("WAGATE_GRAPH_BASE_URL", &sb.base_url())]).await;
-    let expires = wagate::egress::drain::now_ms_pub() + 12_000;
+    let expires = wagate::clock::now_ms() + 12_000;
     let held = |id: String, number: &str, to: &str| {
         let mut r = template(&id, number, to);
         r["expires_at_ms"] = expires.into();

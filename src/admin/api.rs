@@ -23,8 +23,8 @@ pub const MAX_API_BODY: usize = 256 * 1024;
 pub struct Api {
     pub tenants: Vec<TenantConfig>,
     pub contacts: std::sync::Arc<crate::contacts::MemoryContacts>,
-    pub consent_topic: String,
-    pub windows_topic: String,
+    /// Writes `wa.consent` / `wa.windows` (PUT, DELETE).
+    pub writer: crate::contacts::writer::ContactsWriter,
     pub producer: KafkaProducer,
     pub requests_topic: String,
     pub ack_timeout: Duration,
@@ -116,7 +116,6 @@ impl Api {
         phone_number_id: &str,
         wa_id: &str,
     ) -> Response<Body> {
-        use crate::contacts::{Consent, Contacts};
         let Some(tenant) = self.authenticate(&req) else {
             return http::json_error(
                 StatusCode::UNAUTHORIZED,
@@ -142,12 +141,6 @@ impl Api {
                 "this token may not use that phone_number_id",
             );
         }
-        let state_json = |st: &crate::contacts::ContactState| {
-            serde_json::to_vec(&serde_json::json!({
-                "v": 1, "consent": st.consent, "marketing": st.marketing, "last_inbound_ms": st.last_inbound_ms,
-            }))
-            .unwrap_or_default()
-        };
         match *req.method() {
             hyper::Method::GET => match self.contacts.lookup(phone_number_id, wa_id) {
                 Some(st) => http::json(StatusCode::OK, state_json(&st)),
@@ -162,93 +155,106 @@ impl Api {
                     Ok(b) => b,
                     Err(e) => return e.response(MAX_API_BODY),
                 };
-                let upd: ContactUpdate = match serde_json::from_slice(&body) {
-                    Ok(u) => u,
-                    // serde's message can quote the bad value: name only where.
-                    Err(e) => return http::json_error(StatusCode::BAD_REQUEST, "invalid_request", &format!("expected {{\"consent\": \"opted_in\"|\"opted_out\", \"marketing\": \"allowed\"|\"stopped\"}} (error at line {}, column {})", e.line(), e.column())),
-                };
-                if upd.consent.is_none() && upd.marketing.is_none() {
-                    return http::json_error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        "set consent, marketing or both",
-                    );
-                }
-                if upd.consent == Some(Consent::Unknown) {
-                    return http::json_error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        "consent is opted_in or opted_out (DELETE forgets a pair)",
-                    );
-                }
-                if let Some(c) = upd.consent {
-                    self.contacts.set_consent(phone_number_id, wa_id, c);
-                }
-                if let Some(m) = upd.marketing {
-                    self.contacts.set_marketing(phone_number_id, wa_id, m);
-                }
-                let st = self.contacts.get(phone_number_id, wa_id);
-                let now = crate::egress::drain::now_ms_pub();
-                let ev = crate::contacts::sync::consent_event(
-                    phone_number_id,
-                    wa_id,
-                    &st,
-                    "api",
-                    now,
-                    &format!("api:{now}"),
-                );
-                let headers = RecordHeaders::new(&ev.event_id, Kind::Consent, &tenant.name);
-                match headers.with(|h| {
-                    self.producer
-                        .send(&self.consent_topic, ev.key.as_bytes(), &ev.value, h)
-                }) {
-                    Ok(f) => match tokio::time::timeout(self.ack_timeout, f).await {
-                        Ok(Ok(())) => http::json(StatusCode::OK, state_json(&st)),
-                        _ => http::unavailable(
-                            2,
-                            "kafka did not acknowledge the change in time; retry",
-                        ),
-                    },
-                    Err(_) => http::unavailable(2, "kafka cannot take the change now; retry"),
-                }
+                self.put_contact(&tenant.name, phone_number_id, wa_id, &body)
+                    .await
             }
             hyper::Method::DELETE => {
-                self.contacts.erase(phone_number_id, wa_id);
-                let event_id = format!("erase:{}", crate::egress::drain::now_ms_pub());
-                let headers = RecordHeaders::new(&event_id, Kind::Erase, &tenant.name);
-                // Tombstones for every key the pair may have been written
-                // under: the normal form, and the `+`-prefixed number id that
-                // earlier versions accepted on this API and kept in keys.
-                let mut acks = Vec::new();
-                for k in erase_keys(phone_number_id, wa_id) {
-                    for topic in [&self.consent_topic, &self.windows_topic] {
-                        match headers.with(|h| self.producer.send_tombstone(topic, k.as_bytes(), h))
-                        {
-                            Ok(f) => acks.push(f),
-                            Err(_) => {
-                                return http::unavailable(
-                                    2,
-                                    "kafka cannot take the erasure now; retry",
-                                )
-                            }
-                        }
-                    }
-                }
-                let all = futures_util::future::join_all(acks);
-                match tokio::time::timeout(self.ack_timeout, all).await {
-                    Ok(done) if done.iter().all(|r| r.is_ok()) => {
-                        let mut r = http::text(StatusCode::NO_CONTENT, "");
-                        r.headers_mut().remove(hyper::header::CONTENT_TYPE);
-                        r
-                    }
-                    _ => {
-                        http::unavailable(2, "kafka did not acknowledge the erasure in time; retry")
-                    }
-                }
+                self.erase_contact(&tenant.name, phone_number_id, wa_id)
+                    .await
             }
             _ => super::method_not_allowed("use GET, PUT or DELETE"),
         }
     }
+
+    /// PUT: the change in the cache at once, 200 once `wa.consent` has it.
+    async fn put_contact(
+        &self,
+        tenant: &str,
+        phone_number_id: &str,
+        wa_id: &str,
+        body: &[u8],
+    ) -> Response<Body> {
+        use crate::contacts::{Consent, Contacts};
+        let upd: ContactUpdate = match serde_json::from_slice(body) {
+            Ok(u) => u,
+            // serde's message can quote the bad value: name only where.
+            Err(e) => return http::json_error(StatusCode::BAD_REQUEST, "invalid_request", &format!("expected {{\"consent\": \"opted_in\"|\"opted_out\", \"marketing\": \"allowed\"|\"stopped\"}} (error at line {}, column {})", e.line(), e.column())),
+        };
+        if upd.consent.is_none() && upd.marketing.is_none() {
+            return http::json_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "set consent, marketing or both",
+            );
+        }
+        if upd.consent == Some(Consent::Unknown) {
+            return http::json_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "consent is opted_in or opted_out (DELETE forgets a pair)",
+            );
+        }
+        if let Some(c) = upd.consent {
+            self.contacts.set_consent(phone_number_id, wa_id, c);
+        }
+        if let Some(m) = upd.marketing {
+            self.contacts.set_marketing(phone_number_id, wa_id, m);
+        }
+        let st = self.contacts.get(phone_number_id, wa_id);
+        let now = crate::clock::now_ms();
+        let ev = crate::contacts::records::consent_event(
+            phone_number_id,
+            wa_id,
+            &st,
+            "api",
+            now,
+            &format!("api:{now}"),
+        );
+        match self.writer.write(&ev, tenant) {
+            Ok(f) => match tokio::time::timeout(self.ack_timeout, f).await {
+                Ok(Ok(())) => http::json(StatusCode::OK, state_json(&st)),
+                _ => http::unavailable(2, "kafka did not acknowledge the change in time; retry"),
+            },
+            Err(_) => http::unavailable(2, "kafka cannot take the change now; retry"),
+        }
+    }
+
+    /// DELETE: tombstones on both compacted topics for every key the pair
+    /// may have been written under (the normal form, and the `+`-prefixed
+    /// number id that earlier versions accepted on this API), 204 once
+    /// Kafka has them all.
+    async fn erase_contact(
+        &self,
+        tenant: &str,
+        phone_number_id: &str,
+        wa_id: &str,
+    ) -> Response<Body> {
+        use crate::contacts::Contacts;
+        self.contacts.erase(phone_number_id, wa_id);
+        let event_id = format!("erase:{}", crate::clock::now_ms());
+        let keys = erase_keys(phone_number_id, wa_id);
+        let acks = match self.writer.erase(&keys, &event_id, tenant) {
+            Ok(a) => a,
+            Err(_) => return http::unavailable(2, "kafka cannot take the erasure now; retry"),
+        };
+        let all = futures_util::future::join_all(acks);
+        match tokio::time::timeout(self.ack_timeout, all).await {
+            Ok(done) if done.iter().all(|r| r.is_ok()) => {
+                let mut r = http::text(StatusCode::NO_CONTENT, "");
+                r.headers_mut().remove(hyper::header::CONTENT_TYPE);
+                r
+            }
+            _ => http::unavailable(2, "kafka did not acknowledge the erasure in time; retry"),
+        }
+    }
+}
+
+/// A pair's state as the API shows it.
+fn state_json(st: &crate::contacts::ContactState) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "v": 1, "consent": st.consent, "marketing": st.marketing, "last_inbound_ms": st.last_inbound_ms,
+    }))
+    .unwrap_or_default()
 }
 
 /// Longest id accepted on the contacts API (Meta's are 15-16 digits).
@@ -269,8 +275,8 @@ pub fn contact_ids<'a>(phone_number_id: &'a str, wa_id: &'a str) -> Option<(&'a 
 /// Every key a pair may have been written under on the compacted topics.
 pub fn erase_keys(phone_number_id: &str, wa_id: &str) -> [String; 2] {
     [
-        crate::contacts::sync::key(phone_number_id, wa_id),
-        crate::contacts::sync::key(&format!("+{phone_number_id}"), wa_id),
+        crate::contacts::records::key(phone_number_id, wa_id),
+        crate::contacts::records::key(&format!("+{phone_number_id}"), wa_id),
     ]
 }
 

@@ -7,8 +7,11 @@
 //! bootstrap and sync (compacted `wa.consent` / `wa.windows`) come with the
 //! contacts issue.
 
+pub mod inbound;
 pub mod keywords;
+pub mod records;
 pub mod sync;
+pub mod writer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

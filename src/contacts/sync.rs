@@ -19,87 +19,12 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use crate::contacts::{Consent, ContactState, Contacts, Marketing, MemoryContacts};
-use crate::meta::webhook::{Event, Topic};
+use crate::contacts::{Consent, Contacts, Marketing, MemoryContacts};
 use crate::metrics as m;
 
-/// A `wa.consent` value (DESIGN §5).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConsentRecord {
-    pub v: u32,
-    pub consent: Consent,
-    pub marketing: Marketing,
-    pub updated_at_ms: u64,
-    /// `keyword`, `quick_reply`, `user_preferences`, `api`, `meta_131050` or `import`.
-    pub source: String,
-}
-
-/// A `wa.windows` value.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WindowRecord {
-    pub v: u32,
-    pub last_inbound_ms: u64,
-}
-
-/// The compacted topics' key for a pair.
-pub fn key(phone_number_id: &str, wa_id: &str) -> String {
-    format!("{phone_number_id}:{}", wa_id.trim_start_matches('+'))
-}
-
-/// The `wa.consent` record for a pair's state, as an event ingress produces.
-pub fn consent_event(
-    phone_number_id: &str,
-    wa_id: &str,
-    st: &ContactState,
-    source: &str,
-    now_ms: u64,
-    cause: &str,
-) -> Event {
-    let rec = ConsentRecord {
-        v: 1,
-        consent: st.consent,
-        marketing: st.marketing,
-        updated_at_ms: now_ms,
-        source: source.to_string(),
-    };
-    Event {
-        topic: Topic::Consent,
-        key: key(phone_number_id, wa_id),
-        event_id: format!("consent:{cause}"),
-        kind: "consent".into(),
-        value: serde_json::to_vec(&rec).unwrap_or_default(),
-        inbound: None,
-        text: None,
-        payload: None,
-        preferences: Vec::new(),
-    }
-}
-
-/// The `wa.windows` record for a pair's last inbound message.
-pub fn window_event(
-    phone_number_id: &str,
-    wa_id: &str,
-    last_inbound_ms: u64,
-    cause: &str,
-) -> Event {
-    let rec = WindowRecord {
-        v: 1,
-        last_inbound_ms,
-    };
-    Event {
-        topic: Topic::Windows,
-        key: key(phone_number_id, wa_id),
-        event_id: format!("window:{cause}"),
-        kind: "window".into(),
-        value: serde_json::to_vec(&rec).unwrap_or_default(),
-        inbound: None,
-        text: None,
-        payload: None,
-        preferences: Vec::new(),
-    }
-}
+pub use super::records::{consent_event, key, window_event, ConsentRecord, WindowRecord};
 
 /// What the cache takes of a `wa.consent` value (the rest is not read).
 #[derive(Deserialize)]
@@ -680,6 +605,7 @@ impl rdkafka::consumer::ConsumerContext for ReaderContext {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contacts::ContactState;
 
     /// The prefix fast paths agree with serde on everything this module
     /// writes, and other encodings of the same values still parse.

@@ -91,7 +91,7 @@ pub async fn redrive(
         .map(|_| out)
     })
     .await??;
-    let now = crate::egress::drain::now_ms_pub();
+    let now = crate::clock::now_ms();
     let done: HashSet<(String, u64)> = records
         .iter()
         .filter(|(k, _)| k.as_deref() == Some("redriven"))

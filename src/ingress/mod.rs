@@ -30,8 +30,8 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::config::{AppConfig, Config};
-use crate::contacts::keywords::{Keyword, Keywords};
-use crate::contacts::{Consent, Contacts, Marketing};
+use crate::contacts::keywords::Keywords;
+use crate::contacts::Contacts;
 use crate::http::{self, Body};
 use crate::kafka::{
     headers, KafkaProducer, Kind, RecordAck, RecordHeaders, RecordTag, SendError, TopicId, Topics,
@@ -81,9 +81,6 @@ fn topic_of(t: Topic) -> TopicId {
         Topic::Windows => TopicId::Windows,
     }
 }
-
-/// A pair's window is written to `wa.windows` at most this often.
-const WINDOW_WRITE_EVERY_MS: u64 = 5 * 60 * 1000;
 
 /// The outcome of one request: status, label, response.
 type Outcome = (WebhookOutcome, Response<Body>);
@@ -393,9 +390,13 @@ impl Ingress {
         }
         let walked = webhook::for_each_event(root, ctx, &mut |ev| {
             if let Some(c) = &self.contacts {
-                self.contacts_signals(c.as_ref(), &ev, ctx.received_at_ms, &mut |extra| {
-                    round.offer(extra)
-                });
+                crate::contacts::inbound::signals(
+                    c.as_ref(),
+                    &self.keywords,
+                    &ev,
+                    ctx.received_at_ms,
+                    &mut |extra| round.offer(extra),
+                );
             }
             round.offer(ev);
             round.failed.is_none()
@@ -431,89 +432,6 @@ impl Ingress {
             return Err("events are still being produced by another delivery");
         }
         wait_acks(acks, deadline).await
-    }
-
-    /// Contacts, before the 200 (guarantee 7): an inbound message opens the
-    /// user's 24-hour window; STOP/START keywords and user_preferences
-    /// changes take effect for every later send. The cache is updated at
-    /// once, and the records for the compacted topics go out with this
-    /// POST's own records (`emit`), so the 200 also means they are durable.
-    fn contacts_signals(
-        &self,
-        c: &dyn Contacts,
-        ev: &Event,
-        received_at_ms: u64,
-        emit: &mut dyn FnMut(Event),
-    ) {
-        let mut changed: Option<(&str, &'static str)> = None;
-        if let Some((wa_id, ts)) = &ev.inbound {
-            // Meta's seconds, never later than receipt (and never wrapping).
-            let ms = u64::try_from(*ts)
-                .unwrap_or(0)
-                .saturating_mul(1000)
-                .min(received_at_ms);
-            let before = c.get(&ev.key, wa_id).last_inbound_ms;
-            c.record_inbound(&ev.key, wa_id, ms);
-            if before.is_none_or(|b| ms >= b.saturating_add(WINDOW_WRITE_EVERY_MS)) {
-                emit(crate::contacts::sync::window_event(
-                    &ev.key,
-                    wa_id,
-                    ms,
-                    &ev.event_id,
-                ));
-            }
-            let said = ev
-                .payload
-                .as_deref()
-                .and_then(|p| self.keywords.detect_payload(p))
-                .map(|k| (k, "quick_reply"))
-                .or_else(|| {
-                    ev.text
-                        .as_deref()
-                        .and_then(|t| self.keywords.detect(t))
-                        .map(|k| (k, "keyword"))
-                });
-            match said {
-                Some((Keyword::OptOut, source)) => {
-                    c.set_consent(&ev.key, wa_id, Consent::OptedOut);
-                    changed = Some((wa_id, source));
-                }
-                Some((Keyword::OptIn, source)) => {
-                    c.set_consent(&ev.key, wa_id, Consent::OptedIn);
-                    changed = Some((wa_id, source));
-                }
-                None => {}
-            }
-        }
-        if let Some((wa_id, source)) = changed {
-            let st = c.get(&ev.key, wa_id);
-            emit(crate::contacts::sync::consent_event(
-                &ev.key,
-                wa_id,
-                &st,
-                source,
-                received_at_ms,
-                &ev.event_id,
-            ));
-        }
-        for (wa_id, stop) in &ev.preferences {
-            let m = if *stop {
-                Marketing::Stopped
-            } else {
-                Marketing::Allowed
-            };
-            c.set_marketing(&ev.key, wa_id, m);
-            let st = c.get(&ev.key, wa_id);
-            let id = format!("{}:{wa_id}", ev.event_id);
-            emit(crate::contacts::sync::consent_event(
-                &ev.key,
-                wa_id,
-                &st,
-                "user_preferences",
-                received_at_ms,
-                &id,
-            ));
-        }
     }
 }
 
@@ -618,12 +536,10 @@ impl<'a> Round<'a> {
         }
         match self.ingress.dedupe.claim(&ev.event_id, &self.batch) {
             Claim::New(h) => {
-                let kind = match ev.topic {
-                    Topic::Consent => Kind::Consent,
-                    Topic::Windows => Kind::Window,
-                    _ => Kind::Webhook(&ev.kind),
+                let headers = match crate::contacts::writer::kind_of(&ev) {
+                    Some(_) => crate::contacts::writer::headers(&ev, self.app),
+                    None => RecordHeaders::new(&ev.event_id, Kind::Webhook(&ev.kind), self.app),
                 };
-                let headers = RecordHeaders::new(&ev.event_id, kind, self.app);
                 let tag = m::event_kind_index(&ev.kind) as u32;
                 let topic = self.ingress.topics.name(topic_of(ev.topic));
                 headers.with(|hs| self.send(topic, ev.key.as_bytes(), &ev.value, hs, h.0, tag));

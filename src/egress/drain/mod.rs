@@ -44,11 +44,6 @@ use crate::meta::errors::{self, Action};
 use crate::metrics as m;
 use crate::ratelimit::{PairKey, PairRate, Throughput};
 
-/// Wall clock in Unix milliseconds.
-pub fn now_ms_pub() -> u64 {
-    now_ms()
-}
-
 fn now_ms() -> u64 {
     crate::clock::now_ms()
 }
@@ -108,6 +103,8 @@ pub struct Egress {
     producer: KafkaProducer,
     graph: GraphClient,
     contacts: Arc<dyn Contacts>,
+    /// Writes the 131050 consent record.
+    contacts_writer: crate::contacts::writer::ContactsWriter,
     pair: PairRate,
     tiers: tier::Tiers,
     default_token: Option<Secret>,
@@ -128,6 +125,10 @@ impl Egress {
         Egress {
             cfg: cfg.egress.clone(),
             brokers: cfg.kafka.brokers.clone(),
+            contacts_writer: crate::contacts::writer::ContactsWriter::new(
+                producer.clone(),
+                &topics,
+            ),
             topics,
             producer,
             graph: GraphClient::new(&cfg.graph.base_url, cfg.egress.send_timeout),

@@ -79,7 +79,7 @@ impl Egress {
         self.contacts
             .set_marketing(number, &user, Marketing::Stopped);
         let st = self.contacts.get(number, &user);
-        let ev = crate::contacts::sync::consent_event(
+        let ev = crate::contacts::records::consent_event(
             number,
             &user,
             &st,
@@ -87,15 +87,7 @@ impl Egress {
             now_ms(),
             &job.req.request_id,
         );
-        let headers = RecordHeaders::new(&ev.event_id, Kind::Consent, "egress");
-        match headers.with(|h| {
-            self.producer.send(
-                self.topics.name(TopicId::Consent),
-                ev.key.as_bytes(),
-                &ev.value,
-                h,
-            )
-        }) {
+        match self.contacts_writer.write(&ev, "egress") {
             Ok(delivery) => {
                 tokio::spawn(async move {
                     if let Err(e) = delivery.await {

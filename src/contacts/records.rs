@@ -1,0 +1,84 @@
+//! The record shapes and keys of the compacted contacts topics (DESIGN §4,
+//! §5): `wa.consent` (a ConsentState) and `wa.windows`
+//! (`{"v":1,"last_inbound_ms":…}`), keyed `{phone_number_id}:{wa_id}`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::contacts::{Consent, ContactState, Marketing};
+use crate::meta::webhook::{Event, Topic};
+
+/// A `wa.consent` value (DESIGN §5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsentRecord {
+    pub v: u32,
+    pub consent: Consent,
+    pub marketing: Marketing,
+    pub updated_at_ms: u64,
+    /// `keyword`, `quick_reply`, `user_preferences`, `api`, `meta_131050` or `import`.
+    pub source: String,
+}
+
+/// A `wa.windows` value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowRecord {
+    pub v: u32,
+    pub last_inbound_ms: u64,
+}
+
+/// The compacted topics' key for a pair.
+pub fn key(phone_number_id: &str, wa_id: &str) -> String {
+    format!("{phone_number_id}:{}", wa_id.trim_start_matches('+'))
+}
+
+/// The `wa.consent` record for a pair's state, as an event ingress produces.
+pub fn consent_event(
+    phone_number_id: &str,
+    wa_id: &str,
+    st: &ContactState,
+    source: &str,
+    now_ms: u64,
+    cause: &str,
+) -> Event {
+    let rec = ConsentRecord {
+        v: 1,
+        consent: st.consent,
+        marketing: st.marketing,
+        updated_at_ms: now_ms,
+        source: source.to_string(),
+    };
+    Event {
+        topic: Topic::Consent,
+        key: key(phone_number_id, wa_id),
+        event_id: format!("consent:{cause}"),
+        kind: "consent".into(),
+        value: serde_json::to_vec(&rec).unwrap_or_default(),
+        inbound: None,
+        text: None,
+        payload: None,
+        preferences: Vec::new(),
+    }
+}
+
+/// The `wa.windows` record for a pair's last inbound message.
+pub fn window_event(
+    phone_number_id: &str,
+    wa_id: &str,
+    last_inbound_ms: u64,
+    cause: &str,
+) -> Event {
+    let rec = WindowRecord {
+        v: 1,
+        last_inbound_ms,
+    };
+    Event {
+        topic: Topic::Windows,
+        key: key(phone_number_id, wa_id),
+        event_id: format!("window:{cause}"),
+        kind: "window".into(),
+        value: serde_json::to_vec(&rec).unwrap_or_default(),
+        inbound: None,
+        text: None,
+        payload: None,
+        preferences: Vec::new(),
+    }
+}

@@ -1,0 +1,69 @@
+//! The one writer of the compacted contacts topics: every plane that writes
+//! `wa.consent` or `wa.windows` (ingress with a webhook's records, the
+//! contacts API, egress on a 131050) uses its headers and topics, so a
+//! record's kind, origin and event id are the same whoever wrote it.
+
+use crate::kafka::{Delivery, KafkaProducer, Kind, RecordHeaders, SendError, TopicId, Topics};
+use crate::meta::webhook::{Event, Topic};
+
+/// The kind of a contacts record (`consent`, `window`), or None for a
+/// webhook event.
+pub fn kind_of(ev: &Event) -> Option<Kind<'static>> {
+    match ev.topic {
+        Topic::Consent => Some(Kind::Consent),
+        Topic::Windows => Some(Kind::Window),
+        _ => None,
+    }
+}
+
+/// The headers of a contacts record written by `origin` (the Meta app, the
+/// API tenant, `egress`).
+pub fn headers<'a>(ev: &'a Event, origin: &'a str) -> RecordHeaders<'a> {
+    RecordHeaders::new(&ev.event_id, kind_of(ev).unwrap_or(Kind::Consent), origin)
+}
+
+/// Writes contacts records and tombstones; each call returns the futures of
+/// Kafka's acknowledgements, which the caller awaits (the API, before its
+/// answer) or watches (egress, in the background).
+#[derive(Clone)]
+pub struct ContactsWriter {
+    producer: KafkaProducer,
+    consent: String,
+    windows: String,
+}
+
+impl ContactsWriter {
+    pub fn new(producer: KafkaProducer, topics: &Topics) -> ContactsWriter {
+        ContactsWriter {
+            producer,
+            consent: topics.name(TopicId::Consent).to_string(),
+            windows: topics.name(TopicId::Windows).to_string(),
+        }
+    }
+
+    /// A consent or window record (from [`crate::contacts::records`]).
+    pub fn write(&self, ev: &Event, origin: &str) -> Result<Delivery, SendError> {
+        let topic = match ev.topic {
+            Topic::Windows => &self.windows,
+            _ => &self.consent,
+        };
+        headers(ev, origin).with(|h| self.producer.send(topic, ev.key.as_bytes(), &ev.value, h))
+    }
+
+    /// Tombstones for every key in `keys` on both topics (an erasure).
+    pub fn erase(
+        &self,
+        keys: &[String],
+        event_id: &str,
+        origin: &str,
+    ) -> Result<Vec<Delivery>, SendError> {
+        let h = RecordHeaders::new(event_id, Kind::Erase, origin);
+        let mut acks = Vec::with_capacity(keys.len() * 2);
+        for k in keys {
+            for topic in [&self.consent, &self.windows] {
+                acks.push(h.with(|h| self.producer.send_tombstone(topic, k.as_bytes(), h))?);
+            }
+        }
+        Ok(acks)
+    }
+}

@@ -1,5 +1,10 @@
 //! wagate: a gateway between Meta's WhatsApp Business Platform (Cloud API)
 //! and Kafka. See ARCHITECTURE.md for the map of this crate.
+//!
+//! No unsafe code but in two named places: `kafka::batch` (librdkafka's
+//! batch consume) and the cache-line prefetch hints of `contacts`.
+#![deny(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod admin;
 pub mod app;

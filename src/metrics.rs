@@ -34,6 +34,7 @@ pub const META_API_SECONDS: &str = "wagate_meta_api_seconds";
 pub const META_ERRORS: &str = "wagate_meta_errors_total";
 pub const CIRCUIT_OPEN: &str = "wagate_circuit_open";
 pub const CONSENT_BLOCKED: &str = "wagate_consent_blocked_total";
+pub const EGRESS_BLOCKED: &str = "wagate_egress_blocked_total";
 pub const CONTACTS_ENTRIES: &str = "wagate_contacts_entries";
 pub const CONTACTS_APPLIED: &str = "wagate_contacts_records_applied_total";
 pub const CONTACTS_BOOTSTRAP_REMAINING: &str = "wagate_contacts_bootstrap_remaining_records";
@@ -326,9 +327,14 @@ fn zero() {
         metrics::counter!(CONTACTS_APPLIED, "topic" => topic).absolute(0);
     }
     for block in crate::egress::policy::Block::ALL {
-        metrics::counter!(CONSENT_BLOCKED, "reason" => block.code()).absolute(0);
+        let name = if block.is_consent() {
+            CONSENT_BLOCKED
+        } else {
+            EGRESS_BLOCKED
+        };
+        metrics::counter!(name, "reason" => block.code()).absolute(0);
     }
-    metrics::counter!(CONSENT_BLOCKED, "reason" => "tier_limit").absolute(0);
+    metrics::counter!(EGRESS_BLOCKED, "reason" => "tier_limit").absolute(0);
 }
 
 fn describe() {
@@ -416,7 +422,14 @@ fn describe() {
         CIRCUIT_OPEN,
         "Business numbers whose circuit is open, by scope."
     );
-    describe_counter!(CONSENT_BLOCKED, "Sends blocked by policy, by reason.");
+    describe_counter!(
+        CONSENT_BLOCKED,
+        "Sends blocked by the user's consent or window: opted_out, marketing_stopped, no_opt_in, outside_window."
+    );
+    describe_counter!(
+        EGRESS_BLOCKED,
+        "Sends ended by another gateway rule before Meta: expired, tier_limit."
+    );
     describe_gauge!(
         CONTACTS_ENTRIES,
         "(number, user) pairs in the contacts cache."

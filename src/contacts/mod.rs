@@ -131,6 +131,7 @@ fn pack_digits(d: &[u8]) -> Option<u64> {
 /// A hint to bring the cache line at address `addr` into L1; a no-op where
 /// the architecture has no such hint here.
 #[inline(always)]
+#[allow(unsafe_code)]
 fn prefetch(addr: usize) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint: it never faults, whatever the address,
@@ -150,6 +151,7 @@ fn prefetch(addr: usize) {
 /// plain read prefetch unless the whole build targets `prfchw`, and CPUs
 /// without PREFETCHW execute its encoding as a no-op.
 #[inline(always)]
+#[allow(unsafe_code)]
 fn prefetch_for_write(addr: usize) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint: it never faults, whatever the address,

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::bindings as rdsys;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -22,6 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 
 use crate::contacts::{Consent, Contacts, Marketing, MemoryContacts};
+use crate::kafka::batch::{BatchRead, RawMessage};
 use crate::metrics as m;
 
 pub use super::records::{consent_event, key, window_event, ConsentRecord, WindowRecord};
@@ -432,7 +432,7 @@ fn bootstrap(
     let consent_topic = consent_topic.map(str::as_bytes);
     // The topic of the last message seen, by handle: one name comparison
     // per change of topic, not per message.
-    let mut last_topic: (*const rdsys::rd_kafka_topic_t, bool) = (std::ptr::null(), false);
+    let mut last_topic: (usize, bool) = (0, false);
     while !progress.shared.stop.load(Ordering::Relaxed) {
         let n = batch.read(Duration::from_millis(100));
         if n == 0 {
@@ -451,125 +451,12 @@ fn bootstrap(
                 tracing::warn!(error = %code, "contacts sync: consumer error");
                 continue;
             }
-            if m.topic != last_topic.0 {
-                last_topic = (m.topic, Some(m.topic_name()) == consent_topic);
+            if m.topic_handle() != last_topic.0 {
+                last_topic = (m.topic_handle(), Some(m.topic_name()) == consent_topic);
             }
             progress.record(last_topic.1, m.partition, m.offset, m.key(), m.value());
         }
     }
-}
-
-/// librdkafka's batch read of a consumer's queue
-/// (`rd_kafka_consume_batch_queue`): one call hands back up to `capacity`
-/// messages, where rdkafka's `poll` takes one event per message (a queue
-/// wait, clock reads and an allocation each). Only for the bootstrap: with
-/// it librdkafka serves statistics as callbacks, which rdkafka does not
-/// set (it takes them as events), so `wagate_consumer_lag` from this
-/// consumer pauses until the tail goes back to `poll`.
-struct BatchRead<'c> {
-    queue: *mut rdsys::rd_kafka_queue_t,
-    slots: Vec<*mut rdsys::rd_kafka_message_t>,
-    len: usize,
-    _consumer: std::marker::PhantomData<&'c BaseConsumer<ReaderContext>>,
-}
-
-impl<'c> BatchRead<'c> {
-    fn new(consumer: &'c BaseConsumer<ReaderContext>, capacity: usize) -> Option<Self> {
-        // SAFETY: the client handle is valid for 'c; the queue reference
-        // taken here is released in Drop, before the consumer can go.
-        let queue = unsafe { rdsys::rd_kafka_queue_get_consumer(consumer.client().native_ptr()) };
-        (!queue.is_null()).then(|| BatchRead {
-            queue,
-            slots: vec![std::ptr::null_mut(); capacity],
-            len: 0,
-            _consumer: std::marker::PhantomData,
-        })
-    }
-
-    /// Releases the last batch and reads the next: how many messages came
-    /// (0 after `timeout` with none).
-    fn read(&mut self, timeout: Duration) -> usize {
-        self.release();
-        let ms = timeout.as_millis().min(i32::MAX as u128) as std::ffi::c_int;
-        // SAFETY: `slots` has room for `slots.len()` pointers; librdkafka
-        // fills the first n (n ≤ that) and hands their ownership to us.
-        let n = unsafe {
-            rdsys::rd_kafka_consume_batch_queue(
-                self.queue,
-                ms,
-                self.slots.as_mut_ptr(),
-                self.slots.len(),
-            )
-        };
-        self.len = usize::try_from(n).unwrap_or(0).min(self.slots.len());
-        self.len
-    }
-
-    fn messages(&self) -> impl Iterator<Item = RawMessage<'_>> {
-        self.slots[..self.len].iter().map(|&p| {
-            // SAFETY: each of the first `len` slots is a message librdkafka
-            // handed over, alive until `release`, which needs `&mut self`.
-            let m = unsafe { &*p };
-            RawMessage {
-                topic: m.rkt,
-                partition: m.partition,
-                offset: m.offset,
-                inner: m,
-            }
-        })
-    }
-
-    fn release(&mut self) {
-        for &p in &self.slots[..self.len] {
-            // SAFETY: owned by us since `read`, destroyed exactly once.
-            unsafe { rdsys::rd_kafka_message_destroy(p) };
-        }
-        self.len = 0;
-    }
-}
-
-impl Drop for BatchRead<'_> {
-    fn drop(&mut self) {
-        self.release();
-        // SAFETY: the reference taken in `new`, released once.
-        unsafe { rdsys::rd_kafka_queue_destroy(self.queue) };
-    }
-}
-
-/// A message of a [`BatchRead`], borrowed until the next read.
-struct RawMessage<'b> {
-    topic: *const rdsys::rd_kafka_topic_t,
-    partition: i32,
-    offset: i64,
-    inner: &'b rdsys::rd_kafka_message_t,
-}
-
-impl<'b> RawMessage<'b> {
-    fn error(&self) -> Option<rdkafka::error::RDKafkaErrorCode> {
-        (self.inner.err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR)
-            .then(|| self.inner.err.into())
-    }
-
-    fn topic_name(&self) -> &'b [u8] {
-        // SAFETY: a message's topic handle and its NUL-terminated name live
-        // as long as the message.
-        unsafe { std::ffi::CStr::from_ptr(rdsys::rd_kafka_topic_name(self.topic)) }.to_bytes()
-    }
-
-    fn key(&self) -> Option<&'b [u8]> {
-        bytes(self.inner.key, self.inner.key_len)
-    }
-
-    fn value(&self) -> Option<&'b [u8]> {
-        bytes(self.inner.payload, self.inner.len)
-    }
-}
-
-/// The bytes at `ptr` (`None` for a null pointer: no key, a tombstone).
-fn bytes<'b>(ptr: *mut std::ffi::c_void, len: usize) -> Option<&'b [u8]> {
-    // SAFETY: librdkafka's key/payload pointers are either null or point
-    // at `len` bytes owned by the message, which outlives 'b.
-    (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr as *const u8, len) })
 }
 
 /// Each reader's share of `wagate_consumer_lag{topic}`: a reader's

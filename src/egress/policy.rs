@@ -18,6 +18,12 @@ pub enum Block {
 }
 
 impl Block {
+    /// A block that comes from the user's consent or window (counted in
+    /// `wagate_consent_blocked_total`; the others in `wagate_egress_blocked_total`).
+    pub fn is_consent(self) -> bool {
+        !matches!(self, Block::Expired)
+    }
+
     pub const ALL: [Block; 5] = [
         Block::Expired,
         Block::OptedOut,

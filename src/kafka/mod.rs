@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::config::KafkaConfig;
 
+pub(crate) mod batch;
 pub mod headers;
 pub mod topics;
 

@@ -225,7 +225,12 @@ impl Lane {
             policy::check(&job.req, &state, now_ms, eg.cfg.marketing_requires_opt_in)
         {
             let job = self.queue.remove(i).expect("index from the scan");
-            metrics::counter!(m::CONSENT_BLOCKED, "reason" => block.code()).increment(1);
+            let counter = if block.is_consent() {
+                m::CONSENT_BLOCKED
+            } else {
+                m::EGRESS_BLOCKED
+            };
+            metrics::counter!(counter, "reason" => block.code()).increment(1);
             let err = ResultError::gateway(block.code(), block.title(), None);
             let verdict = if block == policy::Block::Expired {
                 Verdict::Expired(err)
@@ -265,7 +270,7 @@ impl Lane {
         let admit = portfolio.admit(user, now_ms);
         if admit == tier::Admit::Full {
             let job = self.queue.remove(i).expect("index from the scan");
-            metrics::counter!(m::CONSENT_BLOCKED, "reason" => "tier_limit").increment(1);
+            metrics::counter!(m::EGRESS_BLOCKED, "reason" => "tier_limit").increment(1);
             let details = format!(
                 "portfolio {} reached {} users in 24 h",
                 portfolio.name, portfolio.limit

@@ -92,8 +92,14 @@ struct Answer {
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// A pooled client whose idle connections are dropped well before the
+/// sandbox closes them (10 s): reusing a connection the server is closing is
+/// the classic keep-alive race, seen here as `IncompleteMessage` on a busy
+/// machine.
 fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http()
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build_http()
 }
 
 async fn request(

@@ -4,7 +4,15 @@
 //!
 //! A timeout or a lost connection after the request may have been written is
 //! *ambiguous*: Meta may have accepted it. Such a send is never blindly
-//! re-sent (DESIGN §6); only a connect failure is known not to have been sent.
+//! re-sent (DESIGN §6). Known not to have been sent, and so retried: a
+//! connect failure, a request hyper canceled before writing it (its pooled
+//! connection was found closed), and an HTTP/2 stream the server refused
+//! (REFUSED_STREAM: RFC 9113 §8.7, not processed).
+//!
+//! Idle pooled connections are dropped after [`POOL_IDLE`], below the
+//! keep-alive of the servers in front of the API (and of the sandbox, 10 s),
+//! so a send rarely goes out on a connection the server is closing — the race
+//! that would turn a send that never left into an `unknown` result.
 
 use std::time::Duration;
 
@@ -40,6 +48,33 @@ pub enum GraphOutcome {
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
+/// How long an idle pooled connection is kept: shorter than any server's
+/// keep-alive we expect (the sandbox closes idle connections after 10 s,
+/// common proxies after 15–75 s).
+pub const POOL_IDLE: Duration = Duration::from_secs(5);
+
+/// Whether a failed exchange certainly never reached the server's
+/// application.
+fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_canceled())
+        {
+            return true;
+        }
+        if err
+            .downcast_ref::<h2::Error>()
+            .is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// A pooled Graph API client.
 #[derive(Clone)]
 pub struct GraphClient {
@@ -61,7 +96,7 @@ impl GraphClient {
             .enable_http2()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(POOL_IDLE)
             .pool_max_idle_per_host(256)
             .build(https);
         GraphClient {
@@ -102,6 +137,9 @@ impl GraphClient {
             },
             Ok(Err(e)) if e.is_connect() => GraphOutcome::NotSent {
                 reason: format!("connect failed: {e}"),
+            },
+            Ok(Err(e)) if never_sent(&e) => GraphOutcome::NotSent {
+                reason: format!("not sent: {e}"),
             },
             Ok(Err(e)) => GraphOutcome::Ambiguous {
                 reason: format!("connection lost: {e}"),

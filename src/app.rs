@@ -44,46 +44,81 @@ pub struct Gateway {
     shutdown_grace: Duration,
 }
 
+/// Every body under server.max_body_bytes must be storable: refuses to start
+/// (before any port is bound) when a topic ingress writes takes smaller
+/// records. A broker that cannot say is warned about.
+async fn check_record_limit(cfg: &Config) -> anyhow::Result<()> {
+    let checked = if cfg.kafka.check_record_limit {
+        crate::kafka::check_record_limit(&cfg.kafka, Duration::from_secs(3)).await
+    } else {
+        Ok(Some(Vec::new()))
+    };
+    match checked {
+        Ok(Some(small)) if !small.is_empty() => {
+            let why: Vec<String> = small.iter().map(|s| s.to_string()).collect();
+            anyhow::bail!("kafka: {}", why.join("; "));
+        }
+        Ok(Some(_)) => {}
+        Ok(None) | Err(_) => tracing::warn!(
+            needed = cfg.kafka.message_max_bytes,
+            "kafka: could not read the max.message.bytes of the inbound topics; a body the broker refuses as too large is answered 503"
+        ),
+    }
+    Ok(())
+}
+
+/// The shared producer and, when `ingress.linger_ms` differs, ingress's own.
+/// Ingress batches longer than egress (librdkafka sends one partition per
+/// produce request, so a longer linger means far fewer requests and a
+/// shorter tail; egress waits on each attempt record, so it keeps the short
+/// one). Same settings → one shared producer.
+fn producers(cfg: &Config) -> anyhow::Result<(KafkaProducer, Option<KafkaProducer>)> {
+    let producer = KafkaProducer::new(&cfg.kafka)
+        .map_err(|e| anyhow::anyhow!("kafka.brokers: cannot create the producer: {e}"))?;
+    if cfg.ingress.linger_ms == cfg.kafka.linger_ms {
+        return Ok((producer, None));
+    }
+    let mut k = cfg.kafka.clone();
+    k.linger_ms = cfg.ingress.linger_ms;
+    k.client_id = format!("{}-ingress", cfg.kafka.client_id);
+    let ingress = KafkaProducer::new(&k)
+        .map_err(|e| anyhow::anyhow!("kafka.brokers: cannot create the ingress producer: {e}"))?;
+    Ok((producer, Some(ingress)))
+}
+
+/// Contacts: bootstrap from the compacted topics, then tail them, on a
+/// thread of its own; readiness is set once caught up.
+fn spawn_contacts_sync(
+    cfg: &Config,
+    topics: &Topics,
+    cache: Arc<MemoryContacts>,
+    ready: Arc<Readiness>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let (consent, windows) = (
+        topics.name(TopicId::Consent).to_string(),
+        topics.name(TopicId::Windows).to_string(),
+    );
+    let brokers = cfg.kafka.brokers.clone();
+    std::thread::Builder::new()
+        .name("contacts-sync".into())
+        .spawn(move || {
+            let on_ready = Box::new(move || ready.contacts.store(true, Ordering::SeqCst));
+            if let Err(e) =
+                crate::contacts::sync::run(&brokers, &consent, &windows, cache, on_ready, stop)
+            {
+                tracing::error!(error = %e, "contacts sync stopped; /readyz stays 503");
+            }
+        })
+}
+
 impl Gateway {
     /// Builds and starts every plane. Ports are bound before this returns
     /// (use port 0 to get free ones; see `public_addr`).
     pub async fn start(cfg: Config) -> anyhow::Result<Gateway> {
         let metrics = m::install();
-        // Every body under server.max_body_bytes must be storable: refuse to
-        // start (before any port is bound) when a topic ingress writes takes
-        // smaller records. A broker that cannot say is warned about.
-        let checked = if cfg.kafka.check_record_limit {
-            crate::kafka::check_record_limit(&cfg.kafka, Duration::from_secs(3)).await
-        } else {
-            Ok(Some(Vec::new()))
-        };
-        match checked {
-            Ok(Some(small)) if !small.is_empty() => {
-                let why: Vec<String> = small.iter().map(|s| s.to_string()).collect();
-                anyhow::bail!("kafka: {}", why.join("; "));
-            }
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => tracing::warn!(
-                needed = cfg.kafka.message_max_bytes,
-                "kafka: could not read the max.message.bytes of the inbound topics; a body the broker refuses as too large is answered 503"
-            ),
-        }
-        let producer = KafkaProducer::new(&cfg.kafka)
-            .map_err(|e| anyhow::anyhow!("kafka.brokers: cannot create the producer: {e}"))?;
-        // Ingress batches longer than egress (librdkafka sends one partition
-        // per produce request, so a longer linger means far fewer requests
-        // and a shorter tail; egress waits on each attempt record, so it
-        // keeps the short one). Same settings → one shared producer.
-        let ingress_producer = if cfg.ingress.linger_ms == cfg.kafka.linger_ms {
-            None
-        } else {
-            let mut k = cfg.kafka.clone();
-            k.linger_ms = cfg.ingress.linger_ms;
-            k.client_id = format!("{}-ingress", cfg.kafka.client_id);
-            Some(KafkaProducer::new(&k).map_err(|e| {
-                anyhow::anyhow!("kafka.brokers: cannot create the ingress producer: {e}")
-            })?)
-        };
+        check_record_limit(&cfg).await?;
+        let (producer, ingress_producer) = producers(&cfg)?;
         let dedupe = Arc::new(Dedupe::new(
             cfg.ingress.dedupe_window,
             cfg.ingress.dedupe_max_entries,
@@ -157,30 +192,14 @@ impl Gateway {
                 }
             })
         });
-        // Contacts: bootstrap from the compacted topics, then tail them.
         let contacts_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let contacts_thread = {
-            let (consent, windows) = (
-                topics.name(TopicId::Consent).to_string(),
-                topics.name(TopicId::Windows).to_string(),
-            );
-            let (brokers, cache, r, stop) = (
-                cfg.kafka.brokers.clone(),
-                contacts.clone(),
-                ready.clone(),
-                contacts_stop.clone(),
-            );
-            std::thread::Builder::new()
-                .name("contacts-sync".into())
-                .spawn(move || {
-                    let on_ready = Box::new(move || r.contacts.store(true, Ordering::SeqCst));
-                    if let Err(e) = crate::contacts::sync::run(
-                        &brokers, &consent, &windows, cache, on_ready, stop,
-                    ) {
-                        tracing::error!(error = %e, "contacts sync stopped; /readyz stays 503");
-                    }
-                })?
-        };
+        let contacts_thread = spawn_contacts_sync(
+            &cfg,
+            &topics,
+            contacts.clone(),
+            ready.clone(),
+            contacts_stop.clone(),
+        )?;
         let background = vec![
             tokio::spawn(kafka_pinger(producer.clone(), ready.clone(), rx.clone())),
             tokio::spawn(gauges(

@@ -110,6 +110,64 @@ pub fn classify(code: i64) -> Action {
     }
 }
 
+/// Whether `code` is one of the codes of Meta's table (CLOUD_API.md §6.5)
+/// that [`classify`] names, as opposed to a code Meta adds tomorrow.
+pub fn is_known(code: i64) -> bool {
+    matches!(
+        code,
+        0..=4
+            | 10
+            | 17
+            | 100
+            | 190
+            | 200..=299
+            | 368
+            | 613
+            | 80007
+            | 80008
+            | 130403
+            | 130429
+            | 130472
+            | 130497
+            | 131000
+            | 131005
+            | 131008
+            | 131009
+            | 131016
+            | 131021
+            | 131026
+            | 131030
+            | 131031
+            | 131037
+            | 131042
+            | 131045
+            | 131047..=131057
+            | 131062
+            | 131063
+            | 131064
+            | 132000..=132018
+            | 132068
+            | 132069
+            | 133000
+            | 133004..=133010
+            | 133015
+            | 133016
+            | 134011
+            | 135000
+            | 137000
+    )
+}
+
+/// The metric label of a Meta error code: the code for one of Meta's table,
+/// `other` for anything else, so a sender cannot grow the label set.
+pub fn code_label(code: i64) -> String {
+    if is_known(code) {
+        code.to_string()
+    } else {
+        "other".to_string()
+    }
+}
+
 /// Whether a failure code means the user stopped marketing messages (the
 /// contacts plane records it).
 pub fn marks_marketing_stopped(code: i64) -> bool {
@@ -119,6 +177,16 @@ pub fn marks_marketing_stopped(code: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_codes_are_labelled_other() {
+        for code in [131047, 130429, 131026, 200, 299, 132012, 0] {
+            assert_eq!(code_label(code), code.to_string());
+        }
+        for code in [999_999, -5, 131_999, 5] {
+            assert_eq!(code_label(code), "other", "{code}");
+        }
+    }
 
     #[test]
     fn table_of_cloud_api_6_5() {

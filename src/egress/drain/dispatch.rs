@@ -47,7 +47,7 @@ impl Egress {
                 return;
             }
         };
-        let hk = history_key(&req.request_id, redrive);
+        let hk = RequestKey::new(&req.request_id, redrive);
         let (completed, attempted) = {
             let h = self.history.lock().unwrap();
             (h.completed.contains(&hk), h.attempted.contains(&hk))

@@ -115,7 +115,10 @@ impl Egress {
             .as_ref()
             .map(|e| match &e.code {
                 serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
+                other => other
+                    .as_i64()
+                    .map(errors::code_label)
+                    .unwrap_or_else(|| "other".into()),
             })
             .unwrap_or_else(|| "none".into());
         metrics::counter!(m::EGRESS_REQUESTS, "outcome" => result.outcome.label(), "code" => code)

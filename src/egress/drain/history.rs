@@ -6,14 +6,27 @@ use super::*;
 /// History read at start: what already has a result, what was attempted.
 #[derive(Default)]
 pub(super) struct History {
-    pub(super) completed: HashSet<String>,
-    pub(super) attempted: HashSet<String>,
+    pub(super) completed: HashSet<RequestKey>,
+    pub(super) attempted: HashSet<RequestKey>,
     /// Tier-counted sends: (phone_number_id, to, completed_at_ms).
     pub(super) tier: Vec<(String, String, u64)>,
 }
 
-pub(super) fn history_key(request_id: &str, redrive: u32) -> String {
-    format!("{request_id}#{redrive}")
+/// A request as the history knows it: its id and how often it was
+/// redriven (a redriven request is a new send with a result of its own).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct RequestKey {
+    pub(super) request_id: String,
+    pub(super) redrive: u32,
+}
+
+impl RequestKey {
+    pub(super) fn new(request_id: &str, redrive: u32) -> RequestKey {
+        RequestKey {
+            request_id: request_id.to_string(),
+            redrive,
+        }
+    }
 }
 
 impl Egress {
@@ -40,7 +53,7 @@ impl Egress {
                             } else {
                                 &mut h.attempted
                             };
-                            set.insert(history_key(id, redrive));
+                            set.insert(RequestKey::new(id, redrive));
                         }
                         if results && tiers && v["tier_counted"] == true {
                             let s = |k: &str| v[k].as_str().unwrap_or("").to_string();

@@ -60,7 +60,7 @@ mod tracker;
 
 use circuit::Circuit;
 use finish::{backoff, Verdict};
-use history::{history_key, History};
+use history::{History, RequestKey};
 use lane::Lane;
 use rebalance::{DrainContext, Readers, Revoked, Splitter};
 use tracker::Tracker;

@@ -55,7 +55,7 @@ impl Lane {
                 ..
             } => (code, title, details),
         };
-        metrics::counter!(m::META_ERRORS, "code" => code.to_string()).increment(1);
+        metrics::counter!(m::META_ERRORS, "code" => errors::code_label(code)).increment(1);
         let err = ResultError::meta(code, title, details);
         match errors::classify(code) {
             Action::Retry {

@@ -214,25 +214,29 @@ impl Ingress {
         }
     }
 
-    async fn post(&self, app: &AppConfig, req: Request<Incoming>, start: Instant) -> Outcome {
+    /// The body and its signature header, once the signature verified: a
+    /// request that has not shown a valid signature holds nothing but its own
+    /// connection and stream (bounded by the connection limits, the h2 stream
+    /// limit, the body deadline and the minimum transfer rate), no permit.
+    async fn read_signed(
+        &self,
+        app: &AppConfig,
+        req: Request<Incoming>,
+    ) -> Result<(Bytes, Option<Vec<u8>>), Outcome> {
         // Meta sends one signature header; with two, which one was checked
         // would be a matter of order, so neither is trusted.
         let mut sigs = req.headers().get_all("x-hub-signature-256").iter();
         let signature = sigs.next().map(|v| v.as_bytes().to_vec());
         if sigs.next().is_some() {
-            return (
+            return Err((
                 WebhookOutcome::SignatureMalformed,
                 http::json_error(
                     StatusCode::UNAUTHORIZED,
                     "signature_malformed",
                     "more than one X-Hub-Signature-256 header",
                 ),
-            );
+            ));
         }
-        // The body is read before any permit is taken: a request that has
-        // not shown a valid signature holds nothing but its own connection
-        // and stream (bounded by the connection limits, the h2 stream limit,
-        // the body deadline and the minimum transfer rate).
         let body = match http::read_body(req, &self.body_limits).await {
             Ok(b) => b,
             Err(e) => {
@@ -241,7 +245,7 @@ impl Ingress {
                     http::BodyError::Timeout => WebhookOutcome::BodyTimeout,
                     http::BodyError::Broken => WebhookOutcome::BadRequest,
                 };
-                return (outcome, e.response(self.body_limits.max_bytes));
+                return Err((outcome, e.response(self.body_limits.max_bytes)));
             }
         };
         if let Err(e) = signature::verify(signature.as_deref(), &body, &app.secrets) {
@@ -251,11 +255,19 @@ impl Ingress {
                 signature::SignatureError::Mismatch => WebhookOutcome::SignatureMismatch,
             };
             tracing::debug!(app = %app.name, reason = e.label(), "webhook rejected");
-            return (
+            return Err((
                 outcome,
                 http::json_error(StatusCode::UNAUTHORIZED, e.label(), &e.to_string()),
-            );
+            ));
         }
+        Ok((body, signature))
+    }
+
+    async fn post(&self, app: &AppConfig, req: Request<Incoming>, start: Instant) -> Outcome {
+        let (body, signature) = match self.read_signed(app, req).await {
+            Ok(x) => x,
+            Err(refused) => return refused,
+        };
         // Admission, for signed bodies only: a count and a byte budget (the
         // parse tree and records of a POST are bounded by its body's size).
         let Ok(_permit) = self.in_flight.try_acquire() else {

@@ -168,39 +168,9 @@ impl Egress {
     /// Runs the drain until `stop` turns true, then commits what is done.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
         // History is (re)loaded on every partition assignment, the first included.
-        let mut cc = ClientConfig::new();
-        if let Some(id) = &self.cfg.instance_id {
-            cc.set("group.instance.id", id);
-        }
         let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let readers = Arc::new(Mutex::new(Readers::default()));
-        let consumer: StreamConsumer<DrainContext> = cc
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", &self.cfg.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
-            .set("enable.partition.eof", "false")
-            // Prefetch per partition: a reader that waits for buffer room
-            // leaves at most this much fetched ahead of it.
-            .set("queued.min.messages", "2000")
-            .set("queued.max.messages.kbytes", "4096")
-            .set(
-                "statistics.interval.ms",
-                crate::kafka::STATISTICS_INTERVAL_MS,
-            )
-            .create_with_context(DrainContext {
-                assigned: assigned.clone(),
-                revoked: self.revoked.clone(),
-                splitter: std::sync::OnceLock::new(),
-                readers: readers.clone(),
-                tracker: self.tracker.clone(),
-                topic: self.topics.name(TopicId::OutboundRequests).to_string(),
-                revoke_wait: self.cfg.send_timeout + Duration::from_secs(5),
-            })?;
-        let consumer = Arc::new(consumer);
+        let consumer = Arc::new(self.consumer(assigned.clone(), readers.clone())?);
         let (split_tx, mut split_rx) = mpsc::unbounded_channel();
         let _ = consumer.context().splitter.set(Splitter {
             consumer: Arc::downgrade(&consumer),
@@ -228,24 +198,7 @@ impl Egress {
                     if assigned.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         self.load_history().await;
                     }
-                    let mut r = readers.lock().unwrap();
-                    r.epoch += 1;
-                    let epoch = r.epoch;
-                    for (p, queue) in queues {
-                        if self.revoked.contains(p) {
-                            continue;
-                        }
-                        let task = tokio::spawn(self.clone().read_partition(
-                            p,
-                            epoch,
-                            queue,
-                            readers.clone(),
-                            lanes.clone(),
-                        ));
-                        if let Some((_, old)) = r.tasks.insert(p, (epoch, task.abort_handle())) {
-                            old.abort();
-                        }
-                    }
+                    self.start_readers(queues, &readers, &lanes);
                 }
                 // Records fetched before their partition was split (rare):
                 // taken as they come, over the buffer bound if need be.
@@ -269,14 +222,22 @@ impl Egress {
                 }
             }
         }
-        {
-            let mut r = readers.lock().unwrap();
-            for (_, (_, task)) in r.tasks.drain() {
-                task.abort();
-            }
+        self.wind_down(&consumer, &readers, &lanes).await;
+        Ok(())
+    }
+
+    /// At shutdown: stop the readers and take no more requests, let lanes
+    /// finish what they hold for a few seconds, then commit.
+    async fn wind_down(
+        &self,
+        consumer: &StreamConsumer<DrainContext>,
+        readers: &Mutex<Readers>,
+        lanes: &Mutex<Lanes>,
+    ) {
+        for (_, (_, task)) in readers.lock().unwrap().tasks.drain() {
+            task.abort();
         }
         let lanes = std::mem::take(&mut *lanes.lock().unwrap());
-        // Stop taking requests; let lanes finish what they hold briefly, then commit.
         self.revoked
             .closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -285,8 +246,7 @@ impl Egress {
         while self.backlog() > 0 && Instant::now() < end {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.commit(&consumer);
-        Ok(())
+        self.commit(consumer);
     }
 
     fn publish_oldest(&self, number: &str, queue: &VecDeque<Job>) {

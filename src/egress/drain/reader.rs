@@ -4,6 +4,34 @@
 use super::*;
 
 impl Egress {
+    /// A reader task for each newly split partition queue (a new epoch of
+    /// the assignment; a partition's previous reader is aborted).
+    pub(super) fn start_readers(
+        self: &Arc<Self>,
+        queues: Vec<(i32, PartitionQueue)>,
+        readers: &Arc<Mutex<Readers>>,
+        lanes: &Arc<Mutex<Lanes>>,
+    ) {
+        let mut r = readers.lock().unwrap();
+        r.epoch += 1;
+        let epoch = r.epoch;
+        for (p, queue) in queues {
+            if self.revoked.contains(p) {
+                continue;
+            }
+            let task = tokio::spawn(self.clone().read_partition(
+                p,
+                epoch,
+                queue,
+                readers.clone(),
+                lanes.clone(),
+            ));
+            if let Some((_, old)) = r.tasks.insert(p, (epoch, task.abort_handle())) {
+                old.abort();
+            }
+        }
+    }
+
     /// Reads one partition's queue in offset order, one buffer permit per
     /// record: when the buffer is full the reader waits (the semaphore is
     /// fair, so partitions take turns) and librdkafka stops fetching for

@@ -2,6 +2,46 @@
 
 use super::*;
 
+impl Egress {
+    /// The requests topic's consumer: manual commits, a small prefetch per
+    /// partition, and the context that hands partitions over on rebalance.
+    pub(super) fn consumer(
+        &self,
+        assigned: Arc<std::sync::atomic::AtomicBool>,
+        readers: Arc<Mutex<Readers>>,
+    ) -> Result<StreamConsumer<DrainContext>, rdkafka::error::KafkaError> {
+        let mut cc = ClientConfig::new();
+        if let Some(id) = &self.cfg.instance_id {
+            cc.set("group.instance.id", id);
+        }
+        cc.set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.cfg.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("enable.partition.eof", "false")
+            // Prefetch per partition: a reader that waits for buffer room
+            // leaves at most this much fetched ahead of it.
+            .set("queued.min.messages", "2000")
+            .set("queued.max.messages.kbytes", "4096")
+            .set(
+                "statistics.interval.ms",
+                crate::kafka::STATISTICS_INTERVAL_MS,
+            )
+            .create_with_context(DrainContext {
+                assigned,
+                revoked: self.revoked.clone(),
+                splitter: std::sync::OnceLock::new(),
+                readers,
+                tracker: self.tracker.clone(),
+                topic: self.topics.name(TopicId::OutboundRequests).to_string(),
+                revoke_wait: self.cfg.send_timeout + Duration::from_secs(5),
+            })
+    }
+}
+
 pub(super) struct Splitter {
     pub(super) consumer: std::sync::Weak<StreamConsumer<DrainContext>>,
     pub(super) tx: mpsc::UnboundedSender<Vec<(i32, PartitionQueue)>>,

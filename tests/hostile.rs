@@ -1,6 +1,10 @@
 //! Hostile inputs against the real server on loopback and a real broker
 //! (Tansu): bodies that would crash, starve, bloat or mislead the gateway.
-//! Each test failed on the code before its fix.
+//! Each test reproduces a failure of the hostile-input review (issue 13) on
+//! the code before its fix: an abort, a 503 forever, a socket never closed,
+//! a 503 while unsigned streams held the permits, records written past any
+//! bound, consent acting on the other duplicate, a 200 on junk ids, a
+//! refusal counted nowhere.
 
 mod common;
 

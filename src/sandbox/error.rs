@@ -148,7 +148,7 @@ pub fn title(code: i64) -> &'static str {
         131053 => "Media upload error",
         131056 => "(Business Account, Consumer Account) pair rate limit hit",
         131057 => "Account in maintenance mode",
-        131062 => "Business-scoped user ID recipient not supported",
+        131062 => "BSUID recipients are not supported for this message.",
         131063 => "Marketing templates disabled for Cloud API",
         131064 => "Messaging limit reached due to template classification violations",
         132000 => "Number of parameters does not match the expected number of params",
@@ -158,10 +158,15 @@ pub fn title(code: i64) -> &'static str {
         132012 => "Parameter format does not match format in the created template",
         132015 => "Template is Paused",
         132016 => "Template is Disabled",
+        132018 => "There was an issue with the parameters in your template.",
         133000 => "Incomplete deregistration",
         133004 => "Server temporarily unavailable",
         133010 => "Phone number Not Registered",
+        134100 => "Only marketing templates are supported on this endpoint",
+        134101 => "Template is still being synced",
+        134102 => "Template is not eligible for this endpoint",
         135000 => "Generic user error",
+        137000 => "Identity key hash mismatch",
         _ => "Error",
     }
 }
@@ -179,7 +184,14 @@ pub fn default_details(code: i64) -> &'static str {
         131048 => "Message failed to send because there are restrictions on how many messages can be sent from this phone number. This may be because too many previous messages were blocked or flagged as spam.",
         131049 => "In order to maintain a healthy ecosystem engagement, the message failed to be delivered.",
         131056 => "Message failed to send because there were too many messages sent from this phone number to the same phone number in a short period of time.",
-        131057 => "Business Account is in maintenance mode.",
+        131057 => "Business Account is in maintenance mode. This can happen while the phone number's throughput is being upgraded; try again in about a minute.",
+        131062 => "Authentication templates with one-tap, zero-tap or copy-code buttons need a phone number recipient.",
+        131063 => "Marketing template messages are disabled for Cloud API on this WhatsApp Business Account; send them with the Marketing Messages API.",
+        132018 => "One or more template parameters are invalid.",
+        134100 => "Only marketing templates can be sent with the Marketing Messages API.",
+        134101 => "The template is still being synced to the Marketing Messages API; try again in about 10 minutes.",
+        134102 => "The template is not eligible to be sent with the Marketing Messages API.",
+        137000 => "Message failed to send because the recipient's identity key hash does not match the one provided.",
         132001 => "template name does not exist in the translation",
         133004 => "Server is temporarily unavailable.",
         _ => title(code),
@@ -229,5 +241,39 @@ mod tests {
         for throttle in [4, 80007, 130429, 131048, 131056] {
             assert_eq!(http_status(throttle), StatusCode::BAD_REQUEST);
         }
+    }
+
+    #[test]
+    fn the_identity_and_2026_codes_are_known() {
+        assert_eq!(http_status(131057), StatusCode::INTERNAL_SERVER_ERROR);
+        for code in [131062, 131063, 132018, 134100, 134101, 134102, 137000] {
+            assert_eq!(http_status(code), StatusCode::BAD_REQUEST, "{code}");
+        }
+        for code in [
+            131057, 131062, 131063, 132018, 134100, 134101, 134102, 137000,
+        ] {
+            assert_ne!(title(code), "Error", "{code}");
+            assert_ne!(default_details(code), title(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn shape_matches_the_131062_example() {
+        // payloads/identity_error_131062.json
+        let v = GraphError::of(131062).to_json();
+        let e = &v["error"];
+        assert_eq!(
+            e["message"],
+            "(#131062) BSUID recipients are not supported for this message."
+        );
+        assert_eq!(e["code"], 131062);
+        assert_eq!(e["type"], "OAuthException");
+        assert_eq!(e["error_data"]["messaging_product"], "whatsapp");
+        assert_eq!(
+            e["error_data"]["details"],
+            "Authentication templates with one-tap, zero-tap or copy-code buttons need a phone number recipient."
+        );
+        assert!(e.get("error_subcode").is_none());
+        assert_eq!(GraphError::of(131062).status, StatusCode::BAD_REQUEST);
     }
 }

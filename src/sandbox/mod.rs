@@ -7,19 +7,30 @@
 //! 2. auth: `Authorization: Bearer <token>` → 401 (#190);
 //! 3. body: at most 1 MiB, JSON, validated like Meta → 400 (#100, #131008,
 //!    #131009); a mark-as-read body is answered `{"success":true}` here;
-//! 4. fixed errors (`fixed_errors`, changeable at runtime);
-//! 5. injected errors: hold without answering, bare 500, #131000, slow;
-//! 6. throughput per number → 400 (#130429): at most N accepted sends in
+//! 4. an authentication template (`authentication_templates`) addressed by
+//!    `recipient` → 400 (#131062);
+//! 5. fixed errors (`fixed_errors`, changeable at runtime);
+//! 6. injected errors: hold without answering, bare 500, #131000, slow;
+//! 7. throughput per number → 400 (#130429): at most N accepted sends in
 //!    any one-second window;
-//! 7. pair rate per (number, recipient), GCRA → 400 (#131056);
-//! 8. the 24-hour window for non-template sends → 400 (#131047);
-//! 9. accepted: recorded, a wamid returned, status webhooks queued.
+//! 8. pair rate per (number, user), GCRA → 400 (#131056);
+//! 9. the 24-hour window for non-template sends → 400 (#131047);
+//! 10. accepted: recorded, a wamid returned, status webhooks queued.
+//!
+//! Users: a send is addressed by `to` (a phone) or by `recipient` (a BSUID,
+//! IDENTITY.md §4; `to` wins when both are given). Every phone has the BSUID
+//! [`bsuid_of`]; a BSUID of a phone the sandbox has seen counts as that
+//! phone for the window, the pair rate and the fixed errors (see
+//! [`identity`]). Users listed in `username_users` hide their phone: status
+//! webhooks of sends to their BSUID, and the inbound messages
+//! [`Sandbox::inbound_body`] builds for them, carry their BSUID only.
 //!
 //! Every error body has Meta's shape (see [`error`]). Everything is bounded:
-//! request bodies, tables of limiter state, the record of sends, and the
-//! status webhook queue.
+//! request bodies, tables of limiter state, the phones known behind BSUIDs,
+//! the record of sends, and the status webhook queue.
 
 pub mod error;
+pub mod identity;
 pub mod limits;
 pub mod status;
 pub mod validate;
@@ -41,9 +52,11 @@ use tokio::task::JoinHandle;
 
 use crate::http::{self, Body, Limits};
 use error::GraphError;
+use identity::{Directory, Resolved};
 use limits::{PairDecision, PairGcra, Room, Throughput};
 use validate::{digits, Parsed, SendFields};
 
+pub use identity::{bsuid_of, is_bsuid};
 pub use status::WebhookStats;
 
 /// Largest request body accepted.
@@ -124,7 +137,10 @@ impl Default for ErrorInjection {
 }
 
 /// Always answer Meta error `code` for sends matching both filters (a
-/// `None` filter matches anything; `to` is compared on its digits).
+/// `None` filter matches anything). `to` names a user: a phone, compared on
+/// its digits, matches sends to that phone and to its BSUID once the
+/// sandbox has seen the phone; a BSUID matches sends to it and, if it is
+/// [`bsuid_of`] a phone, sends to that phone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FixedError {
     pub phone_number_id: Option<String>,
@@ -167,11 +183,21 @@ pub struct SandboxConfig {
     pub status_webhook: Option<StatusWebhookConfig>,
     /// Used by [`Sandbox::base_url`]; requests under any `/vNN.N/` are accepted.
     pub api_version: String,
+    /// Names of the authentication templates (one-tap, zero-tap,
+    /// copy-code): sent by `recipient` they are answered #131062.
+    pub authentication_templates: Vec<String>,
+    /// Phones (any format; compared on digits) of the users who hide their
+    /// number behind a username: status webhooks of sends to their BSUID
+    /// carry `recipient_user_id` and no `recipient_id`, and
+    /// [`Sandbox::inbound_body`] gives them no `from`/`wa_id`. Their BSUIDs
+    /// always resolve to their phones.
+    pub username_users: Vec<String>,
 }
 
 impl Default for SandboxConfig {
     /// Meta's limits (80 mps, pair rate 1/6 s burst 45) on `127.0.0.1:0`,
-    /// no window, no injected errors, no webhooks, `v23.0`.
+    /// no window, no injected errors, no webhooks, `v23.0`, authentication
+    /// templates `otp` and `auth_code`, no username users.
     fn default() -> Self {
         SandboxConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -184,6 +210,8 @@ impl Default for SandboxConfig {
             fixed_errors: Vec::new(),
             status_webhook: None,
             api_version: "v23.0".into(),
+            authentication_templates: vec!["otp".into(), "auth_code".into()],
+            username_users: Vec::new(),
         }
     }
 }
@@ -234,10 +262,16 @@ pub fn sandbox_config_for_dev(
 #[derive(Debug, Clone)]
 pub struct RecordedSend {
     pub phone_number_id: String,
-    /// `to` as sent.
+    /// `to` as sent; `""` for a send addressed by `recipient`.
     pub to: String,
-    /// `to`, digits only.
+    /// The phone digits of the user: `to`, digits only, for a send by
+    /// phone; for a send by `recipient`, the phone its BSUID resolved to,
+    /// or `""` when the sandbox does not know it.
     pub wa_id: String,
+    /// `recipient` as sent (a BSUID or parent BSUID) for a send addressed
+    /// by it; `None` for a send by phone (also when a `recipient` was
+    /// ignored next to a `to`).
+    pub recipient: Option<String>,
     pub wamid: String,
     /// The message `type`.
     pub type_: String,
@@ -271,11 +305,12 @@ struct State {
     fixed: Mutex<Vec<FixedError>>,
     gate: Mutex<Gate>,
     inbound: Mutex<Inbound>,
+    directory: Mutex<Directory>,
     attempts: AtomicUsize,
     accepted: AtomicU64,
     wamid_seq: AtomicU64,
     wamid_salt: u32,
-    webhooks: Option<mpsc::Sender<RecordedSend>>,
+    webhooks: Option<mpsc::Sender<status::Queued>>,
     webhook_counters: Arc<status::Counters>,
     stop: watch::Receiver<bool>,
 }
@@ -334,6 +369,7 @@ impl Sandbox {
                 sends: VecDeque::new(),
             }),
             inbound: Mutex::new(Inbound::default()),
+            directory: Mutex::new(Directory::new(&cfg.username_users)),
             attempts: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             wamid_seq: AtomicU64::new(0),
@@ -399,10 +435,47 @@ impl Sandbox {
         self.state.webhook_counters.snapshot()
     }
 
-    /// Records an inbound message from `wa_id` to `phone_number_id` at
-    /// `at_unix_ms`, opening the 24-hour window (`enforce_window`).
-    pub fn record_inbound(&self, phone_number_id: &str, wa_id: &str, at_unix_ms: u64) {
-        let key = pair_key(phone_number_id, &digits(wa_id));
+    /// Records an inbound message from `user` to `phone_number_id` at
+    /// `at_unix_ms`, opening the 24-hour window (`enforce_window`). `user`
+    /// is a phone (any format; the sandbox then knows its BSUID) or a BSUID
+    /// (counted as its phone when the sandbox knows it).
+    pub fn record_inbound(&self, phone_number_id: &str, user: &str, at_unix_ms: u64) {
+        let key = {
+            let mut dir = lock(&self.state.directory);
+            if !is_bsuid(user) {
+                dir.learn(&digits(user), at_unix_ms);
+            }
+            Resolved::of(user, &dir).key
+        };
+        self.open_window(phone_number_id, &key, at_unix_ms);
+    }
+
+    /// The body of a Meta `messages` webhook with one inbound text message
+    /// from the user with phone `wa_id` to `phone_number_id`, compact JSON,
+    /// not signed (the caller signs it). A username user (`username_users`)
+    /// appears by BSUID only (`from_user_id`, `contacts[].user_id`,
+    /// `profile.username`, no `from`/`wa_id`, as
+    /// `payloads/identity_inbound_username_only.json`); any other user by
+    /// both (as `payloads/identity_inbound_phone_and_bsuid.json`). Also
+    /// records the message ([`Sandbox::record_inbound`]), opening the window
+    /// under the phone and under the BSUID.
+    pub fn inbound_body(
+        &self,
+        phone_number_id: &str,
+        wa_id: &str,
+        wamid: &str,
+        text: &str,
+    ) -> Vec<u8> {
+        let now = unix_ms();
+        let phone = digits(wa_id);
+        self.record_inbound(phone_number_id, &phone, now);
+        self.open_window(phone_number_id, &bsuid_of(&phone), now);
+        let username_user = lock(&self.state.directory).is_username_user(&phone);
+        status::inbound_text_body(phone_number_id, &phone, username_user, wamid, text, now)
+    }
+
+    fn open_window(&self, phone_number_id: &str, user_key: &str, at_unix_ms: u64) {
+        let key = pair_key(phone_number_id, user_key);
         let now = unix_ms();
         let mut inbound = lock(&self.state.inbound);
         if !inbound.last.contains_key(&key) && inbound.last.len() >= MAX_INBOUND_PAIRS {
@@ -519,7 +592,17 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             return e.response();
         }
     };
-    if let Some(code) = st.fixed_error(&number, &fields.wa_id) {
+    if fields.recipient.is_some()
+        && fields
+            .template_name
+            .as_ref()
+            .is_some_and(|t| st.cfg.authentication_templates.contains(t))
+    {
+        tracing::debug!(number, "sandbox: authentication template by recipient");
+        return GraphError::of(131062).response();
+    }
+    let user = st.resolve(&fields);
+    if let Some(code) = st.fixed_error(&number, &user) {
         return GraphError::of(code).response();
     }
     let inj = &st.cfg.error_rates;
@@ -539,7 +622,7 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     }
     let slow = roll(inj.slow);
     let template = fields.type_ == "template";
-    let send = match st.admit(version, number, fields, value) {
+    let send = match st.admit(version, number, fields, user, value) {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(code = e.code, "sandbox: send refused");
@@ -550,13 +633,24 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     if template {
         message["message_status"] = "accepted".into();
     }
+    let contact = match &send.recipient {
+        Some(r) => json!({ "input": r, "user_id": r }),
+        None => json!({ "input": send.to, "wa_id": send.wa_id }),
+    };
     let answer = json!({
         "messaging_product": "whatsapp",
-        "contacts": [{ "input": send.to, "wa_id": send.wa_id }],
+        "contacts": [contact],
         "messages": [message],
     });
     if let Some(tx) = &st.webhooks {
-        if tx.try_send(send).is_err() {
+        let username_user = lock(&st.directory).is_username_user(&send.wa_id);
+        if tx
+            .try_send(status::Queued {
+                send,
+                username_user,
+            })
+            .is_err()
+        {
             let n = st.webhook_counters.dropped.fetch_add(1, Ordering::Relaxed);
             if n == 0 {
                 tracing::warn!("sandbox status webhook queue full; dropping webhooks");
@@ -647,20 +741,33 @@ impl State {
         Ok(())
     }
 
-    fn fixed_error(&self, number: &str, wa_id: &str) -> Option<i64> {
+    /// The user a send addresses; a send by phone teaches the sandbox that
+    /// phone (and so its BSUID).
+    fn resolve(&self, f: &SendFields) -> Resolved {
+        let mut dir = lock(&self.directory);
+        match &f.recipient {
+            Some(r) => Resolved::of(r, &dir),
+            None => {
+                dir.learn(&f.wa_id, unix_ms());
+                Resolved::phone(&f.wa_id)
+            }
+        }
+    }
+
+    fn fixed_error(&self, number: &str, user: &Resolved) -> Option<i64> {
         lock(&self.fixed)
             .iter()
             .find(|f| {
                 f.phone_number_id.as_deref().is_none_or(|n| n == number)
-                    && f.to.as_deref().is_none_or(|t| digits(t) == wa_id)
+                    && f.to.as_deref().is_none_or(|t| user.matches(t))
             })
             .map(|f| f.code)
     }
 
-    fn window_open(&self, number: &str, wa_id: &str, now_ms: u64) -> bool {
+    fn window_open(&self, number: &str, user_key: &str, now_ms: u64) -> bool {
         lock(&self.inbound)
             .last
-            .get(&pair_key(number, wa_id))
+            .get(&pair_key(number, user_key))
             .is_some_and(|at| now_ms < at.saturating_add(WINDOW_MS))
     }
 
@@ -671,6 +778,7 @@ impl State {
         api_version: String,
         number: String,
         f: SendFields,
+        user: Resolved,
         body: Value,
     ) -> Result<RecordedSend, GraphError> {
         let quota = self
@@ -691,7 +799,7 @@ impl State {
             };
         let pair_tat = match gate.pair.as_mut() {
             None => None,
-            Some(p) => match p.check(&number, &f.wa_id, now) {
+            Some(p) => match p.check(&number, &user.key, now) {
                 PairDecision::Allow(tat) => Some(tat),
                 PairDecision::Deny => return Err(GraphError::of(131056)),
                 PairDecision::Untracked => None,
@@ -699,7 +807,7 @@ impl State {
         };
         if self.cfg.enforce_window
             && f.type_ != "template"
-            && !self.window_open(&number, &f.wa_id, now_ms)
+            && !self.window_open(&number, &user.key, now_ms)
         {
             return Err(GraphError::of(131047));
         }
@@ -707,14 +815,15 @@ impl State {
             gate.throughput.commit(&number, quota, now);
         }
         if let (Some(p), Some(tat)) = (gate.pair.as_mut(), pair_tat) {
-            p.commit(&number, &f.wa_id, tat);
+            p.commit(&number, &user.key, tat);
         }
         let seq = self.wamid_seq.fetch_add(1, Ordering::Relaxed);
         let send = RecordedSend {
-            wamid: wamid(&f.wa_id, seq, self.wamid_salt),
+            wamid: wamid(f.user(), seq, self.wamid_salt),
             phone_number_id: number,
             to: f.to,
-            wa_id: f.wa_id,
+            wa_id: user.phone.unwrap_or_default(),
+            recipient: f.recipient,
             type_: f.type_,
             biz_opaque_callback_data: f.biz_opaque_callback_data,
             arrived_at: now,
@@ -732,7 +841,8 @@ impl State {
 }
 
 /// A wamid in Meta's format: base64 of `1c 18 <len> <wa_id> 15 02 00 11 18 12
-/// <18 hex chars> 00`, the hex chars unique per send of this sandbox.
+/// <18 hex chars> 00`, the hex chars unique per send of this sandbox
+/// (`wa_id` is the BSUID for a send by `recipient`).
 fn wamid(wa_id: &str, seq: u64, salt: u32) -> String {
     let id = format!("{:010X}{salt:08X}", seq & 0xFF_FFFF_FFFF);
     let mut raw = Vec::with_capacity(wa_id.len() + 30);
@@ -817,5 +927,13 @@ mod tests {
         assert!(c.validate().is_ok());
         assert_eq!(c.default_throughput, 80);
         assert!(c.pair_rate.is_some() && !c.enforce_window);
+        assert_eq!(c.authentication_templates, ["otp", "auth_code"]);
+        assert!(c.username_users.is_empty());
+    }
+
+    #[test]
+    fn wamids_of_bsuid_sends_embed_the_bsuid() {
+        let w = wamid("BR.8821736450019923", 1, 0);
+        assert!(w.starts_with("wamid.HBgTQlIu"), "{w}");
     }
 }

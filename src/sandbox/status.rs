@@ -1,6 +1,13 @@
 //! Status webhooks for accepted sends (CLOUD_API.md §4.3, §8.4): for each
 //! send, after `delay`, one signed POST per configured status, in order,
-//! shaped like `payloads/status_*.json`.
+//! shaped like `payloads/status_*.json` and, for the user ids, like
+//! `payloads/identity_status_*.json` (IDENTITY.md §2): a status names the
+//! user by `recipient_id` (phone) and `recipient_user_id` (BSUID), except
+//! that a send by BSUID to a username user (or to a BSUID whose phone the
+//! sandbox does not know) carries no `recipient_id`, and a `failed` status
+//! of a send by phone no BSUID. Non-failed statuses carry a `contacts`
+//! array beside `statuses`; `profile.username` only on delivered and read.
+//! Also the body of an inbound text message, [`inbound_text_body`].
 //!
 //! Bounded everywhere: the queue from the send handler is bounded (a full
 //! queue drops the webhooks and counts them, it never blocks a send
@@ -23,6 +30,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
+use super::identity::{bsuid_of, profile_name, username_of};
 use super::{unix_ms, RecordedSend, SandboxError, StatusWebhookConfig};
 use crate::meta::signature;
 
@@ -38,6 +46,14 @@ const POST_TIMEOUT: Duration = Duration::from_secs(5);
 const WABA_ID: &str = "102345678901234";
 /// Statuses the sandbox can report.
 pub const STATUSES: &[&str] = &["sent", "delivered", "read"];
+
+/// An accepted send waiting for its status webhooks.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub send: RecordedSend,
+    /// The user is one of `username_users`.
+    pub username_user: bool,
+}
 
 /// Counters of status webhook delivery.
 #[derive(Debug, Default)]
@@ -99,7 +115,7 @@ pub fn check_config(cfg: &StatusWebhookConfig) -> Result<Uri, SandboxError> {
 pub async fn run(
     cfg: StatusWebhookConfig,
     uri: Uri,
-    mut rx: mpsc::Receiver<RecordedSend>,
+    mut rx: mpsc::Receiver<Queued>,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -127,13 +143,19 @@ pub async fn run(
             _ = stop.wait_for(|s| *s) => break,
             s = rx.recv() => s,
         };
-        let Some(send) = send else { break };
+        let Some(Queued {
+            send,
+            username_user,
+        }) = send
+        else {
+            break;
+        };
         let (client, cfg, uri, counters) =
             (client.clone(), cfg.clone(), uri.clone(), counters.clone());
         tasks.spawn(async move {
             for status in &cfg.statuses {
                 tokio::time::sleep(cfg.delay).await;
-                let body = status_body(&send, status);
+                let body = status_body(&send, status, username_user);
                 let ok = post(&client, &uri, &cfg.app_secret, body).await;
                 let c = if ok {
                     &counters.delivered
@@ -198,16 +220,37 @@ pub fn display_phone_number(phone_number_id: &str) -> String {
     format!("1555{tail:0>7}")
 }
 
-/// The webhook body for one status of `send`, compact JSON.
-pub fn status_body(send: &RecordedSend, status: &str) -> Vec<u8> {
+/// The webhook body for one status (`sent`, `delivered`, `read` or
+/// `failed`) of `send`, compact JSON; `username_user`: the user hides their
+/// phone behind a username.
+pub fn status_body(send: &RecordedSend, status: &str, username_user: bool) -> Vec<u8> {
     let now_s = unix_ms() / 1000;
     let template = send.type_ == "template";
+    let failed = status == "failed";
+    let phone = (!send.wa_id.is_empty()).then_some(send.wa_id.as_str());
+    // The phone is withheld from a send by BSUID to a username user, and
+    // unknown for a BSUID the sandbox cannot resolve.
+    let shown_phone = match &send.recipient {
+        Some(_) if username_user => None,
+        _ => phone,
+    };
+    // A failed status of a send by phone carries no BSUID.
+    let user_id = match (&send.recipient, phone) {
+        (Some(r), _) => Some(r.clone()),
+        (None, Some(p)) if !failed => Some(bsuid_of(p)),
+        (None, _) => None,
+    };
     let mut st = json!({
         "id": send.wamid,
         "status": status,
         "timestamp": now_s.to_string(),
-        "recipient_id": send.wa_id,
     });
+    if let Some(p) = shown_phone {
+        st["recipient_id"] = p.into();
+    }
+    if let Some(u) = &user_id {
+        st["recipient_user_id"] = u.as_str().into();
+    }
     if let Some(b) = &send.biz_opaque_callback_data {
         st["biz_opaque_callback_data"] = Value::String(b.clone());
     }
@@ -227,19 +270,82 @@ pub fn status_body(send: &RecordedSend, status: &str) -> Vec<u8> {
             json!({"billable": false, "pricing_model": "PMP", "type": "free_customer_service", "category": "service"})
         };
     }
+    let mut value = json!({
+        "messaging_product": "whatsapp",
+        "metadata": {
+            "display_phone_number": display_phone_number(&send.phone_number_id),
+            "phone_number_id": send.phone_number_id,
+        },
+        "statuses": [st],
+    });
+    if !failed {
+        let name_of = phone.or(user_id.as_deref()).unwrap_or("");
+        let mut profile = json!({ "name": profile_name(name_of) });
+        if username_user && matches!(status, "delivered" | "read") {
+            if let Some(p) = phone {
+                profile["username"] = username_of(p).into();
+            }
+        }
+        let mut contact = json!({ "profile": profile });
+        if let Some(p) = shown_phone {
+            contact["wa_id"] = p.into();
+        }
+        if let Some(u) = user_id {
+            contact["user_id"] = u.into();
+        }
+        value["contacts"] = json!([contact]);
+    }
+    envelope(value)
+}
+
+/// One inbound text message from the user with phone `wa_id` (digits) to
+/// `phone_number_id`, received at `at_unix_ms`, compact JSON: a username
+/// user by BSUID only (`from_user_id`, `contacts[].user_id`,
+/// `profile.username`), any other user by phone and BSUID.
+pub fn inbound_text_body(
+    phone_number_id: &str,
+    wa_id: &str,
+    username_user: bool,
+    wamid: &str,
+    text: &str,
+    at_unix_ms: u64,
+) -> Vec<u8> {
+    let user_id = bsuid_of(wa_id);
+    let mut profile = json!({ "name": profile_name(wa_id) });
+    let mut contact = json!({});
+    let mut message = json!({});
+    if username_user {
+        profile["username"] = username_of(wa_id).into();
+    } else {
+        contact["wa_id"] = wa_id.into();
+        message["from"] = wa_id.into();
+    }
+    contact["profile"] = profile;
+    contact["user_id"] = user_id.as_str().into();
+    message["from_user_id"] = user_id.into();
+    message["id"] = wamid.into();
+    message["timestamp"] = (at_unix_ms / 1000).to_string().into();
+    message["type"] = "text".into();
+    message["text"] = json!({ "body": text });
+    envelope(json!({
+        "messaging_product": "whatsapp",
+        "metadata": {
+            "display_phone_number": display_phone_number(phone_number_id),
+            "phone_number_id": phone_number_id,
+        },
+        "contacts": [contact],
+        "messages": [message],
+    }))
+}
+
+/// `{"object":"whatsapp_business_account","entry":[{"id":…,"changes":[{"value":…,"field":"messages"}]}]}`.
+fn envelope(value: Value) -> Vec<u8> {
     let body = json!({
         "object": "whatsapp_business_account",
         "entry": [{
             "id": WABA_ID,
             "changes": [{
-                "value": {
-                    "messaging_product": "whatsapp",
-                    "metadata": {
-                        "display_phone_number": display_phone_number(&send.phone_number_id),
-                        "phone_number_id": send.phone_number_id,
-                    },
-                    "statuses": [st],
-                },
+                "value": value,
                 "field": "messages",
             }],
         }],
@@ -290,6 +396,141 @@ mod tests {
             check_config(&c),
             Err(SandboxError::UnknownStatus(_))
         ));
+    }
+
+    fn send(to: &str, wa_id: &str, recipient: Option<&str>) -> RecordedSend {
+        RecordedSend {
+            phone_number_id: "109876543210987".into(),
+            to: to.into(),
+            wa_id: wa_id.into(),
+            recipient: recipient.map(str::to_string),
+            wamid: "wamid.X".into(),
+            type_: "template".into(),
+            biz_opaque_callback_data: Some("req-7".into()),
+            arrived_at: std::time::Instant::now(),
+            arrived_unix_ms: 0,
+            api_version: "v24.0".into(),
+            body: Value::Null,
+        }
+    }
+
+    /// (the status, the contacts array or Null).
+    fn parts(body: &[u8]) -> (Value, Value) {
+        let v: Value = serde_json::from_slice(body).expect("json");
+        assert_eq!(v["object"], "whatsapp_business_account");
+        let value = &v["entry"][0]["changes"][0]["value"];
+        assert_eq!(value["statuses"].as_array().map(Vec::len), Some(1));
+        (value["statuses"][0].clone(), value["contacts"].clone())
+    }
+
+    #[test]
+    fn a_send_by_phone_names_phone_and_bsuid() {
+        let b = bsuid_of("14155550123");
+        let s = send("+14155550123", "14155550123", None);
+        for status in ["sent", "delivered", "read"] {
+            let (st, contacts) = parts(&status_body(&s, status, false));
+            assert_eq!(st["recipient_id"], "14155550123");
+            assert_eq!(st["recipient_user_id"], b.as_str());
+            assert_eq!(
+                contacts,
+                json!([{"profile": {"name": "Sandbox User 0123"}, "wa_id": "14155550123", "user_id": b}])
+            );
+        }
+        // payloads/identity_status_failed_to_phone.json: no BSUID, no contacts.
+        let (st, contacts) = parts(&status_body(&s, "failed", false));
+        assert_eq!(st["recipient_id"], "14155550123");
+        assert!(st.get("recipient_user_id").is_none(), "{st}");
+        assert!(contacts.is_null());
+    }
+
+    #[test]
+    fn a_send_by_bsuid_to_a_username_user_hides_the_phone() {
+        let b = bsuid_of("5511987650001");
+        let s = send("", "5511987650001", Some(&b));
+        for status in ["sent", "delivered", "read", "failed"] {
+            let (st, contacts) = parts(&status_body(&s, status, true));
+            assert!(st.get("recipient_id").is_none(), "{st}");
+            assert_eq!(st["recipient_user_id"], b.as_str());
+            assert_eq!(st["biz_opaque_callback_data"], "req-7");
+            match status {
+                "failed" => assert!(contacts.is_null()),
+                "sent" => assert_eq!(
+                    contacts,
+                    json!([{"profile": {"name": "Sandbox User 0001"}, "user_id": b}])
+                ),
+                _ => assert_eq!(
+                    contacts,
+                    json!([{"profile": {"name": "Sandbox User 0001", "username": "@user0001"}, "user_id": b}])
+                ),
+            }
+        }
+        assert!(!String::from_utf8_lossy(&status_body(&s, "read", true)).contains("5511987650001"));
+    }
+
+    #[test]
+    fn a_send_by_bsuid_to_other_users() {
+        // Phone known: both ids.
+        let b = bsuid_of("14155550123");
+        let s = send("", "14155550123", Some(&b));
+        let (st, contacts) = parts(&status_body(&s, "delivered", false));
+        assert_eq!(st["recipient_id"], "14155550123");
+        assert_eq!(st["recipient_user_id"], b.as_str());
+        assert_eq!(contacts[0]["wa_id"], "14155550123");
+        assert_eq!(contacts[0]["user_id"], b.as_str());
+        assert!(contacts[0]["profile"].get("username").is_none());
+        // Phone unknown: the BSUID only.
+        let s = send("", "", Some("BR.8821736450019923"));
+        let (st, contacts) = parts(&status_body(&s, "delivered", false));
+        assert!(st.get("recipient_id").is_none(), "{st}");
+        assert_eq!(st["recipient_user_id"], "BR.8821736450019923");
+        assert_eq!(
+            contacts,
+            json!([{"profile": {"name": "Sandbox User 9923"}, "user_id": "BR.8821736450019923"}])
+        );
+    }
+
+    #[test]
+    fn inbound_bodies_have_metas_shapes() {
+        let b = bsuid_of("5511987650001");
+        let v: Value = serde_json::from_slice(&inbound_text_body(
+            "118877665544332",
+            "5511987650001",
+            true,
+            "wamid.I1",
+            "PARAR",
+            1_782_000_000_123,
+        ))
+        .expect("json");
+        let value = &v["entry"][0]["changes"][0]["value"];
+        assert_eq!(v["entry"][0]["changes"][0]["field"], "messages");
+        assert_eq!(value["metadata"]["phone_number_id"], "118877665544332");
+        assert_eq!(
+            value["contacts"],
+            json!([{"profile": {"name": "Sandbox User 0001", "username": "@user0001"}, "user_id": b}])
+        );
+        assert_eq!(
+            value["messages"],
+            json!([{"from_user_id": b, "id": "wamid.I1", "timestamp": "1782000000", "type": "text", "text": {"body": "PARAR"}}])
+        );
+
+        let v: Value = serde_json::from_slice(&inbound_text_body(
+            "118877665544332",
+            "5511987650001",
+            false,
+            "wamid.I2",
+            "oi",
+            1_782_000_100_000,
+        ))
+        .expect("json");
+        let value = &v["entry"][0]["changes"][0]["value"];
+        assert_eq!(
+            value["contacts"],
+            json!([{"profile": {"name": "Sandbox User 0001"}, "wa_id": "5511987650001", "user_id": b}])
+        );
+        assert_eq!(
+            value["messages"],
+            json!([{"from": "5511987650001", "from_user_id": b, "id": "wamid.I2", "timestamp": "1782000100", "type": "text", "text": {"body": "oi"}}])
+        );
     }
 
     #[test]

@@ -2,10 +2,15 @@
 //! missing top-level parameters are 131008, malformed values 131009, and
 //! missing or over-long fields inside the message object 100 ("Invalid
 //! parameter", like `payloads/error_100_invalid_param.json`).
+//!
+//! A send is addressed by `to` (a phone number) or by `recipient` (a BSUID
+//! or parent BSUID, IDENTITY.md §4); when both are present `to` wins and
+//! `recipient` is ignored, as Meta does.
 
 use serde_json::{Map, Value};
 
 use super::error::GraphError;
+use super::identity::is_bsuid;
 
 /// Longest `text.body` Meta accepts, in characters.
 pub const MAX_TEXT_BODY_CHARS: usize = 4096;
@@ -40,12 +45,26 @@ pub enum Parsed {
 /// The fields of a valid send that the sandbox acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendFields {
-    /// `to` exactly as sent.
+    /// `to` exactly as sent; `""` when the send is addressed by `recipient`.
     pub to: String,
-    /// `to` with everything but digits removed.
+    /// `to` with everything but digits removed; `""` when the send is
+    /// addressed by `recipient`.
     pub wa_id: String,
+    /// `recipient` (a BSUID or parent BSUID) exactly as sent, when the send
+    /// is addressed by it; `None` when it has a `to` (which wins).
+    pub recipient: Option<String>,
     pub type_: String,
+    /// `template.name` of a template send.
+    pub template_name: Option<String>,
     pub biz_opaque_callback_data: Option<String>,
+}
+
+impl SendFields {
+    /// The user the send addresses, as addressed: the phone digits, or the
+    /// BSUID.
+    pub fn user(&self) -> &str {
+        self.recipient.as_deref().unwrap_or(&self.wa_id)
+    }
 }
 
 fn missing(param: &str) -> GraphError {
@@ -98,21 +117,15 @@ pub fn parse(v: &Value) -> Result<Parsed, GraphError> {
             }
         }
     }
-    let to = match obj.get("to") {
-        None => return Err(missing("to")),
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(invalid("to", "must be a string")),
+    let (to, wa_id, recipient) = match (obj.get("to"), obj.get("recipient")) {
+        (None, None) => return Err(missing("to or recipient")),
+        // `to` wins: `recipient` is ignored, valid or not.
+        (Some(to), _) => {
+            let (to, wa_id) = phone(to)?;
+            (to, wa_id, None)
+        }
+        (None, Some(r)) => (String::new(), String::new(), Some(bsuid(r)?)),
     };
-    let wa_id = digits(&to);
-    let charset_ok = to
-        .chars()
-        .all(|c| c.is_ascii_digit() || matches!(c, '+' | '-' | '(' | ')' | ' '));
-    if !charset_ok || !TO_DIGITS.contains(&wa_id.len()) {
-        return Err(invalid(
-            "to",
-            "is not a valid phone number (digits with an optional +, -, spaces and parentheses; 7 to 15 digits)",
-        ));
-    }
     let type_ = match obj.get("type") {
         None => return Err(missing("type")),
         Some(Value::String(s)) if TYPES.contains(&s.as_str()) => s.clone(),
@@ -153,12 +166,47 @@ pub fn parse(v: &Value) -> Result<Parsed, GraphError> {
     } else {
         message_object(&type_, msg)?;
     }
+    let template_name = (type_ == "template")
+        .then(|| msg.get("name").and_then(Value::as_str).map(str::to_string))
+        .flatten();
     Ok(Parsed::Send(SendFields {
         to,
         wa_id,
+        recipient,
         type_,
+        template_name,
         biz_opaque_callback_data,
     }))
+}
+
+/// `to`: a phone number → (as sent, digits).
+fn phone(to: &Value) -> Result<(String, String), GraphError> {
+    let Value::String(to) = to else {
+        return Err(invalid("to", "must be a string"));
+    };
+    let wa_id = digits(to);
+    let charset_ok = to
+        .chars()
+        .all(|c| c.is_ascii_digit() || matches!(c, '+' | '-' | '(' | ')' | ' '));
+    if !charset_ok || !TO_DIGITS.contains(&wa_id.len()) {
+        return Err(invalid(
+            "to",
+            "is not a valid phone number (digits with an optional +, -, spaces and parentheses; 7 to 15 digits)",
+        ));
+    }
+    Ok((to.clone(), wa_id))
+}
+
+/// `recipient`: a BSUID or parent BSUID, kept byte for byte.
+fn bsuid(r: &Value) -> Result<String, GraphError> {
+    match r {
+        Value::String(s) if is_bsuid(s) => Ok(s.clone()),
+        Value::String(_) => Err(invalid(
+            "recipient",
+            "is not a valid WhatsApp business-scoped user ID (a country code, a dot, an optional ENT., then 1 to 128 letters or digits, e.g. BR.8821736450019923)",
+        )),
+        _ => Err(invalid("recipient", "must be a string")),
+    }
 }
 
 fn mark_read(obj: &Map<String, Value>) -> Result<Parsed, GraphError> {
@@ -281,10 +329,65 @@ mod tests {
             Ok(Parsed::Send(SendFields {
                 to: "+14155550123".into(),
                 wa_id: "14155550123".into(),
+                recipient: None,
                 type_: "text".into(),
+                template_name: None,
                 biz_opaque_callback_data: Some("job=1".into()),
             }))
         );
+    }
+
+    #[test]
+    fn a_send_by_recipient_is_accepted() {
+        let v = json!({"messaging_product":"whatsapp","recipient_type":"individual","recipient":"BR.8821736450019923","type":"template","template":{"name":"otp","language":{"code":"pt_BR"}}});
+        let Ok(Parsed::Send(f)) = parse(&v) else {
+            panic!("refused")
+        };
+        assert_eq!(f.recipient.as_deref(), Some("BR.8821736450019923"));
+        assert_eq!((f.to.as_str(), f.wa_id.as_str()), ("", ""));
+        assert_eq!(f.user(), "BR.8821736450019923");
+        assert_eq!(f.template_name.as_deref(), Some("otp"));
+        let mut parent = v.clone();
+        parent["recipient"] = "BR.ENT.90017736450011".into();
+        assert!(parse(&parent).is_ok());
+    }
+
+    #[test]
+    fn to_wins_over_recipient() {
+        // Even an invalid recipient is ignored next to a `to`.
+        for r in [json!("BR.8821736450019923"), json!("not a bsuid"), json!(7)] {
+            let v = json!({"messaging_product":"whatsapp","to":"+14155550123","recipient":r,"type":"text","text":{"body":"x"}});
+            let Ok(Parsed::Send(f)) = parse(&v) else {
+                panic!("refused with recipient {r}")
+            };
+            assert_eq!(f.recipient, None);
+            assert_eq!(f.user(), "14155550123");
+        }
+        // A bad `to` is not rescued by a good recipient.
+        let v = json!({"messaging_product":"whatsapp","to":"x","recipient":"BR.1","type":"text","text":{"body":"x"}});
+        assert_eq!(code(v), 131009);
+    }
+
+    #[test]
+    fn bad_recipients_are_131009() {
+        for r in [
+            json!("br.8821736450019923"),
+            json!("+14155550123"),
+            json!("BR.8821 7364"),
+            json!("BR."),
+            json!(""),
+            json!(123),
+            json!(null),
+        ] {
+            let v = json!({"messaging_product":"whatsapp","recipient":r,"type":"text","text":{"body":"x"}});
+            let e = parse(&v).expect_err("refused");
+            assert_eq!(e.code, 131009, "{r}");
+            assert!(e.details.contains("recipient"), "{}", e.details);
+        }
+        let none = json!({"messaging_product":"whatsapp","type":"text","text":{"body":"x"}});
+        let e = parse(&none).expect_err("refused");
+        assert_eq!(e.code, 131008);
+        assert_eq!(e.details, "Param to or recipient is required.");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The Graph API sandbox over real HTTP on loopback: Meta's success and
 //! error shapes, auth, validation, throughput, pair rate, the 24-hour
-//! window, fixed and injected errors, and signed status webhooks.
+//! window, fixed and injected errors, signed status webhooks, and users
+//! addressed by business-scoped user ID (BSUID) or hidden behind a username.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use tokio::net::TcpListener;
 
 use wagate::config::Secret;
 use wagate::sandbox::{
-    FixedError, PairRate, Sandbox, SandboxConfig, StatusWebhookConfig, WebhookStats,
+    bsuid_of, FixedError, PairRate, Sandbox, SandboxConfig, StatusWebhookConfig, WebhookStats,
 };
 
 const TOKEN: &str = "sandbox-test-token";
@@ -856,5 +857,440 @@ async fn webhooks_only_go_to_loopback() {
     let sb = start(dev).await;
     assert!(sb.base_url().starts_with("http://127.0.0.1:"));
     assert!(sb.base_url().ends_with("/v23.0"));
+    sb.shutdown().await;
+}
+
+// ---- Users by BSUID (IDENTITY.md, DESIGN.md §10) ----
+
+/// `payloads/identity_send_request_to_bsuid.json`'s BSUID.
+const BSUID: &str = "BR.8821736450019923";
+/// A username user's phone (its BSUID is `bsuid_of(USERNAME_PHONE)`).
+const USERNAME_PHONE: &str = "5511987650001";
+
+fn text_by_recipient(recipient: &str) -> Value {
+    json!({"messaging_product": "whatsapp", "recipient_type": "individual",
+           "recipient": recipient, "type": "text", "text": {"body": "Temos em azul, sim."}})
+}
+
+fn template_by_recipient(recipient: &str, name: &str) -> Value {
+    json!({"messaging_product": "whatsapp", "recipient_type": "individual",
+           "recipient": recipient, "type": "template",
+           "template": {"name": name, "language": {"code": "pt_BR"},
+                        "components": [{"type": "button", "sub_type": "url", "index": "0",
+                                        "parameters": [{"type": "text", "text": "348121"}]}]}})
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+fn ok(a: &Answer) {
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.raw)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_by_recipient_is_answered_with_the_user_id() {
+    let sb = start(config()).await;
+    let c = client();
+    // payloads/identity_send_response_to_bsuid.json
+    let a = send(&c, &sb, NUMBER, &text_by_recipient(BSUID)).await;
+    ok(&a);
+    assert_eq!(a.json["messaging_product"], "whatsapp");
+    assert_eq!(
+        a.json["contacts"],
+        json!([{"input": BSUID, "user_id": BSUID}])
+    );
+    let wamid = a.json["messages"][0]["id"].as_str().expect("wamid");
+    assert!(wamid.starts_with("wamid."), "{wamid}");
+    // A parent BSUID is accepted too, echoed byte for byte.
+    let a = send(&c, &sb, NUMBER, &text_by_recipient("BR.ENT.90017736450011")).await;
+    ok(&a);
+    assert_eq!(a.json["contacts"][0]["user_id"], "BR.ENT.90017736450011");
+
+    // The BSUID of a phone the sandbox has seen resolves to that phone.
+    ok(&send(&c, &sb, NUMBER, &text_to("+14155550123")).await);
+    let known = bsuid_of("+1 415 555 0123");
+    let a = send(&c, &sb, NUMBER, &text_by_recipient(&known)).await;
+    ok(&a);
+    assert_eq!(
+        a.json["contacts"],
+        json!([{"input": known, "user_id": known}])
+    );
+
+    let sends = sb.sends();
+    assert_eq!(sends.len(), 4);
+    assert_eq!(sends[0].recipient.as_deref(), Some(BSUID));
+    assert_eq!((sends[0].to.as_str(), sends[0].wa_id.as_str()), ("", ""));
+    assert_eq!(sends[0].wamid, wamid);
+    assert_eq!(sends[0].body, text_by_recipient(BSUID));
+    assert_eq!(sends[2].recipient, None);
+    assert_eq!(sends[2].wa_id, "14155550123");
+    assert_eq!(sends[3].recipient.as_deref(), Some(known.as_str()));
+    assert_eq!(sends[3].to, "");
+    assert_eq!(sends[3].wa_id, "14155550123");
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn to_wins_over_recipient() {
+    let sb = start(config()).await;
+    let c = client();
+    let mut both = text_request();
+    both["recipient"] = BSUID.into();
+    let a = send(&c, &sb, NUMBER, &both).await;
+    ok(&a);
+    assert_eq!(
+        a.json["contacts"],
+        json!([{"input": "+14155550123", "wa_id": "14155550123"}])
+    );
+    // Ignored means not even checked.
+    both["recipient"] = "not a bsuid".into();
+    ok(&send(&c, &sb, NUMBER, &both).await);
+    let sends = sb.sends();
+    assert_eq!(sends.len(), 2);
+    for s in &sends {
+        assert_eq!(s.recipient, None);
+        assert_eq!(
+            (s.to.as_str(), s.wa_id.as_str()),
+            ("+14155550123", "14155550123")
+        );
+    }
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_recipient_is_131009_and_neither_is_131008() {
+    let sb = start(config()).await;
+    let c = client();
+    for bad in [
+        json!("br.8821736450019923"),
+        json!("+5511987650001"),
+        json!("BR.8821-7364"),
+        json!("BR."),
+        json!(format!("BR.{}", "1".repeat(129))),
+        json!(""),
+        json!(8821736450019923u64),
+    ] {
+        let mut body = text_by_recipient(BSUID);
+        body["recipient"] = bad.clone();
+        let a = send(&c, &sb, NUMBER, &body).await;
+        let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, 131009);
+        let details = e["error_data"]["details"].as_str().unwrap_or("");
+        assert!(details.starts_with("Param recipient "), "{bad}: {details}");
+    }
+    let mut neither = text_by_recipient(BSUID);
+    neither.as_object_mut().map(|o| o.remove("recipient"));
+    let a = send(&c, &sb, NUMBER, &neither).await;
+    let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, 131008);
+    let details = e["error_data"]["details"].as_str().unwrap_or("");
+    assert!(
+        details.contains("to") && details.contains("recipient"),
+        "{details}"
+    );
+    assert!(sb.sends().is_empty());
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authentication_template_by_recipient_is_131062() {
+    let sb = start(config()).await;
+    let c = client();
+    for name in ["otp", "auth_code"] {
+        let a = send(&c, &sb, NUMBER, &template_by_recipient(BSUID, name)).await;
+        // payloads/identity_error_131062.json
+        let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, 131062);
+        assert_eq!(
+            e["message"],
+            "(#131062) BSUID recipients are not supported for this message."
+        );
+        assert_eq!(
+            e["error_data"]["details"],
+            "Authentication templates with one-tap, zero-tap or copy-code buttons need a phone number recipient."
+        );
+    }
+    // Known phone or not, by recipient it is refused.
+    ok(&send(&c, &sb, NUMBER, &text_to("+14155550123")).await);
+    let a = send(
+        &c,
+        &sb,
+        NUMBER,
+        &template_by_recipient(&bsuid_of("14155550123"), "otp"),
+    )
+    .await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 131062);
+    assert_eq!(sb.sends().len(), 1);
+
+    // By phone it is accepted, also when a recipient rides along.
+    let mut by_phone = template_by_recipient(BSUID, "otp");
+    by_phone.as_object_mut().map(|o| o.remove("recipient"));
+    by_phone["to"] = "+14155550123".into();
+    let a = send(&c, &sb, NUMBER, &by_phone).await;
+    ok(&a);
+    assert_eq!(a.json["messages"][0]["message_status"], "accepted");
+    by_phone["recipient"] = BSUID.into();
+    ok(&send(&c, &sb, NUMBER, &by_phone).await);
+    // Other templates by recipient are accepted.
+    let a = send(
+        &c,
+        &sb,
+        NUMBER,
+        &template_by_recipient(BSUID, "order_shipped_v3"),
+    )
+    .await;
+    ok(&a);
+    assert_eq!(a.json["contacts"][0]["user_id"], BSUID);
+    assert_eq!(sb.sends().len(), 4);
+    sb.shutdown().await;
+
+    // The list is configurable.
+    let sb = start(SandboxConfig {
+        authentication_templates: vec!["login_code".into()],
+        ..config()
+    })
+    .await;
+    let a = send(&c, &sb, NUMBER, &template_by_recipient(BSUID, "login_code")).await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 131062);
+    ok(&send(&c, &sb, NUMBER, &template_by_recipient(BSUID, "otp")).await);
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_of_a_username_user_carry_the_bsuid_only() {
+    const SECRET: &str = "sandbox-webhook-secret";
+    let rx = Receiver::start(SECRET, 0).await;
+    let sb = start(SandboxConfig {
+        status_webhook: Some(StatusWebhookConfig {
+            url: format!("http://{}/webhook", rx.addr),
+            app_secret: SECRET.into(),
+            statuses: vec!["sent".into(), "delivered".into(), "read".into()],
+            delay: Duration::from_millis(10),
+        }),
+        username_users: vec![format!("+{USERNAME_PHONE}")],
+        ..config()
+    })
+    .await;
+    let c = client();
+    let user = bsuid_of(USERNAME_PHONE);
+
+    // By BSUID to the username user: no phone anywhere.
+    let a = send(&c, &sb, NUMBER, &text_by_recipient(&user)).await;
+    ok(&a);
+    let wamid = a.json["messages"][0]["id"]
+        .as_str()
+        .expect("wamid")
+        .to_string();
+    let bodies = rx.wait_for(3, Duration::from_secs(10)).await;
+    assert_eq!(bodies.len(), 3, "{bodies:?}");
+    for b in &bodies {
+        let st = the_status(b);
+        assert_eq!(st["id"], wamid.as_str());
+        assert!(st.get("recipient_id").is_none(), "{st}");
+        assert_eq!(st["recipient_user_id"], user.as_str());
+        let contacts = &b["entry"][0]["changes"][0]["value"]["contacts"];
+        assert_eq!(contacts.as_array().map(Vec::len), Some(1), "{b}");
+        assert_eq!(contacts[0]["user_id"], user.as_str());
+        assert!(contacts[0].get("wa_id").is_none(), "{contacts}");
+        let username = &contacts[0]["profile"]["username"];
+        if st["status"] == "sent" {
+            assert!(username.is_null(), "{contacts}");
+        } else {
+            assert_eq!(username, "@user0001", "{contacts}");
+        }
+    }
+    for raw in rx.raw.lock().expect("lock").iter() {
+        let text = String::from_utf8_lossy(raw);
+        assert!(!text.contains(USERNAME_PHONE), "{text}");
+    }
+
+    // By phone to another user: both ids, in the status and in contacts.
+    let a = send(&c, &sb, NUMBER, &text_to("+14155550123")).await;
+    ok(&a);
+    let bodies = rx.wait_for(6, Duration::from_secs(10)).await;
+    assert_eq!(bodies.len(), 6);
+    let other = bsuid_of("14155550123");
+    for b in &bodies[3..] {
+        let st = the_status(b);
+        assert_eq!(st["recipient_id"], "14155550123");
+        assert_eq!(st["recipient_user_id"], other.as_str());
+        let contact = &b["entry"][0]["changes"][0]["value"]["contacts"][0];
+        assert_eq!(contact["wa_id"], "14155550123");
+        assert_eq!(contact["user_id"], other.as_str());
+        assert!(contact["profile"]["name"].is_string());
+        assert!(contact["profile"].get("username").is_none());
+    }
+    // By BSUID to that (now known) user: both ids as well.
+    ok(&send(&c, &sb, NUMBER, &text_by_recipient(&other)).await);
+    let bodies = rx.wait_for(9, Duration::from_secs(10)).await;
+    assert_eq!(bodies.len(), 9);
+    for b in &bodies[6..] {
+        let st = the_status(b);
+        assert_eq!(st["recipient_id"], "14155550123");
+        assert_eq!(st["recipient_user_id"], other.as_str());
+    }
+    assert_eq!(sb.webhook_stats().delivered, 9);
+    sb.shutdown().await;
+    rx.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_body_opens_the_window_for_sends_by_recipient() {
+    let sb = start(SandboxConfig {
+        enforce_window: true,
+        username_users: vec![USERNAME_PHONE.into()],
+        ..config()
+    })
+    .await;
+    let c = client();
+    let phone = "14155550123";
+    let user = bsuid_of(phone);
+    let a = send(&c, &sb, NUMBER, &text_by_recipient(&user)).await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 131047);
+
+    // payloads/identity_inbound_phone_and_bsuid.json
+    let body = sb.inbound_body(NUMBER, &format!("+{phone}"), "wamid.IN1", "oi");
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(serde_json::to_vec(&v).expect("json"), body, "compact JSON");
+    let value = &v["entry"][0]["changes"][0]["value"];
+    assert_eq!(v["entry"][0]["changes"][0]["field"], "messages");
+    assert_eq!(value["metadata"]["phone_number_id"], NUMBER);
+    let m = &value["messages"][0];
+    assert_eq!(m["from"], phone);
+    assert_eq!(m["from_user_id"], user.as_str());
+    assert_eq!(m["id"], "wamid.IN1");
+    assert_eq!(m["type"], "text");
+    assert_eq!(m["text"]["body"], "oi");
+    let ts: u64 = m["timestamp"]
+        .as_str()
+        .expect("timestamp")
+        .parse()
+        .expect("secs");
+    assert!(ts.abs_diff(now_ms() / 1000) < 60);
+    assert_eq!(value["contacts"][0]["wa_id"], phone);
+    assert_eq!(value["contacts"][0]["user_id"], user.as_str());
+    assert!(value["contacts"][0]["profile"]["name"].is_string());
+
+    // The window is open for the user however the send addresses them.
+    ok(&send(&c, &sb, NUMBER, &text_by_recipient(&user)).await);
+    ok(&send(&c, &sb, NUMBER, &text_to("+14155550123")).await);
+    // Still per number, and per user.
+    let a = send(&c, &sb, OTHER_NUMBER, &text_by_recipient(&user)).await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 131047);
+    let a = send(&c, &sb, NUMBER, &text_by_recipient(BSUID)).await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 131047);
+
+    // payloads/identity_inbound_username_only.json: BSUID only.
+    let uname = bsuid_of(USERNAME_PHONE);
+    let body = sb.inbound_body(NUMBER, USERNAME_PHONE, "wamid.IN2", "Tem em azul?");
+    assert!(!String::from_utf8_lossy(&body).contains(USERNAME_PHONE));
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    let value = &v["entry"][0]["changes"][0]["value"];
+    let m = &value["messages"][0];
+    assert!(m.get("from").is_none(), "{m}");
+    assert_eq!(m["from_user_id"], uname.as_str());
+    let contact = &value["contacts"][0];
+    assert!(contact.get("wa_id").is_none(), "{contact}");
+    assert_eq!(contact["user_id"], uname.as_str());
+    assert_eq!(contact["profile"]["username"], "@user0001");
+    ok(&send(&c, &sb, NUMBER, &text_by_recipient(&uname)).await);
+    ok(&send(&c, &sb, NUMBER, &text_to(USERNAME_PHONE)).await);
+
+    // record_inbound takes a BSUID too.
+    sb.record_inbound(NUMBER, BSUID, now_ms());
+    ok(&send(&c, &sb, NUMBER, &text_by_recipient(BSUID)).await);
+    assert_eq!(sb.sends().len(), 5);
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pair_limit_counts_phone_and_bsuid_of_one_user_together() {
+    let sb = start(SandboxConfig {
+        pair_rate: Some(PairRate {
+            per: Duration::from_secs(6),
+            burst: 3,
+        }),
+        ..config()
+    })
+    .await;
+    let c = client();
+    let user = bsuid_of("14155550123");
+    ok(&send(&c, &sb, NUMBER, &text_to("+14155550123")).await);
+    ok(&send(&c, &sb, NUMBER, &text_by_recipient(&user)).await);
+    ok(&send(&c, &sb, NUMBER, &text_to("14155550123")).await);
+    for body in [text_by_recipient(&user), text_to("+1 415 555 0123")] {
+        let a = send(&c, &sb, NUMBER, &body).await;
+        assert_meta_error(&a, StatusCode::BAD_REQUEST, 131056);
+    }
+    // A BSUID the sandbox cannot resolve is a user of its own.
+    for _ in 0..3 {
+        ok(&send(&c, &sb, NUMBER, &text_by_recipient(BSUID)).await);
+    }
+    let a = send(&c, &sb, NUMBER, &text_by_recipient(BSUID)).await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 131056);
+    // Before its phone is seen, a BSUID is counted on its own.
+    let fresh = bsuid_of("14155550124");
+    for _ in 0..3 {
+        ok(&send(&c, &sb, NUMBER, &text_by_recipient(&fresh)).await);
+    }
+    ok(&send(&c, &sb, NUMBER, &text_to("+14155550124")).await);
+    assert_eq!(sb.sends().len(), 10);
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_errors_follow_the_user_and_know_the_new_codes() {
+    let sb = start(SandboxConfig {
+        fixed_errors: vec![
+            FixedError {
+                phone_number_id: None,
+                to: Some("+14155550123".into()),
+                code: 137000,
+            },
+            FixedError {
+                phone_number_id: None,
+                to: Some(BSUID.into()),
+                code: 131057,
+            },
+        ],
+        ..config()
+    })
+    .await;
+    let c = client();
+    let user = bsuid_of("14155550123");
+    // Not yet seen: its BSUID is not the phone.
+    ok(&send(&c, &sb, NUMBER, &text_by_recipient(&user)).await);
+    let a = send(&c, &sb, NUMBER, &text_to("+14155550123")).await;
+    let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, 137000);
+    assert_eq!(e["message"], "(#137000) Identity key hash mismatch");
+    // Seen now (the refused send counts): the BSUID is the phone.
+    let a = send(&c, &sb, NUMBER, &text_by_recipient(&user)).await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 137000);
+    let a = send(&c, &sb, NUMBER, &text_by_recipient(BSUID)).await;
+    assert_meta_error(&a, StatusCode::INTERNAL_SERVER_ERROR, 131057);
+
+    // A BSUID filter matches sends to its phone as well.
+    let mut codes = Vec::new();
+    for code in [131063, 132018, 134100, 134101, 134102] {
+        sb.set_fixed_errors(vec![FixedError {
+            phone_number_id: Some(NUMBER.into()),
+            to: Some(bsuid_of("14155550199")),
+            code,
+        }]);
+        let a = send(&c, &sb, NUMBER, &template_to("+14155550199")).await;
+        let e = assert_meta_error(&a, StatusCode::BAD_REQUEST, code);
+        codes.push(e["message"].as_str().unwrap_or("").to_string());
+    }
+    assert!(
+        codes.iter().all(|m| !m.ends_with(") Error")),
+        "every new code has its title: {codes:?}"
+    );
+    assert_eq!(sb.sends().len(), 1);
     sb.shutdown().await;
 }

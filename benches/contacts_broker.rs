@@ -369,6 +369,11 @@ fn timed_bootstrap(
     let handle = {
         let (brokers, cache, stop) = (brokers.to_string(), cache.clone(), stop.clone());
         let (c, w) = (consent_topic.to_string(), windows_topic.to_string());
+        // wa.users beside wa.windows (same prefix; empty in this bench).
+        let u = format!(
+            "{}users",
+            w.strip_suffix("windows").expect("a windows topic")
+        );
         let m = metrics.clone();
         std::thread::Builder::new()
             .name("contacts-sync".into())
@@ -376,7 +381,7 @@ fn timed_bootstrap(
                 let on_caught_up = Box::new(move || {
                     let _ = tx.send((Instant::now(), applied(&m) - base));
                 });
-                sync::run(&brokers, &c, &w, cache, on_caught_up, stop)
+                sync::run(&brokers, &c, &w, &u, cache, on_caught_up, stop)
             })
             .unwrap()
     };

@@ -95,18 +95,19 @@ fn spawn_contacts_sync(
     ready: Arc<Readiness>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let (consent, windows) = (
+    let (consent, windows, users) = (
         topics.name(TopicId::Consent).to_string(),
         topics.name(TopicId::Windows).to_string(),
+        topics.name(TopicId::Users).to_string(),
     );
     let brokers = cfg.kafka.brokers.clone();
     std::thread::Builder::new()
         .name("contacts-sync".into())
         .spawn(move || {
             let on_ready = Box::new(move || ready.contacts.store(true, Ordering::SeqCst));
-            if let Err(e) =
-                crate::contacts::sync::run(&brokers, &consent, &windows, cache, on_ready, stop)
-            {
+            if let Err(e) = crate::contacts::sync::run(
+                &brokers, &consent, &windows, &users, cache, on_ready, stop,
+            ) {
                 tracing::error!(error = %e, "contacts sync stopped; /readyz stays 503");
             }
         })

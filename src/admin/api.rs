@@ -109,12 +109,14 @@ struct ContactUpdate {
 }
 
 impl Api {
-    /// `GET / PUT / DELETE /v1/contacts/{phone_number_id}/{wa_id}`.
+    /// `GET / PUT / DELETE /v1/contacts/{phone_number_id}/{user}`, the user
+    /// phone digits or a BSUID (DESIGN §10): each acts on the person, under
+    /// every id linked to the one given.
     pub async fn contact(
         &self,
         req: Request<Incoming>,
         phone_number_id: &str,
-        wa_id: &str,
+        user: &str,
     ) -> Response<Body> {
         let Some(tenant) = self.authenticate(&req) else {
             return http::json_error(
@@ -123,11 +125,15 @@ impl Api {
                 "a valid Bearer token is required",
             );
         };
-        let Some((phone_number_id, wa_id)) = contact_ids(phone_number_id, wa_id) else {
+        let decoded = percent_decoded(user);
+        let Some((phone_number_id, wa_id)) = decoded
+            .as_deref()
+            .and_then(|u| contact_ids(phone_number_id, u))
+        else {
             return http::json_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
-                "phone_number_id is 1-20 digits; wa_id is 1-20 digits, optionally after one '+'",
+                "phone_number_id is 1-20 digits; the user is a phone number (1-20 digits, optionally after one '+') or a BSUID such as BR.8821736450019923",
             );
         };
         if tenant
@@ -142,14 +148,18 @@ impl Api {
             );
         }
         match *req.method() {
-            hyper::Method::GET => match self.contacts.lookup(phone_number_id, wa_id) {
-                Some(st) => http::json(StatusCode::OK, state_json(&st)),
-                None => http::json_error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "nothing is known of this pair",
-                ),
-            },
+            hyper::Method::GET => {
+                use crate::contacts::Contacts;
+                let ids = self.contacts.ids(phone_number_id, wa_id);
+                match self.contacts.lookup_person(phone_number_id, wa_id) {
+                    None if ids.len() < 2 => http::json_error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        "nothing is known of this user at this number",
+                    ),
+                    st => http::json(StatusCode::OK, state_json(&st.unwrap_or_default(), &ids)),
+                }
+            }
             hyper::Method::PUT => {
                 let body = match http::read_body(req, &self.body_limits).await {
                     Ok(b) => b,
@@ -202,27 +212,36 @@ impl Api {
         }
         let st = self.contacts.get(phone_number_id, wa_id);
         let now = crate::clock::now_ms();
-        let ev = crate::contacts::records::consent_event(
-            phone_number_id,
-            wa_id,
-            &st,
-            "api",
-            now,
-            &format!("api:{now}"),
-        );
-        match self.writer.write(&ev, tenant) {
-            Ok(f) => match tokio::time::timeout(self.ack_timeout, f).await {
-                Ok(Ok(())) => http::json(StatusCode::OK, state_json(&st)),
-                _ => http::unavailable(2, "kafka did not acknowledge the change in time; retry"),
-            },
-            Err(_) => http::unavailable(2, "kafka cannot take the change now; retry"),
+        let ids = self.contacts.ids(phone_number_id, wa_id);
+        let mut acks = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let ev = crate::contacts::records::consent_event(
+                phone_number_id,
+                id,
+                &st,
+                "api",
+                now,
+                &format!("api:{now}:{id}"),
+            );
+            match self.writer.write(&ev, tenant) {
+                Ok(f) => acks.push(f),
+                Err(_) => return http::unavailable(2, "kafka cannot take the change now; retry"),
+            }
+        }
+        let all = futures_util::future::join_all(acks);
+        match tokio::time::timeout(self.ack_timeout, all).await {
+            Ok(done) if done.iter().all(|r| r.is_ok()) => {
+                http::json(StatusCode::OK, state_json(&st, &ids))
+            }
+            _ => http::unavailable(2, "kafka did not acknowledge the change in time; retry"),
         }
     }
 
-    /// DELETE: tombstones on both compacted topics for every key the pair
-    /// may have been written under (the normal form, and the `+`-prefixed
-    /// number id that earlier versions accepted on this API), 204 once
-    /// Kafka has them all.
+    /// DELETE: the person under every linked id, and the link itself:
+    /// tombstones on the three compacted topics for every key they may have
+    /// been written under (the normal form, and the `+`-prefixed number id
+    /// that earlier versions accepted on this API), 204 once Kafka has them
+    /// all.
     async fn erase_contact(
         &self,
         tenant: &str,
@@ -230,9 +249,13 @@ impl Api {
         wa_id: &str,
     ) -> Response<Body> {
         use crate::contacts::Contacts;
+        let ids = self.contacts.ids(phone_number_id, wa_id);
         self.contacts.erase(phone_number_id, wa_id);
         let event_id = format!("erase:{}", crate::clock::now_ms());
-        let keys = erase_keys(phone_number_id, wa_id);
+        let keys: Vec<String> = ids
+            .iter()
+            .flat_map(|id| erase_keys(phone_number_id, id))
+            .collect();
         let acks = match self.writer.erase(&keys, &event_id, tenant) {
             Ok(a) => a,
             Err(_) => return http::unavailable(2, "kafka cannot take the erasure now; retry"),
@@ -249,26 +272,60 @@ impl Api {
     }
 }
 
-/// A pair's state as the API shows it.
-fn state_json(st: &crate::contacts::ContactState) -> Vec<u8> {
+/// A person's state as the API shows it, with their ids.
+fn state_json(st: &crate::contacts::ContactState, ids: &[String]) -> Vec<u8> {
+    let is_bsuid = |s: &&String| crate::meta::identity::is_bsuid(s);
+    let wa_id = ids.iter().find(|s| !is_bsuid(s));
+    let user_id = ids.iter().find(is_bsuid);
     serde_json::to_vec(&serde_json::json!({
         "v": 1, "consent": st.consent, "marketing": st.marketing, "last_inbound_ms": st.last_inbound_ms,
+        "ids": {"wa_id": wa_id, "user_id": user_id},
     }))
     .unwrap_or_default()
+}
+
+/// A path segment with its `%XX` escapes decoded (a BSUID's `.` may come
+/// as `%2E`); `None` when an escape is broken or decodes to a byte that is
+/// no id's.
+fn percent_decoded(s: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !s.contains('%') {
+        return Some(std::borrow::Cow::Borrowed(s));
+    }
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3)?;
+            let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+            if !(v.is_ascii_alphanumeric() || v == b'.' || v == b'+') {
+                return None;
+            }
+            out.push(char::from(v));
+            i += 3;
+        } else {
+            out.push(char::from(b[i]));
+            i += 1;
+        }
+    }
+    Some(std::borrow::Cow::Owned(out))
 }
 
 /// Longest id accepted on the contacts API (Meta's are 15-16 digits).
 const MAX_ID_DIGITS: usize = 20;
 
 /// Validates and normalises the two ids of a contacts path: the number id is
-/// digits only; the user may be written with one leading `+`, which is
-/// dropped, so that the cache, the compacted topics' keys and erasure all
-/// see one form.
-pub fn contact_ids<'a>(phone_number_id: &'a str, wa_id: &'a str) -> Option<(&'a str, &'a str)> {
+/// digits only; the user is phone digits, which may be written with one
+/// leading `+` (dropped, so that the cache, the compacted topics' keys and
+/// erasure all see one form), or a BSUID, kept byte for byte.
+pub fn contact_ids<'a>(phone_number_id: &'a str, user: &'a str) -> Option<(&'a str, &'a str)> {
     let digits = |s: &str| {
         !s.is_empty() && s.len() <= MAX_ID_DIGITS && s.bytes().all(|b| b.is_ascii_digit())
     };
-    let wa_id = wa_id.strip_prefix('+').unwrap_or(wa_id);
+    if crate::meta::identity::is_bsuid(user) {
+        return digits(phone_number_id).then_some((phone_number_id, user));
+    }
+    let wa_id = user.strip_prefix('+').unwrap_or(user);
     (digits(phone_number_id) && digits(wa_id)).then_some((phone_number_id, wa_id))
 }
 
@@ -305,8 +362,24 @@ mod tests {
             ("1", "1 2"),
             ("123456789012345678901", "1"),
             ("1", "%2B1"),
+            ("1", "br.1"),
+            ("1", "BR.1.2"),
         ] {
             assert_eq!(contact_ids(p, w), None, "{p:?} {w:?}");
+        }
+        assert_eq!(
+            contact_ids("1", "BR.8821736450019923"),
+            Some(("1", "BR.8821736450019923"))
+        );
+    }
+
+    #[test]
+    fn user_segments_are_percent_decoded_to_id_bytes_only() {
+        assert_eq!(percent_decoded("BR%2E1").as_deref(), Some("BR.1"));
+        assert_eq!(percent_decoded("%2B5511").as_deref(), Some("+5511"));
+        assert_eq!(percent_decoded("BR.1").as_deref(), Some("BR.1"));
+        for bad in ["%", "%2", "%zz", "BR%3A1", "%00", "%2F"] {
+            assert_eq!(percent_decoded(bad), None, "{bad}");
         }
     }
 

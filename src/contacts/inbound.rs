@@ -6,18 +6,33 @@
 //! them with the POST's own records). No HTTP, no Kafka: unit-tested here.
 
 use crate::contacts::keywords::{Keyword, Keywords};
-use crate::contacts::records::{consent_event, window_event};
-use crate::contacts::{Consent, Contacts, Marketing};
+use crate::contacts::records::{consent_event, user_event, window_event};
+use crate::contacts::{Consent, ContactState, Contacts, Marketing};
+use crate::meta::identity::{IdChange, User};
 use crate::meta::webhook::Event;
 
 /// A pair's window is written to `wa.windows` at most this often.
 pub const WINDOW_WRITE_EVERY_MS: u64 = 5 * 60 * 1000;
 
+/// The cause of a record written for the `i`-th id of a person: the event
+/// itself for the first (as before BSUIDs), the event and the id for the
+/// others, so every record has its own stable event id.
+fn cause(event_id: &str, i: usize, id: &str) -> String {
+    if i == 0 {
+        event_id.to_string()
+    } else {
+        format!("{event_id}:{id}")
+    }
+}
+
 /// Contacts, before the 200 (guarantee 7): an inbound message opens the
 /// user's 24-hour window; STOP/START keywords and user_preferences
-/// changes take effect for every later send. The cache is updated at
-/// once, and the records for the compacted topics go out with this
-/// POST's own records (`emit`), so the 200 also means they are durable.
+/// changes take effect for every later send; a phone and a BSUID seen
+/// together are linked as one person, and an id change carries the
+/// person's state to the new ids (DESIGN §10). The cache is updated at
+/// once, and the records for the compacted topics go out with this POST's
+/// own records (`emit`), so the 200 also means they are durable. Every
+/// state record is written under each of the person's ids.
 pub fn signals(
     c: &dyn Contacts,
     keywords: &Keywords,
@@ -25,69 +40,259 @@ pub fn signals(
     received_at_ms: u64,
     emit: &mut dyn FnMut(Event),
 ) {
-    let mut changed: Option<(&str, &'static str)> = None;
-    if let Some((wa_id, ts)) = &ev.inbound {
-        // Meta's seconds, never later than receipt (and never wrapping).
-        let ms = u64::try_from(*ts)
-            .unwrap_or(0)
-            .saturating_mul(1000)
-            .min(received_at_ms);
-        let before = c.get(&ev.key, wa_id).last_inbound_ms;
-        c.record_inbound(&ev.key, wa_id, ms);
-        if before.is_none_or(|b| ms >= b.saturating_add(WINDOW_WRITE_EVERY_MS)) {
-            emit(window_event(&ev.key, wa_id, ms, &ev.event_id));
-        }
-        let said = ev
-            .payload
-            .as_deref()
-            .and_then(|p| keywords.detect_payload(p))
-            .map(|k| (k, "quick_reply"))
-            .or_else(|| {
-                ev.text
-                    .as_deref()
-                    .and_then(|t| keywords.detect(t))
-                    .map(|k| (k, "keyword"))
-            });
-        match said {
-            Some((Keyword::OptOut, source)) => {
-                c.set_consent(&ev.key, wa_id, Consent::OptedOut);
-                changed = Some((wa_id, source));
-            }
-            Some((Keyword::OptIn, source)) => {
-                c.set_consent(&ev.key, wa_id, Consent::OptedIn);
-                changed = Some((wa_id, source));
-            }
-            None => {}
-        }
-    }
-    if let Some((wa_id, source)) = changed {
-        let st = c.get(&ev.key, wa_id);
-        emit(consent_event(
-            &ev.key,
-            wa_id,
-            &st,
-            source,
+    let pn = ev.key.as_str();
+    let who = ev.inbound.as_ref().map(|(u, _)| u).or(ev.seen.as_ref());
+    if let Some((phone, bsuid)) = who.and_then(User::pair) {
+        learn(
+            c,
+            pn,
+            phone,
+            bsuid,
+            "webhook",
             received_at_ms,
             &ev.event_id,
-        ));
+            emit,
+        );
     }
-    for (wa_id, stop) in &ev.preferences {
+    for (u, _) in &ev.preferences {
+        if let Some((phone, bsuid)) = u.pair() {
+            learn(
+                c,
+                pn,
+                phone,
+                bsuid,
+                "webhook",
+                received_at_ms,
+                &ev.event_id,
+                emit,
+            );
+        }
+    }
+    if let Some(change) = &ev.change {
+        moved(c, pn, change, received_at_ms, &ev.event_id, emit);
+    }
+    if let Some((user, ts)) = &ev.inbound {
+        if let Some(id) = user.primary() {
+            inbound(c, keywords, ev, id.as_str(), *ts, received_at_ms, emit);
+        }
+    }
+    for (user, stop) in &ev.preferences {
+        let Some(id) = user.primary() else { continue };
         let m = if *stop {
             Marketing::Stopped
         } else {
             Marketing::Allowed
         };
-        c.set_marketing(&ev.key, wa_id, m);
-        let st = c.get(&ev.key, wa_id);
-        let id = format!("{}:{wa_id}", ev.event_id);
+        c.set_marketing(pn, id.as_str(), m);
+        let st = c.get(pn, id.as_str());
+        for other in c.ids(pn, id.as_str()) {
+            let cause = format!("{}:{other}", ev.event_id);
+            emit(consent_event(
+                pn,
+                &other,
+                &st,
+                "user_preferences",
+                received_at_ms,
+                &cause,
+            ));
+        }
+    }
+}
+
+/// A message from `id`: its window, and a keyword or payload it says.
+fn inbound(
+    c: &dyn Contacts,
+    keywords: &Keywords,
+    ev: &Event,
+    id: &str,
+    ts: i64,
+    received_at_ms: u64,
+    emit: &mut dyn FnMut(Event),
+) {
+    let pn = ev.key.as_str();
+    // Meta's seconds, never later than receipt (and never wrapping).
+    let ms = u64::try_from(ts)
+        .unwrap_or(0)
+        .saturating_mul(1000)
+        .min(received_at_ms);
+    let before = c.get(pn, id).last_inbound_ms;
+    c.record_inbound(pn, id, ms);
+    let ids = c.ids(pn, id);
+    if before.is_none_or(|b| ms >= b.saturating_add(WINDOW_WRITE_EVERY_MS)) {
+        for (i, other) in ids.iter().enumerate() {
+            emit(window_event(pn, other, ms, &cause(&ev.event_id, i, other)));
+        }
+    }
+    let said = ev
+        .payload
+        .as_deref()
+        .and_then(|p| keywords.detect_payload(p))
+        .map(|k| (k, "quick_reply"))
+        .or_else(|| {
+            ev.text
+                .as_deref()
+                .and_then(|t| keywords.detect(t))
+                .map(|k| (k, "keyword"))
+        });
+    let Some((kw, source)) = said else { return };
+    let consent = match kw {
+        Keyword::OptOut => Consent::OptedOut,
+        Keyword::OptIn => Consent::OptedIn,
+    };
+    c.set_consent(pn, id, consent);
+    let st = c.get(pn, id);
+    for (i, other) in ids.iter().enumerate() {
         emit(consent_event(
-            &ev.key,
-            wa_id,
+            pn,
+            other,
             &st,
-            "user_preferences",
+            source,
             received_at_ms,
-            &id,
+            &cause(&ev.event_id, i, other),
         ));
+    }
+}
+
+/// A phone and a BSUID seen together: linked, with a `wa.users` record
+/// when the link is new (or replaced another: the BSUID that lost its
+/// phone gets a record with `wa_id: null`).
+#[allow(clippy::too_many_arguments)]
+fn learn(
+    c: &dyn Contacts,
+    pn: &str,
+    phone: &str,
+    bsuid: &str,
+    source: &str,
+    now_ms: u64,
+    event_id: &str,
+    emit: &mut dyn FnMut(Event),
+) {
+    let r = c.link(pn, phone, bsuid, now_ms, event_id);
+    if !r.new {
+        return;
+    }
+    for (_, lost) in r.dropped.iter().filter(|(_, b)| b != bsuid) {
+        emit(user_event(
+            pn,
+            lost,
+            None,
+            source,
+            now_ms,
+            format!("user:{event_id}:{lost}"),
+        ));
+    }
+    emit(user_event(
+        pn,
+        bsuid,
+        Some(phone),
+        source,
+        now_ms,
+        format!("user:{event_id}:{bsuid}"),
+    ));
+}
+
+/// The source of an id change's records.
+fn change_source(change: &IdChange) -> &'static str {
+    if change.previous.wa_id.is_some() && change.current.wa_id != change.previous.wa_id {
+        "user_changed_number"
+    } else {
+        "user_changed_user_id"
+    }
+}
+
+/// An id change: the person's state under the previous ids (and whatever
+/// they were linked to) is written under the new ids, and the new phone
+/// and BSUID are linked (a BSUID change keeps the phone the old BSUID was
+/// linked to). The previous ids keep their own records; they are only
+/// unlinked.
+fn moved(
+    c: &dyn Contacts,
+    pn: &str,
+    change: &IdChange,
+    now_ms: u64,
+    event_id: &str,
+    emit: &mut dyn FnMut(Event),
+) {
+    let source = change_source(change);
+    let prev: Vec<String> = [&change.previous.wa_id, &change.previous.user_id]
+        .into_iter()
+        .flatten()
+        .flat_map(|id| c.ids(pn, id))
+        .collect();
+    let st = prev
+        .iter()
+        .map(|id| c.get(pn, id))
+        .reduce(crate::contacts::merge)
+        .unwrap_or_default();
+    let kept_phone = prev
+        .iter()
+        .find(|id| !crate::meta::identity::is_bsuid(id))
+        .cloned();
+    let phone = change.current.wa_id.clone().or(match source {
+        "user_changed_user_id" => kept_phone,
+        _ => None,
+    });
+    for id in [&change.previous.user_id, &change.previous.wa_id]
+        .into_iter()
+        .flatten()
+    {
+        if Some(id) != change.current.user_id.as_ref() && Some(id) != phone.as_ref() {
+            if let Some(other) = c.unlink(pn, id) {
+                let b = if crate::meta::identity::is_bsuid(id) {
+                    id
+                } else {
+                    &other
+                };
+                emit(user_event(
+                    pn,
+                    b,
+                    None,
+                    source,
+                    now_ms,
+                    format!("user:{event_id}:{b}"),
+                ));
+            }
+        }
+    }
+    if let (Some(p), Some(b)) = (&phone, &change.current.user_id) {
+        learn(c, pn, p, b, source, now_ms, event_id, emit);
+    }
+    let Some(new) = phone.as_deref().or(change.current.user_id.as_deref()) else {
+        return;
+    };
+    carry(c, pn, new, st, source, now_ms, event_id, emit);
+}
+
+/// Writes `st` under the person `new` is (every id), with its records.
+#[allow(clippy::too_many_arguments)]
+fn carry(
+    c: &dyn Contacts,
+    pn: &str,
+    new: &str,
+    st: ContactState,
+    source: &str,
+    now_ms: u64,
+    event_id: &str,
+    emit: &mut dyn FnMut(Event),
+) {
+    let mine = c.get(pn, new);
+    let st = crate::contacts::merge(mine, st);
+    if st == mine {
+        return;
+    }
+    c.set_consent(pn, new, st.consent);
+    c.set_marketing(pn, new, st.marketing);
+    if let Some(ms) = st.last_inbound_ms {
+        c.record_inbound(pn, new, ms);
+    }
+    for other in c.ids(pn, new) {
+        let cause = format!("{event_id}:{other}");
+        if st.consent != Consent::Unknown || st.marketing != Marketing::Allowed {
+            emit(consent_event(pn, &other, &st, source, now_ms, &cause));
+        }
+        if let Some(ms) = st.last_inbound_ms {
+            emit(window_event(pn, &other, ms, &cause));
+        }
     }
 }
 

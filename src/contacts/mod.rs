@@ -9,6 +9,7 @@
 
 pub mod inbound;
 pub mod keywords;
+pub mod links;
 pub mod records;
 pub mod sync;
 pub mod writer;
@@ -46,13 +47,33 @@ pub struct ContactState {
     pub last_inbound_ms: Option<u64>,
 }
 
-/// The interface egress calls.
+/// The interface the planes call. `user` is phone digits (`+` optional) or
+/// a BSUID; every call acts on the *person*: the id given and the id linked
+/// to it (DESIGN §10).
 pub trait Contacts: Send + Sync + 'static {
-    fn get(&self, phone_number_id: &str, wa_id: &str) -> ContactState;
-    fn set_consent(&self, phone_number_id: &str, wa_id: &str, consent: Consent);
-    fn set_marketing(&self, phone_number_id: &str, wa_id: &str, marketing: Marketing);
-    fn record_inbound(&self, phone_number_id: &str, wa_id: &str, at_ms: u64);
-    fn erase(&self, phone_number_id: &str, wa_id: &str);
+    /// The person's state: both ids' states merged ([`merge`]).
+    fn get(&self, phone_number_id: &str, user: &str) -> ContactState;
+    fn set_consent(&self, phone_number_id: &str, user: &str, consent: Consent);
+    fn set_marketing(&self, phone_number_id: &str, user: &str, marketing: Marketing);
+    fn record_inbound(&self, phone_number_id: &str, user: &str, at_ms: u64);
+    /// Forgets the person under every id, and their links.
+    fn erase(&self, phone_number_id: &str, user: &str);
+    /// The person's ids: `user` (without `+`) first, then the linked id.
+    fn ids(&self, phone_number_id: &str, user: &str) -> Vec<String>;
+    /// Links a phone and a BSUID as one person (see [`links`]); `cause` is
+    /// the event they were seen in.
+    fn link(
+        &self,
+        phone_number_id: &str,
+        phone: &str,
+        bsuid: &str,
+        at_ms: u64,
+        cause: &str,
+    ) -> links::Linked;
+    /// Removes `user`'s link; returns the id it was linked to.
+    fn unlink(&self, phone_number_id: &str, user: &str) -> Option<String>;
+    /// Forgets the state held under this one id (links not followed).
+    fn clear(&self, phone_number_id: &str, user: &str);
 }
 
 /// A pair as two integers. Ids of 1–16 ASCII digits (every id Meta sends:
@@ -170,6 +191,10 @@ fn prefetch_for_write(addr: usize) {
 #[derive(Debug, Clone, Copy, Default)]
 struct Packed(u64);
 
+/// The top bit of a packed entry: this id is linked to another (see
+/// [`links`]); an id without it never costs a second lookup.
+const LINKED: u64 = 1 << 63;
+
 impl Packed {
     fn unpack(self) -> ContactState {
         let consent = match self.0 & 0b11 {
@@ -205,11 +230,12 @@ impl Packed {
     }
 }
 
-/// The in-memory cache. dashmap's default shard count (4 × cores) is kept:
-/// with 256 shards two threads' lookups were slower (190 against 155 ns),
-/// the lock words then missing the caches more than they bounced.
-pub struct MemoryContacts {
-    map: DashMap<(u64, u64), Packed, foldhash::fast::RandomState>,
+/// One sharded table of packed states: dashmap's default shard count (4 ×
+/// cores) is kept: with 256 shards two threads' lookups were slower (190
+/// against 155 ns), the lock words then missing the caches more than they
+/// bounced.
+struct Table<K> {
+    map: DashMap<K, Packed, foldhash::fast::RandomState>,
     /// Per shard, where its table was at the last insert: the address of
     /// the end of its buckets (= start of its control bytes) and its bucket
     /// mask. Readers use it to prefetch before they take the shard's lock;
@@ -223,38 +249,16 @@ struct Home {
     mask: AtomicUsize,
 }
 
-/// What a shard's table holds per pair.
-type Slot = ((u64, u64), dashmap::SharedValue<Packed>);
-
-impl Default for MemoryContacts {
-    fn default() -> MemoryContacts {
+impl<K: Eq + std::hash::Hash + Copy> Default for Table<K> {
+    fn default() -> Table<K> {
         let map = DashMap::with_hasher(foldhash::fast::RandomState::default());
         let homes = map.shards().iter().map(|_| Home::default()).collect();
-        MemoryContacts { map, homes }
+        Table { map, homes }
     }
 }
 
-impl MemoryContacts {
-    pub fn new() -> MemoryContacts {
-        MemoryContacts::default()
-    }
-
-    /// Number of (business number, user) pairs held.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// The state of a pair, or `None` when nothing is known about it.
-    pub fn lookup(&self, phone_number_id: &str, wa_id: &str) -> Option<ContactState> {
-        self.read(pair_key(phone_number_id, wa_id))
-            .map(Packed::unpack)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    fn hash(&self, key: (u64, u64)) -> (u64, usize) {
+impl<K: Eq + std::hash::Hash + Copy> Table<K> {
+    fn hash(&self, key: K) -> (u64, usize) {
         use std::hash::BuildHasher;
         let hash = self.map.hasher().hash_one(key);
         (hash, self.map.determine_shard(hash as usize))
@@ -268,19 +272,15 @@ impl MemoryContacts {
     /// matched), so in a table far larger than the caches a lookup would
     /// otherwise pay two misses in series, after the lock. Most keys sit in
     /// or next to their home bucket.
-    fn read(&self, key: (u64, u64)) -> Option<Packed> {
+    fn read(&self, key: K) -> Option<Packed> {
         let (hash, shard) = self.hash(key);
         self.prefetch_home(hash, shard);
         let table = self.map.shards()[shard].read();
         table.get(hash, |(k, _)| *k == key).map(|(_, v)| *v.get())
     }
 
-    /// Starts loading the two cache lines a lookup or update of this pair
-    /// touches first (see `read`). A reader applying a batch of records
-    /// calls it a few records ahead, so the misses of several records
-    /// overlap instead of coming one after the other.
-    pub fn prefetch_pair(&self, phone_number_id: &str, wa_id: &str) {
-        let (hash, shard) = self.hash(pair_key(phone_number_id, wa_id));
+    fn prefetch(&self, key: K) {
+        let (hash, shard) = self.hash(key);
         self.prefetch_home(hash, shard);
     }
 
@@ -301,22 +301,23 @@ impl MemoryContacts {
         // downwards); the control bytes start at data_end. Plain integer
         // arithmetic: the address may be stale, and a prefetch never faults.
         prefetch(end.wrapping_add(slot));
-        prefetch(end.wrapping_sub((slot + 1) * std::mem::size_of::<Slot>()));
+        prefetch(
+            end.wrapping_sub((slot + 1) * std::mem::size_of::<(K, dashmap::SharedValue<Packed>)>()),
+        );
     }
 
-    /// Read-modify-write of one pair under its shard's write lock. An entry
-    /// left with nothing known (after tombstones) is removed, and none is
-    /// created for it.
-    fn update(&self, phone_number_id: &str, wa_id: &str, f: impl FnOnce(&mut ContactState)) {
-        let key = pair_key(phone_number_id, wa_id);
+    /// Read-modify-write of one entry under its shard's write lock. An
+    /// entry left with nothing known (after tombstones) is removed, and none
+    /// is created for it.
+    fn update(&self, key: K, f: impl FnOnce(&mut ContactState)) {
         let (hash, shard) = self.hash(key);
         let mut table = self.map.shards()[shard].write();
-        let eq = |(k, _): &Slot| *k == key;
+        let eq = |(k, _): &(K, dashmap::SharedValue<Packed>)| *k == key;
         if let Some((_, v)) = table.get_mut(hash, eq) {
             let v = v.get_mut();
             let mut s = v.unpack();
             f(&mut s);
-            *v = Packed::pack(s);
+            *v = Packed(Packed::pack(s).0 | (v.0 & LINKED));
             if v.0 == 0 {
                 table.remove_entry(hash, eq);
             }
@@ -338,6 +339,33 @@ impl MemoryContacts {
         }
     }
 
+    /// Sets or clears the [`LINKED`] bit of an entry (creating it, or
+    /// removing it when nothing else is left).
+    fn mark(&self, key: K, linked: bool) {
+        let (hash, shard) = self.hash(key);
+        let mut table = self.map.shards()[shard].write();
+        let eq = |(k, _): &(K, dashmap::SharedValue<Packed>)| *k == key;
+        if let Some((_, v)) = table.get_mut(hash, eq) {
+            let v = v.get_mut();
+            v.0 = if linked { v.0 | LINKED } else { v.0 & !LINKED };
+            if v.0 == 0 {
+                table.remove_entry(hash, eq);
+            }
+        } else if linked {
+            let hasher = self.map.hasher();
+            table.insert(
+                hash,
+                (key, dashmap::SharedValue::new(Packed(LINKED))),
+                |(k, _)| std::hash::BuildHasher::hash_one(hasher, *k),
+            );
+            self.note_home(
+                shard,
+                table.data_end().as_ptr() as usize,
+                table.buckets() - 1,
+            );
+        }
+    }
+
     /// Records where a shard's table is, after an insert that may have
     /// moved it (the stores are skipped when nothing changed, so readers'
     /// cached copies stay valid).
@@ -350,55 +378,331 @@ impl MemoryContacts {
             home.mask.store(mask, Ordering::Relaxed);
         }
     }
+}
 
+/// Where one id's state lives: phones (and any other non-BSUID string) in
+/// the table of two packed integers, BSUIDs in the table keyed by a
+/// 128-bit hash of the id (see [`MemoryContacts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Slot {
+    Phone((u64, u64)),
+    Bsuid((u64, u128)),
+}
+
+/// The in-memory cache: one entry per (business number, id), and the links
+/// that make a phone and a BSUID one person.
+///
+/// Phone users cost what they always did: two packed integers and 8 bytes
+/// of state. A BSUID (up to 131 characters) is keyed by a 128-bit hash,
+/// two 64-bit foldhash hashes under independent per-process random seeds:
+/// two different BSUIDs of one number share an entry with probability
+/// about n² / 2¹²⁹, 1.5 × 10⁻²⁵ at n = 10 M pairs per number. The full
+/// BSUID is kept only in the links (for the API's `ids` and re-addressing).
+pub struct MemoryContacts {
+    phones: Table<(u64, u64)>,
+    bsuids: Table<(u64, u128)>,
+    seeds: (foldhash::fast::FixedState, foldhash::fast::FixedState),
+    links: links::Links,
+}
+
+impl Default for MemoryContacts {
+    fn default() -> MemoryContacts {
+        let r = foldhash::fast::RandomState::default();
+        use std::hash::BuildHasher;
+        let (a, b) = (r.hash_one(1u8), r.hash_one(2u8));
+        MemoryContacts {
+            phones: Table::default(),
+            bsuids: Table::default(),
+            seeds: (
+                foldhash::fast::FixedState::with_seed(a),
+                foldhash::fast::FixedState::with_seed(b),
+            ),
+            links: links::Links::default(),
+        }
+    }
+}
+
+impl MemoryContacts {
+    pub fn new() -> MemoryContacts {
+        MemoryContacts::default()
+    }
+
+    /// Number of (business number, id) entries held.
+    pub fn len(&self) -> usize {
+        self.phones.map.len() + self.bsuids.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of links (people known by both a phone and a BSUID).
+    pub fn links_len(&self) -> usize {
+        self.links.len()
+    }
+
+    /// The 128-bit key of a BSUID.
+    fn bsuid_hash(&self, bsuid: &str) -> u128 {
+        use std::hash::BuildHasher;
+        (u128::from(self.seeds.0.hash_one(bsuid)) << 64) | u128::from(self.seeds.1.hash_one(bsuid))
+    }
+
+    fn slot(&self, phone_number_id: &str, user: &str) -> Slot {
+        if crate::meta::identity::is_bsuid(user) {
+            Slot::Bsuid((digits_or_hash(phone_number_id), self.bsuid_hash(user)))
+        } else {
+            Slot::Phone(pair_key(phone_number_id, user))
+        }
+    }
+
+    fn read_slot(&self, slot: Slot) -> Option<Packed> {
+        match slot {
+            Slot::Phone(k) => self.phones.read(k),
+            Slot::Bsuid(k) => self.bsuids.read(k),
+        }
+    }
+
+    fn update_id(&self, phone_number_id: &str, user: &str, f: impl FnOnce(&mut ContactState)) {
+        match self.slot(phone_number_id, user) {
+            Slot::Phone(k) => self.phones.update(k, f),
+            Slot::Bsuid(k) => self.bsuids.update(k, f),
+        }
+    }
+
+    /// The state held under this one id (phone or BSUID), or `None` when
+    /// nothing is known of it; links are not followed.
+    pub fn lookup(&self, phone_number_id: &str, user: &str) -> Option<ContactState> {
+        self.read_slot(self.slot(phone_number_id, user))
+            .map(Packed::unpack)
+    }
+
+    /// Starts loading the two cache lines a lookup or update of this id
+    /// touches first (see `Table::read`). A reader applying a batch of
+    /// records calls it a few records ahead, so the misses of several
+    /// records overlap instead of coming one after the other.
+    pub fn prefetch_pair(&self, phone_number_id: &str, user: &str) {
+        match self.slot(phone_number_id, user) {
+            Slot::Phone(k) => self.phones.prefetch(k),
+            Slot::Bsuid(k) => self.bsuids.prefetch(k),
+        }
+    }
+
+    /// Sets consent and marketing of one id (a `wa.consent` record).
     pub fn set_preferences(
         &self,
         phone_number_id: &str,
-        wa_id: &str,
+        user: &str,
         consent: Consent,
         marketing: Marketing,
     ) {
-        self.update(phone_number_id, wa_id, |s| {
+        self.update_id(phone_number_id, user, |s| {
             s.consent = consent;
             s.marketing = marketing;
         });
     }
 
-    /// Forgets consent and marketing preference (a `wa.consent` tombstone).
-    pub fn clear_consent(&self, phone_number_id: &str, wa_id: &str) {
-        self.update(phone_number_id, wa_id, |s| {
+    /// Forgets consent and marketing preference of one id (a `wa.consent`
+    /// tombstone).
+    pub fn clear_consent(&self, phone_number_id: &str, user: &str) {
+        self.update_id(phone_number_id, user, |s| {
             s.consent = Consent::Unknown;
             s.marketing = Marketing::Allowed;
         });
     }
 
-    /// Forgets the last inbound time (a `wa.windows` tombstone).
-    pub fn clear_window(&self, phone_number_id: &str, wa_id: &str) {
-        self.update(phone_number_id, wa_id, |s| s.last_inbound_ms = None);
-    }
-}
-
-impl Contacts for MemoryContacts {
-    fn get(&self, phone_number_id: &str, wa_id: &str) -> ContactState {
-        self.read(pair_key(phone_number_id, wa_id))
-            .map(Packed::unpack)
-            .unwrap_or_default()
-    }
-    fn set_consent(&self, phone_number_id: &str, wa_id: &str, consent: Consent) {
-        self.update(phone_number_id, wa_id, |s| s.consent = consent);
-    }
-    fn set_marketing(&self, phone_number_id: &str, wa_id: &str, marketing: Marketing) {
-        self.update(phone_number_id, wa_id, |s| s.marketing = marketing);
-    }
-    fn record_inbound(&self, phone_number_id: &str, wa_id: &str, at_ms: u64) {
-        self.update(phone_number_id, wa_id, |s| {
+    /// The last inbound time of one id (a `wa.windows` record).
+    pub fn set_window(&self, phone_number_id: &str, user: &str, at_ms: u64) {
+        self.update_id(phone_number_id, user, |s| {
             if s.last_inbound_ms.is_none_or(|t| t < at_ms) {
                 s.last_inbound_ms = Some(at_ms);
             }
         });
     }
-    fn erase(&self, phone_number_id: &str, wa_id: &str) {
-        self.map.remove(&pair_key(phone_number_id, wa_id));
+
+    /// Forgets the last inbound time of one id (a `wa.windows` tombstone).
+    pub fn clear_window(&self, phone_number_id: &str, user: &str) {
+        self.update_id(phone_number_id, user, |s| s.last_inbound_ms = None);
+    }
+
+    fn mark(&self, slot: Slot, linked: bool) {
+        match slot {
+            Slot::Phone(k) => self.phones.mark(k, linked),
+            Slot::Bsuid(k) => self.bsuids.mark(k, linked),
+        }
+    }
+
+    /// The state held under one slot and, when it is linked, the partner's
+    /// id.
+    fn entry(&self, slot: Slot) -> (ContactState, Option<String>) {
+        match self.read_slot(slot) {
+            None => (ContactState::default(), None),
+            Some(p) => {
+                let other = (p.0 & LINKED != 0)
+                    .then(|| self.links.other(slot))
+                    .flatten();
+                (p.unpack(), other)
+            }
+        }
+    }
+
+    /// The ids of the person `user` is, this id first (a `+` dropped).
+    fn person<'a>(&self, phone_number_id: &str, user: &'a str) -> Person<'a> {
+        let user = user.strip_prefix('+').unwrap_or(user);
+        let (_, other) = self.entry(self.slot(phone_number_id, user));
+        Person { user, other }
+    }
+
+    /// Links a phone and a BSUID of one number as one person (a webhook
+    /// that shows both, a `wa.users` record, an id change). What it replaced
+    /// is returned (the caller writes tombstones for dropped links).
+    /// `cause` is the event the link was seen in ("" for a replayed record).
+    pub fn link(
+        &self,
+        phone_number_id: &str,
+        phone: &str,
+        bsuid: &str,
+        at_ms: u64,
+        cause: &str,
+    ) -> links::Linked {
+        let phone = phone.strip_prefix('+').unwrap_or(phone);
+        let p = links::Id {
+            slot: self.slot(phone_number_id, phone),
+            text: phone,
+        };
+        let b = links::Id {
+            slot: self.slot(phone_number_id, bsuid),
+            text: bsuid,
+        };
+        let cause = if cause.is_empty() {
+            0
+        } else {
+            use std::hash::BuildHasher;
+            self.seeds.0.hash_one(cause) | 1
+        };
+        let r = self.links.link(p, b, at_ms, cause);
+        if r.new {
+            for s in &r.unlinked {
+                self.mark(*s, false);
+            }
+            self.mark(p.slot, true);
+            self.mark(b.slot, true);
+        }
+        r
+    }
+
+    /// Removes the link of `user` (either side); returns the partner id.
+    pub fn unlink(&self, phone_number_id: &str, user: &str) -> Option<String> {
+        let user = user.strip_prefix('+').unwrap_or(user);
+        let slot = self.slot(phone_number_id, user);
+        let (other, id) = self.links.forget(slot)?;
+        self.mark(slot, false);
+        self.mark(other, false);
+        Some(id)
+    }
+
+    /// The person's state read as egress reads it; `None` when nothing is
+    /// known under any of their ids.
+    pub fn lookup_person(&self, phone_number_id: &str, user: &str) -> Option<ContactState> {
+        let p = self.person(phone_number_id, user);
+        let states: Vec<ContactState> = p
+            .ids()
+            .filter_map(|id| self.lookup(phone_number_id, id))
+            .collect();
+        states.into_iter().reduce(merge)
+    }
+}
+
+/// One person's ids at one business number.
+struct Person<'a> {
+    user: &'a str,
+    other: Option<String>,
+}
+
+impl Person<'_> {
+    fn ids(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.user).chain(self.other.as_deref())
+    }
+}
+
+/// Two ids' states as one person's: an opt-out or a marketing stop under
+/// either wins (a STOP is never lost to the id it was not sent under),
+/// else an opt-in under either; the later inbound message.
+pub fn merge(a: ContactState, b: ContactState) -> ContactState {
+    let consent = match (a.consent, b.consent) {
+        (Consent::OptedOut, _) | (_, Consent::OptedOut) => Consent::OptedOut,
+        (Consent::OptedIn, _) | (_, Consent::OptedIn) => Consent::OptedIn,
+        _ => Consent::Unknown,
+    };
+    let marketing = if a.marketing == Marketing::Stopped || b.marketing == Marketing::Stopped {
+        Marketing::Stopped
+    } else {
+        Marketing::Allowed
+    };
+    ContactState {
+        consent,
+        marketing,
+        last_inbound_ms: a.last_inbound_ms.max(b.last_inbound_ms),
+    }
+}
+
+impl Contacts for MemoryContacts {
+    fn get(&self, phone_number_id: &str, user: &str) -> ContactState {
+        let user = user.strip_prefix('+').unwrap_or(user);
+        match self.entry(self.slot(phone_number_id, user)) {
+            (st, None) => st,
+            (st, Some(other)) => {
+                merge(st, self.lookup(phone_number_id, &other).unwrap_or_default())
+            }
+        }
+    }
+    fn set_consent(&self, phone_number_id: &str, user: &str, consent: Consent) {
+        for id in self.person(phone_number_id, user).ids() {
+            self.update_id(phone_number_id, id, |s| s.consent = consent);
+        }
+    }
+    fn set_marketing(&self, phone_number_id: &str, user: &str, marketing: Marketing) {
+        for id in self.person(phone_number_id, user).ids() {
+            self.update_id(phone_number_id, id, |s| s.marketing = marketing);
+        }
+    }
+    fn record_inbound(&self, phone_number_id: &str, user: &str, at_ms: u64) {
+        for id in self.person(phone_number_id, user).ids() {
+            self.set_window(phone_number_id, id, at_ms);
+        }
+    }
+    fn erase(&self, phone_number_id: &str, user: &str) {
+        let p = self.person(phone_number_id, user);
+        self.unlink(phone_number_id, user);
+        for id in p.ids() {
+            match self.slot(phone_number_id, id) {
+                Slot::Phone(k) => drop(self.phones.map.remove(&k)),
+                Slot::Bsuid(k) => drop(self.bsuids.map.remove(&k)),
+            }
+        }
+    }
+    fn ids(&self, phone_number_id: &str, user: &str) -> Vec<String> {
+        self.person(phone_number_id, user)
+            .ids()
+            .map(str::to_string)
+            .collect()
+    }
+    fn link(
+        &self,
+        phone_number_id: &str,
+        phone: &str,
+        bsuid: &str,
+        at_ms: u64,
+        cause: &str,
+    ) -> links::Linked {
+        MemoryContacts::link(self, phone_number_id, phone, bsuid, at_ms, cause)
+    }
+    fn unlink(&self, phone_number_id: &str, user: &str) -> Option<String> {
+        MemoryContacts::unlink(self, phone_number_id, user)
+    }
+    fn clear(&self, phone_number_id: &str, user: &str) {
+        let user = user.strip_prefix('+').unwrap_or(user);
+        self.clear_consent(phone_number_id, user);
+        self.clear_window(phone_number_id, user);
     }
 }
 

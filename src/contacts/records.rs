@@ -1,6 +1,8 @@
 //! The record shapes and keys of the compacted contacts topics (DESIGN §4,
-//! §5): `wa.consent` (a ConsentState) and `wa.windows`
-//! (`{"v":1,"last_inbound_ms":…}`), keyed `{phone_number_id}:{wa_id}`.
+//! §5, §10): `wa.consent` (a ConsentState) and `wa.windows`
+//! (`{"v":1,"last_inbound_ms":…}`), keyed `{phone_number_id}:{user}` where
+//! `{user}` is phone digits or a BSUID (readers split on the first `:`);
+//! `wa.users` (a [`UserRecord`]), keyed `{phone_number_id}:{bsuid}`.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +25,50 @@ pub struct ConsentRecord {
 pub struct WindowRecord {
     pub v: u32,
     pub last_inbound_ms: u64,
+}
+
+/// A `wa.users` value: the phone a BSUID is linked to, or `wa_id: null`
+/// when the link was dropped (the phone now belongs to another BSUID).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub v: u32,
+    pub wa_id: Option<String>,
+    pub user_id: String,
+    pub updated_at_ms: u64,
+    /// `webhook` (both ids seen together), `user_changed_number`,
+    /// `user_changed_user_id`, `user_id_update`.
+    pub source: String,
+}
+
+/// The `wa.users` record linking `bsuid` to `phone` (or unlinking it).
+pub fn user_event(
+    phone_number_id: &str,
+    bsuid: &str,
+    phone: Option<&str>,
+    source: &str,
+    now_ms: u64,
+    event_id: String,
+) -> Event {
+    let rec = UserRecord {
+        v: 1,
+        wa_id: phone.map(str::to_string),
+        user_id: bsuid.to_string(),
+        updated_at_ms: now_ms,
+        source: source.to_string(),
+    };
+    Event {
+        topic: Topic::Users,
+        key: key(phone_number_id, bsuid),
+        event_id,
+        kind: "user".into(),
+        value: serde_json::to_vec(&rec).unwrap_or_default(),
+        inbound: None,
+        text: None,
+        payload: None,
+        preferences: Vec::new(),
+        seen: None,
+        change: None,
+    }
 }
 
 /// The compacted topics' key for a pair.
@@ -56,6 +102,8 @@ pub fn consent_event(
         text: None,
         payload: None,
         preferences: Vec::new(),
+        seen: None,
+        change: None,
     }
 }
 
@@ -80,5 +128,7 @@ pub fn window_event(
         text: None,
         payload: None,
         preferences: Vec::new(),
+        seen: None,
+        change: None,
     }
 }

@@ -1,5 +1,6 @@
-//! The contacts cache backed by the compacted topics `wa.consent` and
-//! `wa.windows` (key `{phone_number_id}:{wa_id}`).
+//! The contacts cache backed by the compacted topics `wa.consent`,
+//! `wa.windows` (key `{phone_number_id}:{user}`, the user phone digits or a
+//! BSUID) and `wa.users` (key `{phone_number_id}:{bsuid}`: the links).
 //!
 //! - Writers produce full states (ConsentState, `{"v":1,"last_inbound_ms":…}`)
 //!   or tombstones; ingress sends its records with the webhook's own, so the
@@ -20,7 +21,9 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 
-use crate::contacts::{Consent, Contacts, Marketing, MemoryContacts};
+#[cfg(test)]
+use crate::contacts::Contacts;
+use crate::contacts::{Consent, Marketing, MemoryContacts};
 use crate::kafka::batch::{BatchRead, RawMessage};
 use crate::metrics as m;
 
@@ -33,7 +36,61 @@ struct ConsentFields {
     marketing: Marketing,
 }
 
-/// Applies one record of either topic to the cache (`None` = tombstone).
+/// One of the three contacts topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Which {
+    Windows = 0,
+    Consent = 1,
+    Users = 2,
+}
+
+impl Which {
+    const LABELS: [&'static str; 3] = ["windows", "consent", "users"];
+}
+
+/// Applies one record of any of the three topics to the cache (`None` =
+/// tombstone).
+pub fn apply_to(cache: &MemoryContacts, which: Which, key: &str, value: Option<&[u8]>) {
+    match which {
+        Which::Users => apply_user(cache, key, value),
+        Which::Consent => apply(cache, true, key, value),
+        Which::Windows => apply(cache, false, key, value),
+    }
+}
+
+/// A `wa.users` record: the BSUID of the key is linked to its `wa_id`, or
+/// unlinked (`wa_id: null`, or a tombstone).
+fn apply_user(cache: &MemoryContacts, key: &str, value: Option<&[u8]>) {
+    let Some((pnid, bsuid)) = key.split_once(':') else {
+        return;
+    };
+    if !crate::meta::identity::is_bsuid(bsuid) {
+        return;
+    }
+    let Some(v) = value else {
+        cache.unlink(pnid, bsuid);
+        return;
+    };
+    // Not a record of ours: skipped like a bad key.
+    let Ok(rec) = serde_json::from_slice::<super::records::UserRecord>(v) else {
+        return;
+    };
+    match rec
+        .wa_id
+        .as_deref()
+        .map(crate::meta::identity::UserId::parse)
+    {
+        Some(Ok(crate::meta::identity::UserId::Phone(phone))) => {
+            cache.link(pnid, phone, bsuid, rec.updated_at_ms, "");
+        }
+        _ => {
+            cache.unlink(pnid, bsuid);
+        }
+    }
+}
+
+/// Applies one record of `wa.consent` or `wa.windows` to the cache (`None`
+/// = tombstone).
 pub fn apply(cache: &MemoryContacts, consent_topic: bool, key: &str, value: Option<&[u8]>) {
     let Some((pnid, wa_id)) = key.split_once(':') else {
         return;
@@ -47,7 +104,7 @@ pub fn apply(cache: &MemoryContacts, consent_topic: bool, key: &str, value: Opti
         (true, None) => cache.clear_consent(pnid, wa_id),
         (false, Some(v)) => {
             if let Some(ms) = window_field(v) {
-                cache.record_inbound(pnid, wa_id, ms);
+                cache.set_window(pnid, wa_id, ms);
             }
         }
         (false, None) => cache.clear_window(pnid, wa_id),
@@ -163,6 +220,7 @@ pub fn run(
     brokers: &str,
     consent_topic: &str,
     windows_topic: &str,
+    users_topic: &str,
     cache: Arc<MemoryContacts>,
     on_caught_up: Box<dyn Fn() + Send>,
     stop: Arc<AtomicBool>,
@@ -178,8 +236,12 @@ pub fn run(
         })
         .collect::<Result<Vec<BaseConsumer<ReaderContext>>, _>>()?;
     let timeout = Duration::from_secs(10);
-    let mut assignments: Vec<Vec<(bool, &str, i32)>> = vec![Vec::new(); readers];
-    for topic in [consent_topic, windows_topic] {
+    let mut assignments: Vec<Vec<(Which, &str, i32)>> = vec![Vec::new(); readers];
+    for (which, topic) in [
+        (Which::Consent, consent_topic),
+        (Which::Windows, windows_topic),
+        (Which::Users, users_topic),
+    ] {
         let md = consumers[0].fetch_metadata(Some(topic), timeout)?;
         let parts = md
             .topics()
@@ -187,7 +249,7 @@ pub fn run(
             .map(|t| t.partitions().len())
             .unwrap_or(0) as i32;
         for p in 0..parts {
-            assignments[p as usize % readers].push((topic == consent_topic, topic, p));
+            assignments[p as usize % readers].push((which, topic, p));
         }
     }
     let shared = Shared {
@@ -283,18 +345,18 @@ struct Progress<'a> {
     slot: usize,
     shared: &'a Shared,
     /// Where "caught up" is: the high watermark of each partition at start,
-    /// keyed by (is the consent topic, partition). Emptied as reached.
-    behind: HashMap<(bool, i32), i64>,
+    /// keyed by (topic, partition). Emptied as reached.
+    behind: HashMap<(Which, i32), i64>,
     /// Where each of those partitions is read up to (refreshed in steps).
-    position: HashMap<(bool, i32), i64>,
+    position: HashMap<(Which, i32), i64>,
     applied: u64,
     /// The end offsets are reached: caught up at the next idle read (some
     /// brokers, Tansu 0.6, report a high watermark inside the last batch).
     reached: bool,
-    /// Counter handles taken once (windows, consent); counts added in
-    /// steps of COUNT_EVERY.
-    counters: [metrics::Counter; 2],
-    uncounted: [u64; 2],
+    /// Counter handles taken once (windows, consent, users); counts added
+    /// in steps of COUNT_EVERY.
+    counters: [metrics::Counter; 3],
+    uncounted: [u64; 3],
 }
 
 impl Progress<'_> {
@@ -319,22 +381,22 @@ impl Progress<'_> {
     #[inline]
     fn record(
         &mut self,
-        consent: bool,
+        which: Which,
         partition: i32,
         offset: i64,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
     ) {
         let key = key.and_then(|k| std::str::from_utf8(k).ok()).unwrap_or("");
-        apply(&self.shared.cache, consent, key, value);
+        apply_to(&self.shared.cache, which, key, value);
         self.applied += 1;
-        let n = &mut self.uncounted[usize::from(consent)];
+        let n = &mut self.uncounted[which as usize];
         *n += 1;
         if *n >= COUNT_EVERY {
             self.flush();
         }
         if !self.behind.is_empty() {
-            let k = (consent, partition);
+            let k = (which, partition);
             if self.behind.get(&k).is_some_and(|end| offset + 1 >= *end) {
                 self.behind.remove(&k);
                 if self.behind.is_empty() {
@@ -367,7 +429,7 @@ impl Progress<'_> {
 fn read(
     slot: usize,
     consumer: &BaseConsumer<ReaderContext>,
-    parts: &[(bool, &str, i32)],
+    parts: &[(Which, &str, i32)],
     shared: &Shared,
 ) -> Result<(), rdkafka::error::KafkaError> {
     let timeout = Duration::from_secs(10);
@@ -379,27 +441,24 @@ fn read(
         position: HashMap::new(),
         applied: 0,
         reached: false,
-        counters: [
-            metrics::counter!(m::CONTACTS_APPLIED, "topic" => "windows"),
-            metrics::counter!(m::CONTACTS_APPLIED, "topic" => "consent"),
-        ],
-        uncounted: [0; 2],
+        counters: Which::LABELS.map(|t| metrics::counter!(m::CONTACTS_APPLIED, "topic" => t)),
+        uncounted: [0; 3],
     };
-    for &(consent, topic, p) in parts {
+    for &(which, topic, p) in parts {
         let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
         if high > low {
-            progress.behind.insert((consent, p), high);
-            progress.position.insert((consent, p), low);
+            progress.behind.insert((which, p), high);
+            progress.position.insert((which, p), low);
         }
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
     shared.set_remaining(slot, progress.remaining());
-    let consent_topic = parts.iter().find(|p| p.0).map(|p| p.1);
+    let names = TopicNames::of(parts);
     if progress.behind.is_empty() {
         shared.caught_up(slot, 0);
     } else {
-        bootstrap(consumer, consent_topic, &mut progress);
+        bootstrap(consumer, &names, &mut progress);
     }
     while !shared.stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(100)) {
@@ -411,8 +470,8 @@ fn read(
                 std::thread::sleep(Duration::from_millis(200));
             }
             Some(Ok(m)) => {
-                let consent = Some(m.topic()) == consent_topic;
-                progress.record(consent, m.partition(), m.offset(), m.key(), m.payload());
+                let which = names.which(m.topic().as_bytes());
+                progress.record(which, m.partition(), m.offset(), m.key(), m.payload());
             }
         }
     }
@@ -420,19 +479,45 @@ fn read(
     Ok(())
 }
 
+/// The consent and users topics' names of one reader's parts (anything
+/// else it reads is the windows topic).
+struct TopicNames<'a> {
+    consent: Option<&'a str>,
+    users: Option<&'a str>,
+}
+
+impl<'a> TopicNames<'a> {
+    fn of(parts: &[(Which, &'a str, i32)]) -> TopicNames<'a> {
+        let find = |w| parts.iter().find(|p| p.0 == w).map(|p| p.1);
+        TopicNames {
+            consent: find(Which::Consent),
+            users: find(Which::Users),
+        }
+    }
+
+    fn which(&self, name: &[u8]) -> Which {
+        if self.consent.map(str::as_bytes) == Some(name) {
+            Which::Consent
+        } else if self.users.map(str::as_bytes) == Some(name) {
+            Which::Users
+        } else {
+            Which::Windows
+        }
+    }
+}
+
 /// Reads in batches until caught up (or `stop`).
 fn bootstrap(
     consumer: &BaseConsumer<ReaderContext>,
-    consent_topic: Option<&str>,
+    names: &TopicNames<'_>,
     progress: &mut Progress<'_>,
 ) {
     let Some(mut batch) = BatchRead::new(consumer, BATCH) else {
         return; // no consumer queue: the poll loop reads it all
     };
-    let consent_topic = consent_topic.map(str::as_bytes);
     // The topic of the last message seen, by handle: one name comparison
     // per change of topic, not per message.
-    let mut last_topic: (usize, bool) = (0, false);
+    let mut last_topic: (usize, Which) = (0, Which::Windows);
     while !progress.shared.stop.load(Ordering::Relaxed) {
         let n = batch.read(Duration::from_millis(100));
         if n == 0 {
@@ -452,7 +537,7 @@ fn bootstrap(
                 continue;
             }
             if m.topic_handle() != last_topic.0 {
-                last_topic = (m.topic_handle(), Some(m.topic_name()) == consent_topic);
+                last_topic = (m.topic_handle(), names.which(m.topic_name()));
             }
             progress.record(last_topic.1, m.partition, m.offset, m.key(), m.value());
         }

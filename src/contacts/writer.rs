@@ -12,6 +12,7 @@ pub fn kind_of(ev: &Event) -> Option<Kind<'static>> {
     match ev.topic {
         Topic::Consent => Some(Kind::Consent),
         Topic::Windows => Some(Kind::Window),
+        Topic::Users => Some(Kind::User),
         _ => None,
     }
 }
@@ -30,6 +31,7 @@ pub struct ContactsWriter {
     producer: KafkaProducer,
     consent: String,
     windows: String,
+    users: String,
 }
 
 impl ContactsWriter {
@@ -38,19 +40,22 @@ impl ContactsWriter {
             producer,
             consent: topics.name(TopicId::Consent).to_string(),
             windows: topics.name(TopicId::Windows).to_string(),
+            users: topics.name(TopicId::Users).to_string(),
         }
     }
 
-    /// A consent or window record (from [`crate::contacts::records`]).
+    /// A consent, window or user record (from [`crate::contacts::records`]).
     pub fn write(&self, ev: &Event, origin: &str) -> Result<Delivery, SendError> {
         let topic = match ev.topic {
             Topic::Windows => &self.windows,
+            Topic::Users => &self.users,
             _ => &self.consent,
         };
         headers(ev, origin).with(|h| self.producer.send(topic, ev.key.as_bytes(), &ev.value, h))
     }
 
-    /// Tombstones for every key in `keys` on both topics (an erasure).
+    /// Tombstones for every key in `keys` on the three contacts topics (an
+    /// erasure: consent, window, and the link of a BSUID key).
     pub fn erase(
         &self,
         keys: &[String],
@@ -60,7 +65,7 @@ impl ContactsWriter {
         let h = RecordHeaders::new(event_id, Kind::Erase, origin);
         let mut acks = Vec::with_capacity(keys.len() * 2);
         for k in keys {
-            for topic in [&self.consent, &self.windows] {
+            for topic in [&self.consent, &self.windows, &self.users] {
                 acks.push(h.with(|h| self.producer.send_tombstone(topic, k.as_bytes(), h))?);
             }
         }

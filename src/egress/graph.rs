@@ -32,6 +32,9 @@ pub enum GraphOutcome {
     Accepted {
         wamid: String,
         message_status: Option<String>,
+        /// `contacts[0].wa_id` / `contacts[0].user_id` of Meta's answer.
+        wa_id: Option<String>,
+        user_id: Option<String>,
     },
     /// Meta rejected the request with an error code.
     MetaError {
@@ -183,12 +186,24 @@ pub fn classify_response(status: u16, body: &[u8]) -> GraphOutcome {
             .and_then(|m| m.get(0))
         {
             if let Some(id) = m.get("id").and_then(Value::as_str) {
+                let contact = v
+                    .as_ref()
+                    .and_then(|v| v.get("contacts"))
+                    .and_then(|c| c.get(0));
+                let field = |k: &str| {
+                    contact
+                        .and_then(|c| c.get(k))
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                };
                 return GraphOutcome::Accepted {
                     wamid: id.to_string(),
                     message_status: m
                         .get("message_status")
                         .and_then(Value::as_str)
                         .map(str::to_string),
+                    wa_id: field("wa_id"),
+                    user_id: field("user_id"),
                 };
             }
         }
@@ -210,7 +225,19 @@ mod tests {
             classify_response(200, ok),
             GraphOutcome::Accepted {
                 wamid: "wamid.X".into(),
-                message_status: Some("accepted".into())
+                message_status: Some("accepted".into()),
+                wa_id: Some("1".into()),
+                user_id: None,
+            }
+        );
+        let by_bsuid = br#"{"messaging_product":"whatsapp","contacts":[{"input":"BR.1","user_id":"BR.1"}],"messages":[{"id":"wamid.Y"}]}"#;
+        assert_eq!(
+            classify_response(200, by_bsuid),
+            GraphOutcome::Accepted {
+                wamid: "wamid.Y".into(),
+                message_status: None,
+                wa_id: None,
+                user_id: Some("BR.1".into()),
             }
         );
         let e = br#"{"error":{"message":"(#130429) Rate limit hit","type":"OAuthException","code":130429,"error_data":{"messaging_product":"whatsapp","details":"Cloud API message throughput has been reached."},"fbtrace_id":"A"}}"#;

@@ -31,7 +31,13 @@ pub struct SendRequest {
     pub v: u32,
     pub request_id: String,
     pub phone_number_id: String,
-    pub to: String,
+    /// The user's phone (E.164, `+` first); exactly one of `to` and
+    /// `recipient` (DESIGN §10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// The user's BSUID or parent BSUID, byte for byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<String>,
     pub category: Category,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
@@ -74,9 +80,20 @@ impl SendRequest {
         self.message_type() == "template"
     }
 
-    /// The user's digits (the pair key's second half).
-    pub fn to_digits(&self) -> String {
-        self.to.chars().filter(|c| c.is_ascii_digit()).collect()
+    /// The user as the contacts plane keys them: the digits of `to`, or
+    /// the `recipient` BSUID.
+    pub fn user(&self) -> String {
+        match (&self.to, &self.recipient) {
+            (Some(to), _) => to.chars().filter(|c| c.is_ascii_digit()).collect(),
+            (None, Some(r)) => r.clone(),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// An authentication template (the one kind of send Meta refuses to a
+    /// BSUID: 131062).
+    pub fn is_authentication_template(&self) -> bool {
+        self.is_template() && self.category == Category::Authentication
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -95,16 +112,31 @@ impl SendRequest {
         {
             return Err("phone_number_id: must be the business number's id (digits)".into());
         }
-        let digits = self.to_digits();
-        if !self.to.starts_with('+') {
-            return Err("to: must start with + and the country code (without it Meta may reach the wrong person)".into());
-        }
-        if !(7..=15).contains(&digits.len())
-            || !self.to[1..]
-                .chars()
-                .all(|c| c.is_ascii_digit() || matches!(c, ' ' | '-' | '(' | ')'))
-        {
-            return Err("to: must be an E.164 phone number such as +5511987654321".into());
+        match (&self.to, &self.recipient) {
+            (Some(_), Some(_)) => {
+                return Err("to, recipient: give exactly one (to: a phone number, recipient: a BSUID)".into())
+            }
+            (None, None) => {
+                return Err("to: required (a phone number such as +5511987654321), or recipient (a BSUID such as BR.8821736450019923)".into())
+            }
+            (Some(to), None) => {
+                let digits = self.user();
+                if !to.starts_with('+') {
+                    return Err("to: must start with + and the country code (without it Meta may reach the wrong person)".into());
+                }
+                if !(7..=15).contains(&digits.len())
+                    || !to[1..]
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || matches!(c, ' ' | '-' | '(' | ')'))
+                {
+                    return Err("to: must be an E.164 phone number such as +5511987654321".into());
+                }
+            }
+            (None, Some(r)) => {
+                if !crate::meta::identity::is_bsuid(r) {
+                    return Err("recipient: must be a BSUID such as BR.8821736450019923 (two capital letters, a dot, optionally ENT., then 1 to 128 letters or digits), sent byte for byte".into());
+                }
+            }
         }
         let obj = self
             .message
@@ -113,6 +145,7 @@ impl SendRequest {
         for forbidden in [
             "messaging_product",
             "to",
+            "recipient",
             "recipient_type",
             "biz_opaque_callback_data",
         ] {
@@ -232,7 +265,10 @@ pub struct SendResult {
     pub v: u32,
     pub request_id: String,
     pub phone_number_id: String,
-    pub to: String,
+    /// `to` and `recipient` as the request gave them (one of them null).
+    pub to: Option<String>,
+    #[serde(default)]
+    pub recipient: Option<String>,
     pub outcome: Outcome,
     pub wamid: Option<String>,
     pub message_status: Option<String>,
@@ -244,6 +280,17 @@ pub struct SendResult {
     /// read back to rebuild the tier count after a restart or rebalance.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tier_counted: bool,
+    /// The user's phone as Meta's answer named it (`contacts[0].wa_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wa_id: Option<String>,
+    /// The user's BSUID as Meta's answer named it (`contacts[0].user_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// `"to"` when a request addressed by `recipient` was sent to the
+    /// person's known phone instead (an authentication template: Meta
+    /// refuses those to BSUIDs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addressed: Option<String>,
 }
 
 #[cfg(test)]
@@ -262,12 +309,46 @@ mod tests {
     fn valid_text_and_template() {
         let r = req(text()).unwrap();
         assert_eq!(r.message_type(), "text");
-        assert_eq!(r.to_digits(), "5511987654321");
+        assert_eq!(r.user(), "5511987654321");
         let t = serde_json::json!({"v":1,"request_id":"r2","phone_number_id":"1","to":"+1 (415) 555-0123","category":"utility","expires_at_ms":5,
             "message":{"type":"template","template":{"name":"order_shipped","language":{"code":"en_US"}}}});
         let r = req(t).unwrap();
         assert!(r.is_template());
         assert_eq!(r.expires_at_ms, Some(5));
+    }
+
+    #[test]
+    fn exactly_one_of_to_and_recipient_and_a_bsuid_is_kept_byte_for_byte() {
+        let mut v = text();
+        v.as_object_mut().unwrap().remove("to");
+        v["recipient"] = "BR.8821736450019923".into();
+        let r = req(v.clone()).unwrap();
+        assert_eq!(r.user(), "BR.8821736450019923");
+        assert_eq!(r.to, None);
+        let back = serde_json::to_value(&r).unwrap();
+        assert_eq!(back["recipient"], "BR.8821736450019923");
+        assert!(back.get("to").is_none());
+        let mut both = v.clone();
+        both["to"] = "+5511987654321".into();
+        assert!(req(both).unwrap_err().contains("exactly one"));
+        let mut neither = v.clone();
+        neither.as_object_mut().unwrap().remove("recipient");
+        assert!(req(neither).unwrap_err().starts_with("to: required"));
+        for bad in [
+            "br.1",
+            "BR.",
+            "BR.1.2",
+            "5511987654321",
+            "BR.ENT.",
+            "BR.a-b",
+        ] {
+            let mut b = v.clone();
+            b["recipient"] = bad.into();
+            assert!(req(b).unwrap_err().starts_with("recipient:"), "{bad}");
+        }
+        let mut inner = text();
+        inner["message"]["recipient"] = "BR.1".into();
+        assert!(req(inner).unwrap_err().contains("message.recipient"));
     }
 
     #[test]

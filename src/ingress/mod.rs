@@ -79,6 +79,7 @@ fn topic_of(t: Topic) -> TopicId {
         Topic::Events => TopicId::InboundEvents,
         Topic::Consent => TopicId::Consent,
         Topic::Windows => TopicId::Windows,
+        Topic::Users => TopicId::Users,
     }
 }
 

@@ -39,6 +39,8 @@ pub enum Kind<'a> {
     Consent,
     /// A window record (`wa.windows`).
     Window,
+    /// A link of a phone and a BSUID (`wa.users`).
+    User,
     /// An erasure's tombstone.
     Erase,
 }
@@ -55,6 +57,7 @@ impl<'a> Kind<'a> {
             Kind::Redriven => "redriven",
             Kind::Consent => "consent",
             Kind::Window => "window",
+            Kind::User => "user",
             Kind::Erase => "erase",
         }
     }

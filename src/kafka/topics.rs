@@ -17,12 +17,15 @@ pub enum TopicId {
     OutboundAttempts,
     Consent,
     Windows,
+    /// Links of a phone and a BSUID as one person (DESIGN §10), compacted,
+    /// keyed `{phone_number_id}:{bsuid}`.
+    Users,
 }
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
 impl TopicId {
-    pub const ALL: [TopicId; 10] = [
+    pub const ALL: [TopicId; 11] = [
         TopicId::InboundMessages,
         TopicId::InboundStatuses,
         TopicId::InboundEvents,
@@ -33,6 +36,7 @@ impl TopicId {
         TopicId::OutboundAttempts,
         TopicId::Consent,
         TopicId::Windows,
+        TopicId::Users,
     ];
 
     /// The name without the prefix (`inbound.messages`).
@@ -53,6 +57,7 @@ impl TopicId {
             TopicId::OutboundAttempts => TopicSpec::delete("outbound.attempts", 7 * DAY_MS),
             TopicId::Consent => TopicSpec::compact("consent"),
             TopicId::Windows => TopicSpec::compact("windows"),
+            TopicId::Users => TopicSpec::compact("users"),
         }
     }
 
@@ -89,10 +94,10 @@ impl TopicSpec {
 }
 
 /// Every topic's spec, in [`TopicId::ALL`] order.
-pub const TOPICS: [TopicSpec; 10] = {
-    let mut out = [TopicId::InboundMessages.spec(); 10];
+pub const TOPICS: [TopicSpec; 11] = {
+    let mut out = [TopicId::InboundMessages.spec(); 11];
     let mut i = 0;
-    while i < 10 {
+    while i < 11 {
         out[i] = TopicId::ALL[i].spec();
         i += 1;
     }
@@ -103,7 +108,7 @@ pub const TOPICS: [TopicSpec; 10] = {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
     prefix: String,
-    names: [String; 10],
+    names: [String; 11],
 }
 
 impl Topics {

@@ -95,6 +95,11 @@ pub fn classify(code: i64) -> Action {
             max_attempts: 4,
             min_delay: MIN,
         },
+        // Template still syncing to the Marketing Messages API (~10 min).
+        134101 => Action::Retry {
+            max_attempts: 3,
+            min_delay: 10 * MIN,
+        },
         131000 | 131016 | 2 | 133004 => Action::Retry {
             max_attempts: 5,
             min_delay: Duration::from_millis(500),
@@ -104,8 +109,9 @@ pub fn classify(code: i64) -> Action {
             min_delay: Duration::from_millis(500),
         },
         // 100, 131008/9, 131021/26/30/47/50/51/53, 130403/472/497, 132000-132018,
-        // 132016, 132068, 131062/63, 135000, 137000 and anything unknown:
-        // permanent for this message.
+        // 132016, 132068, 131062 (a BSUID recipient for an authentication
+        // template), 131063, 134100, 134102, 135000, 137000 and anything
+        // unknown: permanent for this message.
         _ => Action::Fail,
     }
 }
@@ -153,6 +159,7 @@ pub fn is_known(code: i64) -> bool {
             | 133015
             | 133016
             | 134011
+            | 134100..=134102
             | 135000
             | 137000
     )
@@ -177,6 +184,22 @@ pub fn marks_marketing_stopped(code: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_md_5_codes() {
+        for code in [131062, 131063, 132018, 134100, 134102, 137000] {
+            assert_eq!(classify(code), Action::Fail, "{code}");
+            assert!(is_known(code), "{code}");
+        }
+        assert!(matches!(
+            classify(131057),
+            Action::Retry { min_delay, .. } if min_delay >= MIN
+        ));
+        assert!(matches!(
+            classify(134101),
+            Action::Retry { min_delay, .. } if min_delay >= 10 * MIN
+        ));
+    }
 
     #[test]
     fn unknown_codes_are_labelled_other() {

@@ -6,6 +6,7 @@
 //! property-tested in isolation.
 
 pub mod errors;
+pub mod identity;
 pub mod scan;
 pub mod signature;
 pub mod webhook;

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
+use super::identity::{IdChange, User};
 use super::scan::ScanError;
 
 /// Which topic an event goes to (names are resolved with the prefix by the
@@ -29,6 +30,8 @@ pub enum Topic {
     Consent,
     /// `wa.windows` (compacted), written by the contacts plane.
     Windows,
+    /// `wa.users` (compacted): links of phones and BSUIDs.
+    Users,
 }
 
 impl Topic {
@@ -39,6 +42,7 @@ impl Topic {
             Topic::Events => "inbound.events",
             Topic::Consent => "consent",
             Topic::Windows => "windows",
+            Topic::Users => "users",
         }
     }
 }
@@ -56,9 +60,10 @@ pub struct Event {
     pub kind: String,
     /// The JSON record (DESIGN §5).
     pub value: Vec<u8>,
-    /// For inbound messages: the user and the message time (Unix seconds),
-    /// which open the 24-hour customer service window.
-    pub inbound: Option<(String, i64)>,
+    /// For inbound messages: the user (phone, BSUID, or both) and the
+    /// message time (Unix seconds), which open the 24-hour customer service
+    /// window. System messages are not the user writing: None.
+    pub inbound: Option<(User, i64)>,
     /// For inbound messages: the text a user typed or tapped (text body, or a
     /// quick-reply button's text), for opt-out/opt-in keywords.
     pub text: Option<String>,
@@ -66,8 +71,14 @@ pub struct Event {
     /// quick reply `button.payload`, interactive `button_reply.id` or
     /// `list_reply.id`), for configured opt-out/opt-in payloads.
     pub payload: Option<String>,
-    /// For `user_preferences` changes: (wa_id, marketing stopped?).
-    pub preferences: Vec<(String, bool)>,
+    /// For `user_preferences` changes: (the user, marketing stopped?).
+    pub preferences: Vec<(User, bool)>,
+    /// A status's recipient when Meta names both a phone and a BSUID: the
+    /// two are one person (messages carry theirs in `inbound`).
+    pub seen: Option<User>,
+    /// A change of the user's ids (`user_changed_number`,
+    /// `user_changed_user_id`, legacy `user_id_update`).
+    pub change: Option<IdChange>,
 }
 
 /// Context shared by every record of one POST.
@@ -87,6 +98,9 @@ struct InboundMessage<'a, 'v> {
     phone_number_id: Option<&'a str>,
     display_phone_number: Option<&'a str>,
     wa_id: Option<&'a str>,
+    user_id: Option<&'a str>,
+    parent_user_id: Option<&'a str>,
+    username: Option<&'a str>,
     profile_name: Option<&'a str>,
     timestamp: Option<i64>,
     received_at_ms: u64,
@@ -102,6 +116,8 @@ struct StatusEvent<'a, 'v> {
     waba_id: &'a str,
     phone_number_id: Option<&'a str>,
     recipient_id: Option<&'a str>,
+    recipient_user_id: Option<&'a str>,
+    recipient_parent_user_id: Option<&'a str>,
     status: Option<&'a str>,
     rank: u8,
     timestamp: Option<i64>,
@@ -161,8 +177,9 @@ fn stable_hash(waba_id: &str, kind: &str, value: &BorrowedValue<'_>) -> String {
 }
 
 /// `user_preferences` changes: `value.user_preferences[]` items with
-/// `category: marketing_messages` and `value: stop|resume`.
-fn user_preferences(field: &str, value: &BorrowedValue<'_>) -> Vec<(String, bool)> {
+/// `category: marketing_messages` and `value: stop|resume`, each naming the
+/// user by `wa_id`, `user_id` (BSUID), or both.
+fn user_preferences(field: &str, value: &BorrowedValue<'_>) -> Vec<(User, bool)> {
     if field != "user_preferences" {
         return Vec::new();
     }
@@ -173,14 +190,51 @@ fn user_preferences(field: &str, value: &BorrowedValue<'_>) -> Vec<(String, bool
         .iter()
         .filter(|p| str_field(p, "category").is_none_or(|c| c == "marketing_messages"))
         .filter_map(|p| {
-            let wa_id = str_field(p, "wa_id")?;
+            let user = User::from_fields(
+                str_field(p, "wa_id"),
+                str_field(p, "user_id"),
+                str_field(p, "parent_user_id"),
+            )?;
             match str_field(p, "value")? {
-                "stop" => Some((wa_id.to_string(), true)),
-                "resume" => Some((wa_id.to_string(), false)),
+                "stop" => Some((user, true)),
+                "resume" => Some((user, false)),
                 _ => None,
             }
         })
         .collect()
+}
+
+/// The id change a system message (or the legacy `user_id_update` value)
+/// reports: the ids before and after.
+fn id_change(system: &BorrowedValue<'_>, from: Option<&str>) -> Option<IdChange> {
+    let kind = str_field(system, "type")?;
+    if kind != "user_changed_number" && kind != "user_changed_user_id" {
+        return None;
+    }
+    let previous = User::from_fields(
+        from.filter(|_| kind == "user_changed_number"),
+        str_field(system, "previous_user_id"),
+        str_field(system, "previous_parent_user_id"),
+    )?;
+    let current = User::from_fields(
+        str_field(system, "wa_id").filter(|_| kind == "user_changed_number"),
+        str_field(system, "user_id"),
+        str_field(system, "parent_user_id"),
+    )?;
+    Some(IdChange { previous, current })
+}
+
+/// The legacy `user_id_update` field: `user_id: {previous, current}`.
+fn user_id_update(field: &str, value: &BorrowedValue<'_>) -> Option<IdChange> {
+    if field != "user_id_update" {
+        return None;
+    }
+    let ids = value.get("user_id")?;
+    let wa_id = str_field(value, "wa_id");
+    Some(IdChange {
+        previous: User::from_fields(wa_id, str_field(ids, "previous"), None)?,
+        current: User::from_fields(wa_id, str_field(ids, "current"), None)?,
+    })
 }
 
 fn encode<T: Serialize>(t: &T) -> Vec<u8> {
@@ -416,12 +470,30 @@ fn id_field<'a>(
     Ok(Some(s))
 }
 
-/// The contact of a message's sender, else the first (system messages have
-/// none). Long contact lists are indexed once per change, so a body of many
-/// messages and many contacts costs no more than its size.
+/// A BSUID field: absent or empty is None; present, it must have a BSUID's
+/// shape (a malformed one is not passed on as an id, and the body is kept
+/// raw like any other bad id).
+fn bsuid_field<'a>(
+    v: &'a BorrowedValue<'_>,
+    key: &'static str,
+) -> Result<Option<&'a str>, ParseError> {
+    match v.get(key) {
+        None => Ok(None),
+        Some(x) => match x.as_str() {
+            Some("") => Ok(None),
+            Some(s) if super::identity::is_bsuid(s) => Ok(Some(s)),
+            _ => Err(ParseError::BadId(key)),
+        },
+    }
+}
+
+/// The contact of a message's sender (matched by phone, else by BSUID),
+/// else the first (system messages have none). Long contact lists are
+/// indexed once per change, so a body of many messages and many contacts
+/// costs no more than its size.
 struct ContactIndex<'a, 'v> {
     list: &'a [BorrowedValue<'v>],
-    by_wa_id: Option<std::collections::HashMap<&'a str, &'a BorrowedValue<'v>>>,
+    by_id: Option<std::collections::HashMap<&'a str, &'a BorrowedValue<'v>>>,
 }
 
 impl<'a, 'v> ContactIndex<'a, 'v> {
@@ -431,24 +503,43 @@ impl<'a, 'v> ContactIndex<'a, 'v> {
             .and_then(|c| c.as_array())
             .map(|a| a.as_slice())
             .unwrap_or_default();
-        let by_wa_id = (list.len() > 16).then(|| {
+        let by_id = (list.len() > 16).then(|| {
             let mut m = std::collections::HashMap::with_capacity(list.len());
             for c in list {
-                if let Some(w) = str_field(c, "wa_id") {
-                    m.entry(w).or_insert(c);
+                // Phones are digits and BSUIDs start with letters: one map
+                // holds both without ambiguity.
+                for k in ["wa_id", "user_id"] {
+                    if let Some(w) = str_field(c, k) {
+                        m.entry(w).or_insert(c);
+                    }
                 }
             }
             m
         });
-        ContactIndex { list, by_wa_id }
+        ContactIndex { list, by_id }
     }
 
-    fn find(&self, from: Option<&str>) -> Option<&'a BorrowedValue<'v>> {
-        let found = from.and_then(|f| match &self.by_wa_id {
-            Some(m) => m.get(f).copied(),
-            None => self.list.iter().find(|c| str_field(c, "wa_id") == Some(f)),
-        });
-        found.or_else(|| self.list.first())
+    /// The sender's contact and whether it is theirs for sure (matched by
+    /// an id, or the only contact of a message that names no id): only then
+    /// are its ids the sender's.
+    fn find(
+        &self,
+        from: Option<&str>,
+        from_user_id: Option<&str>,
+    ) -> Option<(&'a BorrowedValue<'v>, bool)> {
+        let by = |id: Option<&str>, key: &str| {
+            id.and_then(|f| match &self.by_id {
+                Some(m) => m.get(f).copied().filter(|c| str_field(c, key) == Some(f)),
+                None => self.list.iter().find(|c| str_field(c, key) == Some(f)),
+            })
+        };
+        if let Some(c) = by(from, "wa_id").or_else(|| by(from_user_id, "user_id")) {
+            return Some((c, true));
+        }
+        let named = from.is_some() || from_user_id.is_some();
+        self.list
+            .first()
+            .map(|c| (c, !named && self.list.len() == 1))
     }
 }
 
@@ -468,6 +559,9 @@ enum Item<'a, 'v> {
         msg: &'a BorrowedValue<'v>,
         id: Option<Cow<'a, str>>,
         wa_id: Option<Cow<'a, str>>,
+        user_id: Option<&'a str>,
+        parent_user_id: Option<&'a str>,
+        username: Option<&'a str>,
         display: Option<&'a str>,
         profile_name: Option<&'a str>,
     },
@@ -503,12 +597,18 @@ impl<'a, 'v> Rec<'a, 'v> {
                 Item::Message {
                     id,
                     wa_id,
+                    user_id,
+                    parent_user_id,
+                    username,
                     display,
                     profile_name,
                     ..
                 } => {
                     id.as_deref().map_or(32, str::len)
                         + wa_id.as_deref().map_or(0, str::len)
+                        + user_id.map_or(0, str::len)
+                        + parent_user_id.map_or(0, str::len)
+                        + username.map_or(0, str::len)
                         + display.map_or(0, str::len)
                         + profile_name.map_or(0, str::len)
                 }
@@ -516,6 +616,8 @@ impl<'a, 'v> Rec<'a, 'v> {
                     id.as_deref().map_or(32, str::len)
                         + status.as_deref().map_or(0, str::len)
                         + str_field(st, "recipient_id").map_or(0, str::len)
+                        + str_field(st, "recipient_user_id").map_or(0, str::len)
+                        + str_field(st, "recipient_parent_user_id").map_or(0, str::len)
                         + str_field(st, "biz_opaque_callback_data").map_or(0, str::len)
                 }
                 Item::Error { .. } => 32,
@@ -536,6 +638,9 @@ impl<'a, 'v> Rec<'a, 'v> {
                 msg,
                 id,
                 wa_id,
+                user_id,
+                parent_user_id,
+                username,
                 display,
                 profile_name,
             } => {
@@ -552,16 +657,22 @@ impl<'a, 'v> Rec<'a, 'v> {
                     phone_number_id,
                     display_phone_number: display,
                     wa_id: wa_id.as_deref(),
+                    user_id,
+                    parent_user_id,
+                    username,
                     profile_name,
                     timestamp: timestamp(msg),
                     received_at_ms: ctx.received_at_ms,
                     message: msg,
                 };
                 let value = encode(&rec);
-                let inbound = wa_id
-                    .as_deref()
-                    .zip(timestamp(msg))
-                    .map(|(w, t)| (w.to_string(), t));
+                let system = msg.get("system");
+                let user = User::from_fields(wa_id.as_deref(), user_id, parent_user_id);
+                let change = system.and_then(|s| id_change(s, wa_id.as_deref()));
+                let inbound = match system {
+                    Some(_) => None,
+                    None => user.zip(timestamp(msg)),
+                };
                 let text = msg
                     .get("text")
                     .and_then(|t| str_field(t, "body"))
@@ -588,6 +699,8 @@ impl<'a, 'v> Rec<'a, 'v> {
                     text,
                     payload,
                     preferences: Vec::new(),
+                    seen: None,
+                    change,
                 }
             }
             Item::Status { st, id, status } => {
@@ -604,6 +717,8 @@ impl<'a, 'v> Rec<'a, 'v> {
                     waba_id,
                     phone_number_id,
                     recipient_id: str_field(st, "recipient_id"),
+                    recipient_user_id: str_field(st, "recipient_user_id"),
+                    recipient_parent_user_id: str_field(st, "recipient_parent_user_id"),
                     status,
                     rank: status.map(status_rank).unwrap_or(0),
                     timestamp: timestamp(st),
@@ -622,12 +737,20 @@ impl<'a, 'v> Rec<'a, 'v> {
                     text: None,
                     payload: None,
                     preferences: Vec::new(),
+                    seen: User::from_fields(
+                        str_field(st, "recipient_id"),
+                        str_field(st, "recipient_user_id"),
+                        str_field(st, "recipient_parent_user_id"),
+                    )
+                    .filter(|u| u.pair().is_some()),
+                    change: None,
                 }
             }
             Item::Error { err } => other_event(ctx, waba_id, phone_number_id, key, "error", err),
             Item::Other { field, value } => {
                 let mut ev = other_event(ctx, waba_id, phone_number_id, key, field, value);
                 ev.preferences = user_preferences(field, value);
+                ev.change = user_id_update(field, value);
                 ev
             }
         }
@@ -663,6 +786,8 @@ fn other_event(
         text: None,
         payload: None,
         preferences: Vec::new(),
+        seen: None,
+        change: None,
     }
 }
 
@@ -707,21 +832,45 @@ fn walk(
                 for msg in messages {
                     produced = true;
                     let from = id_field(msg, "from", "messages.from")?;
-                    let contact = contacts.find(from.as_deref());
+                    let from_user = bsuid_field(msg, "from_user_id")?;
+                    let found = contacts.find(from.as_deref(), from_user);
+                    // A contact's ids are the sender's only when it is
+                    // theirs for sure.
+                    let own = found.filter(|(_, sure)| *sure).map(|(c, _)| c);
+                    let contact = found.map(|(c, _)| c);
                     let wa_id = match from {
                         Some(f) => Some(f),
-                        None => match contact {
+                        None => match own {
                             Some(c) => id_field(c, "wa_id", "contacts.wa_id")?,
                             None => None,
                         },
                     };
-                    let profile_name = contact
+                    let user_id = match from_user {
+                        Some(u) => Some(u),
+                        None => own
+                            .map(|c| bsuid_field(c, "user_id"))
+                            .transpose()?
+                            .flatten(),
+                    };
+                    let parent_user_id = match bsuid_field(msg, "from_parent_user_id")? {
+                        Some(u) => Some(u),
+                        None => own
+                            .map(|c| bsuid_field(c, "parent_user_id"))
+                            .transpose()?
+                            .flatten(),
+                    };
+                    let profile = contact.and_then(|c| c.get("profile"));
+                    let profile_name = profile.and_then(|p| str_field(p, "name"));
+                    let username = own
                         .and_then(|c| c.get("profile"))
-                        .and_then(|p| str_field(p, "name"));
+                        .and_then(|p| str_field(p, "username"));
                     if !each(rec(Item::Message {
                         msg,
                         id: id_field(msg, "id", "messages.id")?,
                         wa_id,
+                        user_id,
+                        parent_user_id,
+                        username,
                         display,
                         profile_name,
                     })) {
@@ -761,6 +910,7 @@ fn walk(
                     .unwrap_or_default()
                 {
                     id_field(p, "wa_id", "user_preferences.wa_id")?;
+                    bsuid_field(p, "user_id")?;
                 }
             }
             if !each(rec(Item::Other { field, value })) {
@@ -848,9 +998,13 @@ mod tests {
             assert_eq!(v["wa_id"], msg["from"]);
             let ts: i64 = msg["timestamp"].as_str().unwrap().parse().unwrap();
             assert_eq!(v["timestamp"], ts);
+            // A system message is not the user writing: no window.
+            let want = (msg["type"] != "system")
+                .then(|| (Some(msg["from"].as_str().unwrap().to_string()), ts));
             assert_eq!(
-                e.inbound,
-                Some((msg["from"].as_str().unwrap().to_string(), ts))
+                e.inbound.as_ref().map(|(u, t)| (u.wa_id.clone(), *t)),
+                want,
+                "{name}"
             );
             if value.get("contacts").is_some() {
                 assert_eq!(
@@ -1005,7 +1159,8 @@ mod tests {
         assert_ne!(evs[0].event_id, evs[1].event_id);
         assert_eq!(evs[2].kind, "user_preferences");
         assert_eq!(evs[2].key, "109876543210987");
-        assert_eq!(evs[2].preferences, vec![("14155550123".to_string(), true)]);
+        let user = User::from_fields(Some("14155550123"), None, None).unwrap();
+        assert_eq!(evs[2].preferences, vec![(user, true)]);
         let v: Value = serde_json::from_slice(&evs[0].value).unwrap();
         assert_eq!(v["value"]["code"], 130429);
         assert_eq!(v["phone_number_id"], "109876543210987");

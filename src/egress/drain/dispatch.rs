@@ -4,6 +4,27 @@
 use super::*;
 
 impl Egress {
+    /// The person a request addresses (DESIGN §10): the phone when one is
+    /// given or linked to the recipient BSUID, else the BSUID; and the
+    /// phone an authentication template by `recipient` goes to instead
+    /// (Meta answers 131062 to those by BSUID).
+    pub(super) fn person(&self, req: &SendRequest) -> (String, Option<String>) {
+        let user = req.user();
+        if req.recipient.is_none() {
+            return (user, None);
+        }
+        let phone = self
+            .contacts
+            .ids(&req.phone_number_id, &user)
+            .into_iter()
+            .find(|id| !crate::meta::identity::is_bsuid(id));
+        let send_to = phone
+            .as_ref()
+            .filter(|_| req.is_authentication_template())
+            .map(|p| format!("+{p}"));
+        (phone.unwrap_or(user), send_to)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn dispatch(
         self: Arc<Self>,
@@ -30,7 +51,14 @@ impl Egress {
                     v: 1,
                     request_id: s("request_id"),
                     phone_number_id: phone,
-                    to: s("to"),
+                    to: v
+                        .get("to")
+                        .and_then(serde_json::Value::as_str)
+                        .map(str::to_string),
+                    recipient: v
+                        .get("recipient")
+                        .and_then(serde_json::Value::as_str)
+                        .map(str::to_string),
                     outcome: Outcome::Blocked,
                     wamid: None,
                     message_status: None,
@@ -42,6 +70,9 @@ impl Egress {
                     attempts: 0,
                     completed_at_ms: now_ms(),
                     tier_counted: false,
+                    wa_id: None,
+                    user_id: None,
+                    addressed: None,
                 };
                 self.finish_raw(partition, offset, redrive, result, None, permit);
                 return;
@@ -52,7 +83,8 @@ impl Egress {
             let h = self.history.lock().unwrap();
             (h.completed.contains(&hk), h.attempted.contains(&hk))
         };
-        let pair = PairKey::new(&req.phone_number_id, &req.to_digits());
+        let (person, send_to) = self.person(&req);
+        let pair = PairKey::new(&req.phone_number_id, &person);
         let job = Job {
             req,
             partition,
@@ -62,6 +94,8 @@ impl Egress {
             not_before: Instant::now(),
             enqueued: Instant::now(),
             pair,
+            person,
+            send_to,
             last_error: None,
             tier: None,
             _permit: permit,

@@ -11,6 +11,9 @@ pub(super) enum Verdict {
     Accepted {
         wamid: String,
         message_status: Option<String>,
+        /// The user's ids as Meta's answer named them.
+        wa_id: Option<String>,
+        user_id: Option<String>,
     },
     Blocked(ResultError),
     Failed(ResultError),
@@ -52,11 +55,17 @@ impl Egress {
             }
             None => false,
         };
+        let mut ids = (None, None);
         let (wamid, message_status, error, dlq) = match verdict {
             Verdict::Accepted {
                 wamid,
                 message_status,
-            } => (Some(wamid), message_status, None, None),
+                wa_id,
+                user_id,
+            } => {
+                ids = (wa_id, user_id);
+                (Some(wamid), message_status, None, None)
+            }
             Verdict::Blocked(e) | Verdict::Failed(e) | Verdict::Expired(e) => {
                 (None, None, Some(e), None)
             }
@@ -70,6 +79,7 @@ impl Egress {
             request_id: job.req.request_id.clone(),
             phone_number_id: job.req.phone_number_id.clone(),
             to: job.req.to.clone(),
+            recipient: job.req.recipient.clone(),
             outcome,
             wamid,
             message_status,
@@ -77,6 +87,9 @@ impl Egress {
             attempts: job.attempts,
             completed_at_ms: now_ms(),
             tier_counted,
+            wa_id: ids.0,
+            user_id: ids.1,
+            addressed: job.send_to.as_ref().map(|_| "to".to_string()),
         };
         let dlq_record = dlq.map(|d| {
             serde_json::to_vec(&serde_json::json!({
@@ -208,6 +221,8 @@ mod tests {
         let a = Verdict::Accepted {
             wamid: "w".into(),
             message_status: None,
+            wa_id: None,
+            user_id: None,
         };
         assert_eq!(a.outcome(), Outcome::Accepted);
     }

@@ -58,7 +58,11 @@ impl Egress {
                         if results && tiers && v["tier_counted"] == true {
                             let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
                             let at = v["completed_at_ms"].as_u64().unwrap_or(0);
-                            h.tier.push((s("phone_number_id"), s("to"), at));
+                            // The person as the lane counted them: the
+                            // phone's digits, else the BSUID.
+                            let to: String = s("to").chars().filter(char::is_ascii_digit).collect();
+                            let user = if to.is_empty() { s("recipient") } else { to };
+                            h.tier.push((s("phone_number_id"), user, at));
                         }
                     }
                 })

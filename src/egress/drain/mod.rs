@@ -76,6 +76,13 @@ struct Job {
     not_before: Instant,
     enqueued: Instant,
     pair: PairKey,
+    /// The person the request addresses, as pair limits and tiers count
+    /// them: the phone digits when known (given, or linked to the
+    /// recipient BSUID), else the BSUID.
+    person: String,
+    /// The phone (`+digits`) an authentication template addressed by
+    /// `recipient` is sent to instead (DESIGN §10).
+    send_to: Option<String>,
     last_error: Option<ResultError>,
     /// The messaging-tier place this request holds, if it is a
     /// business-initiated send outside the user's window.

@@ -51,7 +51,10 @@ impl Egress {
         let mut body = serde_json::Map::new();
         body.insert("messaging_product".into(), "whatsapp".into());
         body.insert("recipient_type".into(), "individual".into());
-        body.insert("to".into(), job.req.to.clone().into());
+        match (&job.send_to, &job.req.to, &job.req.recipient) {
+            (Some(to), _, _) | (None, Some(to), _) => body.insert("to".into(), to.clone().into()),
+            (None, None, r) => body.insert("recipient".into(), r.clone().into()),
+        };
         body.insert(
             "biz_opaque_callback_data".into(),
             job.req.request_id.clone().into(),
@@ -75,28 +78,35 @@ impl Egress {
     /// 131050: Meta says the user stopped marketing. Cached here at once and
     /// published on `wa.consent` so every instance (and a restart) knows.
     pub(super) fn publish_marketing_stopped(&self, job: &Job) {
-        let (number, user) = (&job.req.phone_number_id, job.req.to_digits());
+        let (number, user) = (&job.req.phone_number_id, job.req.user());
         self.contacts
             .set_marketing(number, &user, Marketing::Stopped);
         let st = self.contacts.get(number, &user);
-        let ev = crate::contacts::records::consent_event(
-            number,
-            &user,
-            &st,
-            "meta_131050",
-            now_ms(),
-            &job.req.request_id,
-        );
-        match self.contacts_writer.write(&ev, "egress") {
-            Ok(delivery) => {
-                tokio::spawn(async move {
-                    if let Err(e) = delivery.await {
-                        tracing::warn!(error = %e, "131050: consent record not acknowledged; cached only");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "131050: consent record not enqueued; cached only")
+        for (i, id) in self.contacts.ids(number, &user).iter().enumerate() {
+            let cause = if i == 0 {
+                job.req.request_id.clone()
+            } else {
+                format!("{}:{id}", job.req.request_id)
+            };
+            let ev = crate::contacts::records::consent_event(
+                number,
+                id,
+                &st,
+                "meta_131050",
+                now_ms(),
+                &cause,
+            );
+            match self.contacts_writer.write(&ev, "egress") {
+                Ok(delivery) => {
+                    tokio::spawn(async move {
+                        if let Err(e) = delivery.await {
+                            tracing::warn!(error = %e, "131050: consent record not acknowledged; cached only");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "131050: consent record not enqueued; cached only")
+                }
             }
         }
     }

@@ -218,9 +218,7 @@ impl Lane {
             );
             return Pick::End(job, Verdict::Blocked(err));
         }
-        let state = eg
-            .contacts
-            .get(&job.req.phone_number_id, &job.req.to_digits());
+        let state = eg.contacts.get(&job.req.phone_number_id, &job.req.user());
         if let Err(block) =
             policy::check(&job.req, &state, now_ms, eg.cfg.marketing_requires_opt_in)
         {
@@ -266,7 +264,7 @@ impl Lane {
     fn take_tier_place(&mut self, eg: &Egress, i: usize, now_ms: u64) -> Option<Pick> {
         let job = &self.queue[i];
         let portfolio = eg.tiers.of(&job.req.phone_number_id)?;
-        let user = crate::contacts::pair_key("", &job.req.to_digits()).1;
+        let user = crate::contacts::pair_key("", &job.person).1;
         let admit = portfolio.admit(user, now_ms);
         if admit == tier::Admit::Full {
             let job = self.queue.remove(i).expect("index from the scan");

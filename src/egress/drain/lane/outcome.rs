@@ -18,6 +18,8 @@ impl Lane {
             GraphOutcome::Accepted {
                 wamid,
                 message_status,
+                wa_id,
+                user_id,
             } => {
                 self.pair_backoff.remove(&job.pair);
                 if self.circuit.close() {
@@ -28,6 +30,8 @@ impl Lane {
                     Verdict::Accepted {
                         wamid,
                         message_status,
+                        wa_id,
+                        user_id,
                     },
                 ));
             }

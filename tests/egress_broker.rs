@@ -24,24 +24,6 @@ async fn sandbox(cfg: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
     sandbox_on_own_runtime(c).await
 }
 
-/// Produces requests straight to the requests topic, as upstream apps do.
-async fn produce_requests(brokers: &str, prefix: &str, reqs: &[Value]) {
-    let cfg = config(brokers, prefix, &[]);
-    let p = wagate::kafka::KafkaProducer::new(&cfg.kafka).unwrap();
-    let topic = format!("{prefix}outbound.requests");
-    let mut futs = Vec::new();
-    for r in reqs {
-        let key = r["phone_number_id"].as_str().unwrap_or("").to_string();
-        futs.push(
-            p.send(&topic, key.as_bytes(), &serde_json::to_vec(r).unwrap(), &[])
-                .unwrap(),
-        );
-    }
-    for f in futs {
-        f.await.unwrap();
-    }
-}
-
 /// Like [`produce_requests`], one record per batch: Tansu 0.6 answers a fetch
 /// from an offset inside a record batch with nothing, so a consumer group
 /// that hands a partition over at a mid-batch committed offset stalls there
@@ -67,34 +49,6 @@ async fn produce_requests_unbatched(brokers: &str, prefix: &str, reqs: &[Value])
         .await
         .unwrap();
     }
-}
-
-/// Reads results until `n` distinct request ids have one, or the deadline.
-async fn results(
-    brokers: &str,
-    prefix: &str,
-    n: usize,
-    within: Duration,
-) -> HashMap<String, Vec<Value>> {
-    let end = Instant::now() + within;
-    loop {
-        let by: HashMap<String, Vec<Value>> =
-            results_by_id(brokers, prefix, Duration::from_millis(800))
-                .await
-                .into_iter()
-                .map(|(id, recs)| (id, recs.into_iter().map(|r| r.value).collect()))
-                .collect();
-        if by.len() >= n || Instant::now() > end {
-            return by;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-fn one<'a>(by: &'a HashMap<String, Vec<Value>>, id: &str) -> &'a Value {
-    let v = by.get(id).unwrap_or_else(|| panic!("no result for {id}"));
-    assert_eq!(v.len(), 1, "{id} has {} results", v.len());
-    &v[0]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

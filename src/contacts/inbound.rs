@@ -275,9 +275,9 @@ fn carry(
     event_id: &str,
     emit: &mut dyn FnMut(Event),
 ) {
-    let mine = c.get(pn, new);
-    let st = crate::contacts::merge(mine, st);
-    if st == mine {
+    let st = crate::contacts::merge(c.get(pn, new), st);
+    let ids = c.ids(pn, new);
+    if ids.iter().all(|id| c.own(pn, id) == st) {
         return;
     }
     c.set_consent(pn, new, st.consent);
@@ -285,7 +285,7 @@ fn carry(
     if let Some(ms) = st.last_inbound_ms {
         c.record_inbound(pn, new, ms);
     }
-    for other in c.ids(pn, new) {
+    for other in ids {
         let cause = format!("{event_id}:{other}");
         if st.consent != Consent::Unknown || st.marketing != Marketing::Allowed {
             emit(consent_event(pn, &other, &st, source, now_ms, &cause));
@@ -376,5 +376,147 @@ mod tests {
         assert_eq!(c.get("5", "14155550123").marketing, Marketing::Stopped);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].kind, "consent");
+    }
+
+    fn fixture(name: &str) -> Event {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let mut b = std::fs::read(&path).unwrap();
+        fan_out(&mut b, CTX).unwrap().remove(0)
+    }
+
+    const PN: &str = "118877665544332";
+    const ANA: &str = "BR.8821736450019923";
+    const ANA_NEW: &str = "BR.4410098877665544";
+    const PHONE: &str = "5511987650001";
+
+    fn run_pt(c: &MemoryContacts, ev: &Event) -> Vec<Event> {
+        let kw = Keywords::new(&["stop", "parar"], &["start"]);
+        let mut out = Vec::new();
+        signals(c, &kw, ev, CTX.received_at_ms, &mut |e| out.push(e));
+        out
+    }
+
+    fn keys(out: &[Event], kind: &str) -> Vec<String> {
+        let mut k: Vec<String> = out
+            .iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.key.clone())
+            .collect();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn a_stop_from_a_username_user_is_applied_under_the_bsuid() {
+        let c = MemoryContacts::new();
+        let out = run_pt(&c, &fixture("identity_stop_username_only.json"));
+        assert_eq!(c.get(PN, ANA).consent, Consent::OptedOut);
+        assert_eq!(keys(&out, "consent"), [format!("{PN}:{ANA}")]);
+        assert_eq!(keys(&out, "window"), [format!("{PN}:{ANA}")]);
+        let v: serde_json::Value = serde_json::from_slice(&out[1].value).unwrap();
+        assert_eq!(v["consent"], "opted_out");
+    }
+
+    #[test]
+    fn phone_and_bsuid_seen_together_are_one_person_and_a_stop_under_either_blocks_both() {
+        let c = MemoryContacts::new();
+        let out = run_pt(&c, &fixture("identity_inbound_phone_and_bsuid.json"));
+        let users: Vec<&Event> = out.iter().filter(|e| e.kind == "user").collect();
+        assert_eq!(users.len(), 1);
+        assert_eq!(users[0].key, format!("{PN}:{ANA}"));
+        let rec: crate::contacts::records::UserRecord =
+            serde_json::from_slice(&users[0].value).unwrap();
+        assert_eq!(rec.wa_id.as_deref(), Some(PHONE));
+        // The window is written under both ids.
+        assert_eq!(
+            keys(&out, "window"),
+            [format!("{PN}:{PHONE}"), format!("{PN}:{ANA}")]
+        );
+        // The same body delivered again (its first delivery failed): the
+        // link record is offered again, with the same event id.
+        let again = run_pt(&c, &fixture("identity_inbound_phone_and_bsuid.json"));
+        let u2: Vec<&Event> = again.iter().filter(|e| e.kind == "user").collect();
+        assert_eq!(u2.len(), 1);
+        assert_eq!(u2[0].event_id, users[0].event_id);
+        // A STOP by BSUID only now blocks the phone too, with records for both.
+        let out = run_pt(&c, &fixture("identity_stop_username_only.json"));
+        assert_eq!(c.get(PN, PHONE).consent, Consent::OptedOut);
+        assert_eq!(c.get(PN, ANA).consent, Consent::OptedOut);
+        assert_eq!(
+            keys(&out, "consent"),
+            [format!("{PN}:{PHONE}"), format!("{PN}:{ANA}")]
+        );
+        let ids: std::collections::HashSet<&str> =
+            out.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(ids.len(), out.len(), "every record has its own event id");
+        // And the reverse: a START by phone opts the BSUID back in.
+        run(&c, &{
+            let b = format!(
+                r#"{{"entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"metadata":{{"phone_number_id":"{PN}"}},"messages":[{{"from":"{PHONE}","id":"wamid.S","timestamp":"1782000300","type":"text","text":{{"body":"start"}}}}]}}}}]}}]}}"#
+            );
+            fan_out(&mut b.into_bytes(), CTX).unwrap().remove(0)
+        });
+        assert_eq!(c.get(PN, ANA).consent, Consent::OptedIn);
+    }
+
+    #[test]
+    fn a_phone_seen_with_a_new_bsuid_moves_and_the_old_bsuid_is_unlinked() {
+        let c = MemoryContacts::new();
+        run_pt(&c, &fixture("identity_inbound_phone_and_bsuid.json"));
+        let b = format!(
+            r#"{{"entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"metadata":{{"phone_number_id":"{PN}"}},"messages":[{{"from":"{PHONE}","from_user_id":"BR.SOMEONEELSE","id":"wamid.R","timestamp":"1782000900","type":"text","text":{{"body":"oi"}}}}]}}}}]}}]}}"#
+        );
+        let out = run_pt(&c, &fan_out(&mut b.into_bytes(), CTX).unwrap().remove(0));
+        let users: Vec<crate::contacts::records::UserRecord> = out
+            .iter()
+            .filter(|e| e.kind == "user")
+            .map(|e| serde_json::from_slice(&e.value).unwrap())
+            .collect();
+        assert_eq!(users.len(), 2);
+        assert!(users.iter().any(|u| u.user_id == ANA && u.wa_id.is_none()));
+        assert!(users
+            .iter()
+            .any(|u| u.user_id == "BR.SOMEONEELSE" && u.wa_id.as_deref() == Some(PHONE)));
+        assert_eq!(c.ids(PN, ANA), [ANA]);
+        assert_eq!(c.ids(PN, PHONE), [PHONE, "BR.SOMEONEELSE"]);
+    }
+
+    #[test]
+    fn id_changes_carry_the_opt_out_to_the_new_ids() {
+        let c = MemoryContacts::new();
+        run_pt(&c, &fixture("identity_inbound_phone_and_bsuid.json"));
+        run_pt(&c, &fixture("identity_stop_username_only.json"));
+        // user_changed_user_id: the new BSUID inherits the STOP and the phone.
+        let out = run_pt(&c, &fixture("identity_system_user_changed_user_id.json"));
+        assert_eq!(c.get(PN, ANA_NEW).consent, Consent::OptedOut);
+        assert_eq!(c.ids(PN, PHONE), [PHONE, ANA_NEW]);
+        assert!(keys(&out, "consent").contains(&format!("{PN}:{ANA_NEW}")));
+        assert!(keys(&out, "user").contains(&format!("{PN}:{ANA_NEW}")));
+        // user_changed_number: the new phone and new BSUID, from the old phone.
+        let c = MemoryContacts::new();
+        run_pt(&c, &fixture("identity_inbound_phone_and_bsuid.json"));
+        run_pt(&c, &fixture("identity_stop_username_only.json"));
+        let out = run_pt(&c, &fixture("identity_system_user_changed_number.json"));
+        assert_eq!(c.get(PN, "5511987650002").consent, Consent::OptedOut);
+        assert_eq!(c.get(PN, ANA_NEW).consent, Consent::OptedOut);
+        assert_eq!(c.ids(PN, "5511987650002"), ["5511987650002", ANA_NEW]);
+        assert_eq!(c.ids(PN, ANA), [ANA], "the old BSUID is unlinked");
+        assert!(out
+            .iter()
+            .any(|e| e.kind == "user" && e.key == format!("{PN}:{ANA}")));
+        // The window moved too (the STOP was an inbound message).
+        assert!(c.get(PN, ANA_NEW).last_inbound_ms.is_some());
+    }
+
+    #[test]
+    fn user_preferences_by_bsuid_stop_marketing_for_the_person() {
+        let c = MemoryContacts::new();
+        run_pt(&c, &fixture("identity_inbound_phone_and_bsuid.json"));
+        let out = run_pt(&c, &fixture("identity_user_preferences_bsuid.json"));
+        assert_eq!(c.get(PN, PHONE).marketing, Marketing::Stopped);
+        assert_eq!(
+            keys(&out, "consent"),
+            [format!("{PN}:{PHONE}"), format!("{PN}:{ANA}")]
+        );
     }
 }

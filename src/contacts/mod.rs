@@ -74,6 +74,8 @@ pub trait Contacts: Send + Sync + 'static {
     fn unlink(&self, phone_number_id: &str, user: &str) -> Option<String>;
     /// Forgets the state held under this one id (links not followed).
     fn clear(&self, phone_number_id: &str, user: &str);
+    /// The state held under this one id (links not followed).
+    fn own(&self, phone_number_id: &str, user: &str) -> ContactState;
 }
 
 /// A pair as two integers. Ids of 1–16 ASCII digits (every id Meta sends:
@@ -207,7 +209,7 @@ impl Packed {
         } else {
             Marketing::Allowed
         };
-        let secs = self.0 >> 3;
+        let secs = (self.0 & !LINKED) >> 3;
         ContactState {
             consent,
             marketing,
@@ -699,6 +701,10 @@ impl Contacts for MemoryContacts {
     fn unlink(&self, phone_number_id: &str, user: &str) -> Option<String> {
         MemoryContacts::unlink(self, phone_number_id, user)
     }
+    fn own(&self, phone_number_id: &str, user: &str) -> ContactState {
+        let user = user.strip_prefix('+').unwrap_or(user);
+        self.lookup(phone_number_id, user).unwrap_or_default()
+    }
     fn clear(&self, phone_number_id: &str, user: &str) {
         let user = user.strip_prefix('+').unwrap_or(user);
         self.clear_consent(phone_number_id, user);
@@ -725,6 +731,64 @@ mod tests {
         assert_eq!(c.get("2", "5511"), ContactState::default());
         c.erase("1", "5511");
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn bsuids_have_entries_of_their_own_and_links_make_one_person() {
+        let c = MemoryContacts::new();
+        c.set_consent("1", "BR.5511", Consent::OptedOut);
+        assert_eq!(c.lookup("1", "BR.5511").unwrap().consent, Consent::OptedOut);
+        // A BSUID is never read as the phone its digits spell.
+        assert_eq!(c.lookup("1", "5511"), None);
+        assert_eq!(c.lookup("1", "BR.5512"), None);
+        assert_eq!(c.lookup("2", "BR.5511"), None);
+        c.record_inbound("1", "5511", 5_000_000);
+        assert_eq!(c.get("1", "5511").consent, Consent::Unknown);
+        assert!(c.link("1", "+5511", "BR.5511", 1, "wamid.1").new);
+        for id in ["5511", "+5511", "BR.5511"] {
+            let st = c.get("1", id);
+            assert_eq!(st.consent, Consent::OptedOut, "{id}");
+            assert_eq!(st.last_inbound_ms, Some(5_000_000), "{id}");
+        }
+        assert_eq!(c.ids("1", "+5511"), ["5511", "BR.5511"]);
+        // A START under one id after the link reaches both.
+        c.set_consent("1", "5511", Consent::OptedIn);
+        assert_eq!(c.own("1", "BR.5511").consent, Consent::OptedIn);
+        // The link bit never leaks into the state.
+        assert_eq!(c.own("1", "5511").last_inbound_ms, Some(5_000_000));
+        assert_eq!(c.unlink("1", "BR.5511").as_deref(), Some("5511"));
+        assert_eq!(c.ids("1", "5511"), ["5511"]);
+        // Unlinked, each id has only what was written under it.
+        assert_eq!(c.get("1", "BR.5511").last_inbound_ms, None);
+        assert_eq!(c.get("1", "5511").last_inbound_ms, Some(5_000_000));
+        c.link("1", "5511", "BR.5511", 2, "wamid.2");
+        Contacts::erase(&c, "1", "BR.5511");
+        assert!(c.is_empty(), "erasing the person removes both ids");
+        assert_eq!(c.links_len(), 0);
+        // Phone users cost what they did: 16 bytes of key, 8 of state.
+        assert_eq!(
+            std::mem::size_of::<((u64, u64), dashmap::SharedValue<Packed>)>(),
+            24
+        );
+    }
+
+    #[test]
+    fn merge_keeps_every_stop() {
+        let st = |consent, marketing, t| ContactState {
+            consent,
+            marketing,
+            last_inbound_ms: t,
+        };
+        let a = st(Consent::OptedOut, Marketing::Allowed, Some(1));
+        let b = st(Consent::OptedIn, Marketing::Stopped, Some(2));
+        assert_eq!(
+            merge(a, b),
+            st(Consent::OptedOut, Marketing::Stopped, Some(2))
+        );
+        assert_eq!(merge(b, a), merge(a, b));
+        let u = ContactState::default();
+        assert_eq!(merge(u, b), b);
+        assert_eq!(merge(u, u), u);
     }
 
     /// The raw read and write paths (prefetch, own insert and removal)

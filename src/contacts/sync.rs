@@ -632,6 +632,40 @@ mod tests {
     }
 
     #[test]
+    fn user_records_link_and_unlink_and_older_ones_lose() {
+        use crate::contacts::records::user_event;
+        let c = MemoryContacts::new();
+        let e = user_event("1", "BR.A", Some("5511"), "webhook", 10, "x".into());
+        assert_eq!(e.key, "1:BR.A");
+        apply_to(&c, Which::Users, &e.key, Some(&e.value));
+        assert_eq!(c.ids("1", "5511"), ["5511", "BR.A"]);
+        // An older record of another BSUID for the same phone (another
+        // partition, read late): the newer link stands.
+        let old = user_event("1", "BR.B", Some("5511"), "webhook", 5, "y".into());
+        apply_to(&c, Which::Users, &old.key, Some(&old.value));
+        assert_eq!(c.ids("1", "5511"), ["5511", "BR.A"]);
+        let un = user_event("1", "BR.A", None, "webhook", 20, "z".into());
+        apply_to(&c, Which::Users, &un.key, Some(&un.value));
+        assert_eq!(c.ids("1", "5511"), ["5511"]);
+        apply_to(&c, Which::Users, &e.key, Some(&e.value));
+        apply_to(&c, Which::Users, "1:BR.A", None);
+        assert_eq!(c.ids("1", "BR.A"), ["BR.A"], "a tombstone unlinks");
+        // Keys and values that are not ours change nothing.
+        apply_to(&c, Which::Users, "1:5511", Some(&e.value));
+        apply_to(&c, Which::Users, "1:BR.A", Some(b"{not json"));
+        assert!(c.is_empty());
+        // BSUID-keyed consent records land on the BSUID.
+        let st = ContactState {
+            consent: Consent::OptedOut,
+            ..ContactState::default()
+        };
+        let ce = consent_event("1", "BR.A", &st, "keyword", 5, "w");
+        apply_to(&c, Which::Consent, &ce.key, Some(&ce.value));
+        assert_eq!(c.get("1", "BR.A").consent, Consent::OptedOut);
+        assert_eq!(c.get("1", "5511").consent, Consent::Unknown);
+    }
+
+    #[test]
     fn records_round_trip_through_the_cache() {
         let c = MemoryContacts::new();
         let st = ContactState {

@@ -1384,6 +1384,124 @@ mod tests {
         assert!(total <= l.max_record_bytes(body.len()), "{total}");
     }
 
+    fn user(wa_id: Option<&str>, user_id: Option<&str>, parent: Option<&str>) -> User {
+        User::from_fields(wa_id, user_id, parent).unwrap()
+    }
+
+    const ANA: &str = "BR.8821736450019923";
+    const ANA_NEW: &str = "BR.4410098877665544";
+
+    #[test]
+    fn identity_messages_carry_every_id_and_null_for_what_meta_withheld() {
+        let only = run("identity_inbound_username_only.json");
+        assert_eq!(only.len(), 1);
+        let (e, v) = &only[0];
+        assert_eq!(v["wa_id"], Value::Null);
+        assert_eq!(v["user_id"], ANA);
+        assert_eq!(v["parent_user_id"], "BR.ENT.90017736450011");
+        assert_eq!(v["username"], "@ana.r");
+        assert_eq!(v["profile_name"], "Ana Ribeiro");
+        let orig = original("identity_inbound_username_only.json");
+        assert_eq!(
+            v["message"],
+            orig["entry"][0]["changes"][0]["value"]["messages"][0]
+        );
+        assert_eq!(
+            e.inbound,
+            Some((
+                user(None, Some(ANA), Some("BR.ENT.90017736450011")),
+                1_782_000_000
+            ))
+        );
+        let both = run("identity_inbound_phone_and_bsuid.json");
+        let (e, v) = &both[0];
+        assert_eq!(v["wa_id"], "5511987650001");
+        assert_eq!(v["user_id"], ANA);
+        assert_eq!(v["parent_user_id"], Value::Null);
+        assert_eq!(v["username"], Value::Null);
+        let (u, _) = e.inbound.as_ref().unwrap();
+        assert_eq!(u.pair(), Some(("5511987650001", ANA)));
+        let stop = run("identity_stop_username_only.json");
+        assert_eq!(stop[0].0.text.as_deref(), Some("PARAR"));
+        assert_eq!(
+            stop[0].0.inbound.as_ref().unwrap().0,
+            user(None, Some(ANA), None)
+        );
+        // Existing records keep their shape: the new fields are null.
+        let old = run("inbound_text.json");
+        assert_eq!(old[0].1["user_id"], Value::Null);
+        assert_eq!(old[0].1["username"], Value::Null);
+    }
+
+    #[test]
+    fn identity_statuses_carry_recipient_ids_and_link_only_when_both_appear() {
+        let d = run("identity_status_delivered_to_bsuid.json");
+        let (e, v) = &d[0];
+        assert_eq!(v["recipient_id"], Value::Null);
+        assert_eq!(v["recipient_user_id"], ANA);
+        assert_eq!(v["recipient_parent_user_id"], Value::Null);
+        assert_eq!(v["request_id"], "req-7");
+        assert_eq!(e.seen, None, "a BSUID alone links nothing");
+        let f = run("identity_status_failed_to_phone.json");
+        assert_eq!(f[0].1["recipient_id"], "5511987650001");
+        assert_eq!(f[0].1["recipient_user_id"], Value::Null);
+        let both = br#"{"entry":[{"id":"1","changes":[{"field":"messages","value":{"metadata":{"phone_number_id":"5"},"statuses":[{"id":"wamid.S","status":"read","timestamp":"1","recipient_id":"5511","recipient_user_id":"BR.1"}]}}]}]}"#;
+        let e = fan_out(&mut both.to_vec(), CTX).unwrap().remove(0);
+        assert_eq!(e.seen, Some(user(Some("5511"), Some("BR.1"), None)));
+    }
+
+    #[test]
+    fn id_changes_from_system_messages_and_the_legacy_field() {
+        let n = run("identity_system_user_changed_number.json");
+        let (e, v) = &n[0];
+        assert_eq!(e.inbound, None, "a system message opens no window");
+        assert_eq!(v["wa_id"], "5511987650001");
+        assert_eq!(
+            e.change,
+            Some(IdChange {
+                previous: user(Some("5511987650001"), Some(ANA), None),
+                current: user(Some("5511987650002"), Some(ANA_NEW), None),
+            })
+        );
+        let u = run("identity_system_user_changed_user_id.json");
+        assert_eq!(
+            u[0].0.change,
+            Some(IdChange {
+                previous: user(None, Some(ANA), None),
+                current: user(None, Some(ANA_NEW), None),
+            })
+        );
+        let legacy = br#"{"entry":[{"id":"1","changes":[{"field":"user_id_update","value":{"metadata":{"phone_number_id":"5"},"wa_id":"5511","user_id":{"previous":"BR.1","current":"BR.2"}}}]}]}"#;
+        let e = fan_out(&mut legacy.to_vec(), CTX).unwrap().remove(0);
+        assert_eq!(e.kind, "user_id_update");
+        assert_eq!(
+            e.change,
+            Some(IdChange {
+                previous: user(Some("5511"), Some("BR.1"), None),
+                current: user(Some("5511"), Some("BR.2"), None),
+            })
+        );
+        let p = run("identity_user_preferences_bsuid.json");
+        assert_eq!(
+            p[0].0.preferences,
+            vec![(user(None, Some(ANA), None), true)]
+        );
+    }
+
+    #[test]
+    fn malformed_bsuids_are_bad_ids_and_other_contacts_lend_no_ids() {
+        let bad = br#"{"entry":[{"id":"1","changes":[{"field":"messages","value":{"metadata":{"phone_number_id":"5"},"messages":[{"from_user_id":"5511987650001","id":"wamid.B","timestamp":"1","type":"text","text":{"body":"x"}}]}}]}]}"#;
+        assert!(matches!(
+            fan_out(&mut bad.to_vec(), CTX),
+            Err(ParseError::BadId("from_user_id"))
+        ));
+        // A message from a phone whose contact is not in the list: the first
+        // contact's BSUID is someone else's and must not be linked to it.
+        let other = br#"{"entry":[{"id":"1","changes":[{"field":"messages","value":{"metadata":{"phone_number_id":"5"},"contacts":[{"profile":{"name":"B"},"wa_id":"5599","user_id":"BR.OTHER"}],"messages":[{"from":"5511","id":"wamid.C","timestamp":"1","type":"text","text":{"body":"x"}}]}}]}]}"#;
+        let e = fan_out(&mut other.to_vec(), CTX).unwrap().remove(0);
+        assert_eq!(e.inbound.unwrap().0, user(Some("5511"), None, None));
+    }
+
     #[test]
     fn many_contacts_are_indexed_not_scanned() {
         let contacts: Vec<String> = (0..5_000)

@@ -12,7 +12,10 @@ pub use broker::{brokers, unique_prefix};
 #[allow(unused_imports)]
 pub use requests::{template, template_request};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -231,4 +234,50 @@ pub async fn sandbox_on_own_runtime(
         });
     });
     rx.await.unwrap()
+}
+
+/// Produces requests straight to the requests topic, as upstream apps do.
+pub async fn produce_requests(brokers: &str, prefix: &str, reqs: &[Value]) {
+    let cfg = config(brokers, prefix, &[]);
+    let p = wagate::kafka::KafkaProducer::new(&cfg.kafka).unwrap();
+    let topic = format!("{prefix}outbound.requests");
+    let mut futs = Vec::new();
+    for r in reqs {
+        let key = r["phone_number_id"].as_str().unwrap_or("").to_string();
+        futs.push(
+            p.send(&topic, key.as_bytes(), &serde_json::to_vec(r).unwrap(), &[])
+                .unwrap(),
+        );
+    }
+    for f in futs {
+        f.await.unwrap();
+    }
+}
+
+/// Reads results until `n` distinct request ids have one, or the deadline.
+pub async fn results(
+    brokers: &str,
+    prefix: &str,
+    n: usize,
+    within: Duration,
+) -> HashMap<String, Vec<Value>> {
+    let end = Instant::now() + within;
+    loop {
+        let by: HashMap<String, Vec<Value>> =
+            results_by_id(brokers, prefix, Duration::from_millis(800))
+                .await
+                .into_iter()
+                .map(|(id, recs)| (id, recs.into_iter().map(|r| r.value).collect()))
+                .collect();
+        if by.len() >= n || Instant::now() > end {
+            return by;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub fn one<'a>(by: &'a HashMap<String, Vec<Value>>, id: &str) -> &'a Value {
+    let v = by.get(id).unwrap_or_else(|| panic!("no result for {id}"));
+    assert_eq!(v.len(), 1, "{id} has {} results", v.len());
+    &v[0]
 }

@@ -9,8 +9,10 @@ export PATH="$HOME/.cargo/bin:$PATH"
 dur="${1:-10}"; shift || true
 conns=("$@"); [ ${#conns[@]} -gt 0 ] || conns=(32 128 256)
 dir="target/loadtest"; mkdir -p "$dir"
-cargo build --release --workspace --bins >&2
-W=target/release/wagate; L=target/release/wagate-loadgen
+# WAGATE_BIN / WAGATE_LOADGEN: other binaries (an A/B of two gateway builds
+# under one load generator); the default builds and uses this checkout's.
+if [ -z "${WAGATE_BIN:-}${WAGATE_LOADGEN:-}" ]; then cargo build --release --workspace --bins >&2; fi
+W=${WAGATE_BIN:-target/release/wagate}; L=${WAGATE_LOADGEN:-target/release/wagate-loadgen}
 export WAGATE_APP_SECRET=loadtest-secret WAGATE_VERIFY_TOKEN=v WAGATE_API_TOKEN=a WAGATE_ACCESS_TOKEN=t
 
 pids=()

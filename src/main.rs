@@ -128,9 +128,17 @@ async fn serve(path: Option<std::path::PathBuf>, dev: bool) -> ExitCode {
             .app("default")
             .map(|a| a.secrets[0].expose().to_string())
             .unwrap_or_default();
-        match wagate::sandbox::Sandbox::start(wagate::sandbox::sandbox_config_for_dev(url, secret))
-            .await
-        {
+        let mut sb_cfg = wagate::sandbox::sandbox_config_for_dev(url, secret);
+        // Users the sandbox treats as username users (phone withheld in its
+        // status webhooks): WAGATE_DEV_USERNAME_USERS=5511987650001,…
+        sb_cfg.username_users = std::env::var("WAGATE_DEV_USERNAME_USERS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect();
+        match wagate::sandbox::Sandbox::start(sb_cfg).await {
             Ok(sb) => {
                 cfg.graph.base_url = sb.base_url();
                 Some(sb)

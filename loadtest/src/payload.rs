@@ -295,15 +295,32 @@ impl Generator {
 
     fn messages_change(&self, o: &mut Out, number: Number, first: u64, count: u32, ts: u64) {
         let from = customer(first);
+        let ids = Ids::of(from);
         value_head(o, number);
-        o.s(r#""contacts":[{"profile":{"name":"Load Tester"},"wa_id":""#)
-            .n(from)
-            .s(r#""}],"messages":["#);
+        o.s(r#""contacts":[{"profile":{"name":"Load Tester""#);
+        if ids == Ids::Bsuid {
+            o.s(r#","username":"@load.tester""#);
+        }
+        o.s("}");
+        if ids != Ids::Bsuid {
+            o.s(r#","wa_id":""#).n(from).s("\"");
+        }
+        if ids != Ids::Phone {
+            o.s(r#","user_id":""#).bsuid(from).s("\"");
+        }
+        o.s(r#"}],"messages":["#);
         for e in first..first + count as u64 {
             if e > first {
                 o.s(",");
             }
-            o.s(r#"{"from":""#).n(from).s(r#"","id":"#);
+            o.s("{");
+            if ids != Ids::Bsuid {
+                o.s(r#""from":""#).n(from).s(r#"","#);
+            }
+            if ids != Ids::Phone {
+                o.s(r#""from_user_id":""#).bsuid(from).s(r#"","#);
+            }
+            o.s(r#""id":"#);
             self.event_id(o, e);
             o.s(r#","timestamp":""#)
                 .n(ts)
@@ -328,11 +345,16 @@ impl Generator {
                 .s(status)
                 .s(r#"","timestamp":""#)
                 .n(ts)
-                .s(r#"","recipient_id":""#)
-                .n(customer(e))
-                .s(r#"","biz_opaque_callback_data":"req-"#)
-                .n(e)
-                .s(r#""}"#);
+                .s("\"");
+            let to = customer(e);
+            let ids = Ids::of(to);
+            if ids != Ids::Bsuid {
+                o.s(r#","recipient_id":""#).n(to).s("\"");
+            }
+            if ids != Ids::Phone {
+                o.s(r#","recipient_user_id":""#).bsuid(to).s("\"");
+            }
+            o.s(r#","biz_opaque_callback_data":"req-"#).n(e).s(r#""}"#);
         }
         o.s(r#"]},"field":"messages"}"#);
     }
@@ -350,6 +372,27 @@ fn value_head(o: &mut Out, number: Number) {
         .s(r#""},"#);
 }
 
+/// Which ids Meta shows for a customer (IDENTITY.md): a share of the
+/// users in 2026 hide their phone behind a username (BSUID only), most
+/// show both, some only the phone (older API versions, no BSUID yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ids {
+    Phone,
+    Both,
+    Bsuid,
+}
+
+impl Ids {
+    /// Per customer, fixed: 20 % BSUID only, 50 % both, 30 % phone only.
+    fn of(customer: u64) -> Ids {
+        match mix64(customer ^ 0x1d5) % 10 {
+            0 | 1 => Ids::Bsuid,
+            2..=6 => Ids::Both,
+            _ => Ids::Phone,
+        }
+    }
+}
+
 /// A customer's wa_id (13 digits) for event `e`.
 fn customer(e: u64) -> u64 {
     5_511_900_000_000 + mix64(e) % 1_000_000
@@ -364,6 +407,11 @@ impl Out {
         debug_assert!(text.is_ascii());
         self.0.extend_from_slice(text.as_bytes());
         self
+    }
+
+    /// Appends the BSUID of customer `c`: `BR.LT` and its digits.
+    fn bsuid(&mut self, c: u64) -> &mut Self {
+        self.s("BR.LT").n(c)
     }
 
     /// Appends `v` in decimal.
@@ -450,11 +498,24 @@ mod tests {
                     11
                 ));
                 if let Some(ms) = val["messages"].as_array() {
-                    assert_eq!(val["contacts"][0]["profile"]["name"], "Load Tester");
-                    let wa_id = val["contacts"][0]["wa_id"].as_str().unwrap();
-                    assert!(is_digits(wa_id, 13));
+                    let contact = &val["contacts"][0];
+                    assert_eq!(contact["profile"]["name"], "Load Tester");
+                    // A phone, a BSUID, or both; never neither.
+                    let wa_id = contact["wa_id"].as_str();
+                    let user_id = contact["user_id"].as_str();
+                    assert!(wa_id.is_some() || user_id.is_some());
+                    assert!(wa_id.is_none_or(|w| is_digits(w, 13)));
+                    assert!(
+                        user_id.is_none_or(|u| u.starts_with("BR.LT") && is_digits(&u[5..], 13))
+                    );
+                    // Username only for users without a phone.
+                    assert_eq!(
+                        contact["profile"].get("username").is_some(),
+                        wa_id.is_none()
+                    );
                     for m in ms {
-                        assert_eq!(m["from"], wa_id);
+                        assert_eq!(m["from"].as_str(), wa_id);
+                        assert_eq!(m["from_user_id"].as_str(), user_id);
                         assert_eq!(m["type"], "text");
                         assert!(m["text"]["body"].as_str().unwrap().starts_with("hello "));
                         assert!(is_digits(m["timestamp"].as_str().unwrap(), 10));
@@ -466,7 +527,10 @@ mod tests {
                     for st in ss {
                         let s = st["status"].as_str().unwrap();
                         assert!(["sent", "delivered", "read"].contains(&s));
-                        assert!(is_digits(st["recipient_id"].as_str().unwrap(), 13));
+                        let to = st["recipient_id"].as_str();
+                        let bsuid = st["recipient_user_id"].as_str();
+                        assert!(to.is_some() || bsuid.is_some());
+                        assert!(to.is_none_or(|t| is_digits(t, 13)));
                         assert!(is_digits(st["timestamp"].as_str().unwrap(), 10));
                         assert!(st["biz_opaque_callback_data"]
                             .as_str()
@@ -551,6 +615,22 @@ mod tests {
             let unique: HashSet<_> = msgs.iter().chain(&stats).collect();
             assert_eq!(unique.len() as u32, n);
         }
+    }
+
+    #[test]
+    fn users_come_as_phone_bsuid_or_both_in_the_documented_shares() {
+        let mut n = [0u32; 3];
+        for c in 0..10_000u64 {
+            n[match Ids::of(customer(c)) {
+                Ids::Phone => 0,
+                Ids::Both => 1,
+                Ids::Bsuid => 2,
+            }] += 1;
+        }
+        // 30 / 50 / 20 %, give or take the hash.
+        assert!((2_700..3_300).contains(&n[0]), "{n:?}");
+        assert!((4_600..5_400).contains(&n[1]), "{n:?}");
+        assert!((1_700..2_300).contains(&n[2]), "{n:?}");
     }
 
     #[test]

@@ -30,8 +30,6 @@ pub const MAX_KNOWN_PHONES: usize = super::MAX_INBOUND_PAIRS;
 pub const PHONE_SHARED_MS: u64 = 30 * 24 * 3600 * 1000;
 /// Hex characters of SHA-256 in a sandbox BSUID.
 const BSUID_HEX: usize = 20;
-/// Longest id part of a BSUID.
-const BSUID_MAX_ID: usize = 128;
 
 /// The BSUID of the user with phone `wa_id` (its digits; `+` and
 /// separators are ignored): `US.` and the first 20 uppercase hex characters
@@ -43,22 +41,8 @@ pub fn bsuid_of(wa_id: &str) -> String {
     format!("US.{hex}")
 }
 
-/// Whether `s` is a BSUID or a parent BSUID:
-/// `^[A-Z]{2}\.(ENT\.)?[A-Za-z0-9]{1,128}$`.
-pub fn is_bsuid(s: &str) -> bool {
-    let b = s.as_bytes();
-    if b.len() < 4 || !b[0].is_ascii_uppercase() || !b[1].is_ascii_uppercase() || b[2] != b'.' {
-        return false;
-    }
-    let rest = &s[3..];
-    let id = rest.strip_prefix("ENT.").unwrap_or(rest);
-    (1..=BSUID_MAX_ID).contains(&id.len()) && id.bytes().all(|c| c.is_ascii_alphanumeric())
-}
-
-/// Whether `s` is a parent BSUID (`CC.ENT.…`).
-pub fn is_parent_bsuid(s: &str) -> bool {
-    is_bsuid(s) && s[3..].starts_with("ENT.") && s.len() > 7
-}
+/// The BSUID shape checks are Meta's, shared with the gateway.
+pub use crate::meta::identity::{is_bsuid, is_parent_bsuid};
 
 /// The username the sandbox gives a username user: `@user` and the last
 /// four digits of the phone.

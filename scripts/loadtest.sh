@@ -36,7 +36,8 @@ sent() { sed -n 's/^generator .*(\([0-9]*\) requests sent in all)/\1/p' "$1"; }
 # own CPU per request: it shares the two cores with the server under test.
 TIMEFORMAT='%U %S'
 load() {
-  { time $L run --url "$1" --connections "$2" --duration-secs "$dur" --warmup-secs 1 \
+  # shellcheck disable=SC2086 # LOADGEN_ARGS: extra flags, e.g. "--customers 5000"
+  { time $L run --url "$1" --connections "$2" --duration-secs "$dur" --warmup-secs 1 ${LOADGEN_ARGS:-} \
       >"$dir/run.out" 2>"$dir/run.err"; } 2>"$dir/run.time"
   cat "$dir/run.err" >&2; cat "$dir/run.out"
   awk -v n="$(sent "$dir/run.out")" '{printf "loadgen cpu per request: %.1f us\n", ($1 + $2) * 1e6 / n}' "$dir/run.time"

@@ -142,6 +142,10 @@ async fn consent_windows_and_preferences_follow_the_person_and_sends_go_by_recip
     .await;
     // A fourth: user_preferences by BSUID only stops marketing.
     webhook(addr, &fixture("identity_user_preferences_bsuid.json")).await;
+    let prefs = String::from_utf8(fixture("identity_user_preferences_bsuid.json"))
+        .unwrap()
+        .replace(ANA, "BR.PREFS4");
+    webhook(addr, prefs.as_bytes()).await;
     produce_requests(
         &b,
         &p,
@@ -166,10 +170,27 @@ async fn consent_windows_and_preferences_follow_the_person_and_sends_go_by_recip
                 template("order_shipped"),
             ),
             send("otp-to-bsuid", solo, "authentication", template("otp")),
+            send(
+                "marketing-stopped",
+                "BR.PREFS4",
+                "marketing",
+                template("promo"),
+            ),
+            send(
+                "utility-after-prefs",
+                "BR.PREFS4",
+                "utility",
+                template("order_shipped"),
+            ),
         ],
     )
     .await;
-    let by = results(&b, &p, 5, Duration::from_secs(40)).await;
+    let by = results(&b, &p, 7, Duration::from_secs(40)).await;
+    assert_eq!(
+        one(&by, "marketing-stopped")["error"]["code"],
+        "marketing_stopped"
+    );
+    assert_eq!(one(&by, "utility-after-prefs")["outcome"], "accepted");
     assert_eq!(
         one(&by, "by-recipient-stopped")["error"]["code"],
         "opted_out"
@@ -231,7 +252,7 @@ async fn consent_windows_and_preferences_follow_the_person_and_sends_go_by_recip
         ],
     )
     .await;
-    let by = results(&b, &p, 7, Duration::from_secs(40)).await;
+    let by = results(&b, &p, 9, Duration::from_secs(40)).await;
     assert_eq!(one(&by, "after-change")["error"]["code"], "opted_out");
     let otp = one(&by, "otp-readdressed");
     assert_eq!(otp["outcome"], "accepted", "{otp}");

@@ -65,6 +65,11 @@ pub struct RunArgs {
     /// Distinct business phone_number_ids to spread over (1..=100,000).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub numbers: u64,
+    /// Distinct users (customers) the events come from (1..=10,000,000):
+    /// the default makes nearly every event's user new to the gateway;
+    /// a few thousand is a steady state where users write again.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub customers: u64,
     /// Timeout for one connect or one request, in milliseconds (1..=60,000).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub timeout_ms: u64,
@@ -104,7 +109,7 @@ pub async fn main(a: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let generator = Generator::new(mix, a.batch_events, a.numbers);
+    let generator = Generator::new(mix, a.batch_events, a.numbers).with_customers(a.customers);
     eprintln!(
         "wagate-loadgen: {} connections to {} for {} s warm-up + {} s, at most {} requests, {}; event ids wamid.LT{}...",
         a.connections,

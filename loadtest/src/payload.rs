@@ -158,6 +158,7 @@ pub struct Generator {
     mix: Mix,
     batch_events: u32,
     numbers: u64,
+    customers: u64,
     prefix: String,
     requests: AtomicU64,
     events: AtomicU64,
@@ -195,10 +196,22 @@ impl Generator {
             mix,
             batch_events,
             numbers,
+            customers: 1_000_000,
             prefix: prefix.to_string(),
             requests: AtomicU64::new(0),
             events: AtomicU64::new(0),
         }
+    }
+
+    /// Spreads events over `n` customers (at least 1; 1,000,000 by default).
+    pub fn with_customers(mut self, n: u64) -> Generator {
+        self.customers = n.max(1);
+        self
+    }
+
+    /// A customer's wa_id (13 digits) for event `e`.
+    fn customer(&self, e: u64) -> u64 {
+        5_511_900_000_000 + mix64(e) % self.customers
     }
 
     /// The random per-run prefix of every event id.
@@ -294,7 +307,7 @@ impl Generator {
     }
 
     fn messages_change(&self, o: &mut Out, number: Number, first: u64, count: u32, ts: u64) {
-        let from = customer(first);
+        let from = self.customer(first);
         let ids = Ids::of(from);
         value_head(o, number);
         o.s(r#""contacts":[{"profile":{"name":"Load Tester""#);
@@ -346,7 +359,7 @@ impl Generator {
                 .s(r#"","timestamp":""#)
                 .n(ts)
                 .s("\"");
-            let to = customer(e);
+            let to = self.customer(e);
             let ids = Ids::of(to);
             if ids != Ids::Bsuid {
                 o.s(r#","recipient_id":""#).n(to).s("\"");
@@ -391,11 +404,6 @@ impl Ids {
             _ => Ids::Phone,
         }
     }
-}
-
-/// A customer's wa_id (13 digits) for event `e`.
-fn customer(e: u64) -> u64 {
-    5_511_900_000_000 + mix64(e) % 1_000_000
 }
 
 /// A byte buffer with cheap appends (no `fmt` machinery on the hot path).
@@ -621,7 +629,7 @@ mod tests {
     fn users_come_as_phone_bsuid_or_both_in_the_documented_shares() {
         let mut n = [0u32; 3];
         for c in 0..10_000u64 {
-            n[match Ids::of(customer(c)) {
+            n[match Ids::of(5_511_900_000_000 + c) {
                 Ids::Phone => 0,
                 Ids::Both => 1,
                 Ids::Bsuid => 2,

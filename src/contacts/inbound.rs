@@ -117,11 +117,10 @@ fn inbound(
         .min(received_at_ms);
     let before = c.get(pn, id).last_inbound_ms;
     c.record_inbound(pn, id, ms);
-    let ids = c.ids(pn, id);
+    // Under the id the message came from only (the phone when Meta showed
+    // it): the person's other id reads it through the link.
     if before.is_none_or(|b| ms >= b.saturating_add(WINDOW_WRITE_EVERY_MS)) {
-        for (i, other) in ids.iter().enumerate() {
-            emit(window_event(pn, other, ms, &cause(&ev.event_id, i, other)));
-        }
+        emit(window_event(pn, id, ms, &ev.event_id));
     }
     let said = ev
         .payload
@@ -141,6 +140,7 @@ fn inbound(
     };
     c.set_consent(pn, id, consent);
     let st = c.get(pn, id);
+    let ids = c.ids(pn, id);
     for (i, other) in ids.iter().enumerate() {
         emit(consent_event(
             pn,
@@ -290,7 +290,7 @@ fn carry(
         if st.consent != Consent::Unknown || st.marketing != Marketing::Allowed {
             emit(consent_event(pn, &other, &st, source, now_ms, &cause));
         }
-        if let Some(ms) = st.last_inbound_ms {
+        if let (Some(ms), true) = (st.last_inbound_ms, other == new) {
             emit(window_event(pn, &other, ms, &cause));
         }
     }
@@ -427,11 +427,10 @@ mod tests {
         let rec: crate::contacts::records::UserRecord =
             serde_json::from_slice(&users[0].value).unwrap();
         assert_eq!(rec.wa_id.as_deref(), Some(PHONE));
-        // The window is written under both ids.
-        assert_eq!(
-            keys(&out, "window"),
-            [format!("{PN}:{PHONE}"), format!("{PN}:{ANA}")]
-        );
+        // The window is written under the phone the message came from; the
+        // BSUID reads it through the link.
+        assert_eq!(keys(&out, "window"), [format!("{PN}:{PHONE}")]);
+        assert!(c.get(PN, ANA).last_inbound_ms.is_some());
         // The same body delivered again (its first delivery failed): the
         // link record is offered again, with the same event id.
         let again = run_pt(&c, &fixture("identity_inbound_phone_and_bsuid.json"));

@@ -65,6 +65,11 @@ impl Links {
         self.map.is_empty()
     }
 
+    /// The slot of `slot`'s partner, if linked.
+    pub(super) fn partner(&self, slot: Slot) -> Option<Slot> {
+        self.map.get(&slot).map(|p| p.slot)
+    }
+
     /// The other id of `slot`'s person, if linked.
     pub(super) fn other(&self, slot: Slot) -> Option<String> {
         self.map.get(&slot).map(|p| p.id.to_string())
@@ -74,21 +79,23 @@ impl Links {
     /// than a link either id already has (a record replayed out of order):
     /// nothing changes.
     pub(super) fn link(&self, phone: Id<'_>, bsuid: Id<'_>, at_ms: u64, cause: u64) -> Linked {
-        let current = |slot: Slot| self.map.get(&slot).map(|p| p.clone());
-        let (of_phone, of_bsuid) = (current(phone.slot), current(bsuid.slot));
-        if let (Some(a), Some(b)) = (&of_phone, &of_bsuid) {
-            if a.slot == bsuid.slot && b.slot == phone.slot {
+        // The common case, a link seen again: two lookups, nothing copied
+        // (each guard is dropped before the next lookup).
+        let peek = |slot: Slot| self.map.get(&slot).map(|p| (p.slot, p.at_ms, p.cause));
+        let (a, b) = (peek(phone.slot), peek(bsuid.slot));
+        if let (Some(a), Some(b)) = (a, b) {
+            if a.0 == bsuid.slot && b.0 == phone.slot {
                 return Linked {
-                    new: cause != 0 && a.cause == cause,
+                    new: cause != 0 && a.2 == cause,
                     ..Linked::default()
                 };
             }
         }
-        if of_phone.as_ref().is_some_and(|p| p.at_ms > at_ms)
-            || of_bsuid.as_ref().is_some_and(|p| p.at_ms > at_ms)
-        {
+        if a.is_some_and(|p| p.1 > at_ms) || b.is_some_and(|p| p.1 > at_ms) {
             return Linked::default();
         }
+        let current = |slot: Slot| self.map.get(&slot).map(|p| p.clone());
+        let (of_phone, of_bsuid) = (current(phone.slot), current(bsuid.slot));
         let mut out = Linked {
             new: true,
             ..Linked::default()
@@ -138,9 +145,11 @@ mod tests {
     use super::*;
 
     fn id(s: &str) -> Id<'_> {
-        let n = s.bytes().fold(0u128, |h, b| h * 131 + u128::from(b));
+        let n = s
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(131) + u64::from(b));
         Id {
-            slot: Slot::Bsuid((1, n)),
+            slot: Slot::Bsuid((1, n, !n)),
             text: s,
         }
     }

@@ -55,6 +55,8 @@ pub trait Contacts: Send + Sync + 'static {
     fn get(&self, phone_number_id: &str, user: &str) -> ContactState;
     fn set_consent(&self, phone_number_id: &str, user: &str, consent: Consent);
     fn set_marketing(&self, phone_number_id: &str, user: &str, marketing: Marketing);
+    /// An inbound message from `user`: kept under that id alone (reads
+    /// merge the person's ids, the later message winning).
     fn record_inbound(&self, phone_number_id: &str, user: &str, at_ms: u64);
     /// Forgets the person under every id, and their links.
     fn erase(&self, phone_number_id: &str, user: &str);
@@ -260,6 +262,7 @@ impl<K: Eq + std::hash::Hash + Copy> Default for Table<K> {
 }
 
 impl<K: Eq + std::hash::Hash + Copy> Table<K> {
+    #[inline(always)]
     fn hash(&self, key: K) -> (u64, usize) {
         use std::hash::BuildHasher;
         let hash = self.map.hasher().hash_one(key);
@@ -274,6 +277,7 @@ impl<K: Eq + std::hash::Hash + Copy> Table<K> {
     /// matched), so in a table far larger than the caches a lookup would
     /// otherwise pay two misses in series, after the lock. Most keys sit in
     /// or next to their home bucket.
+    #[inline(always)]
     fn read(&self, key: K) -> Option<Packed> {
         let (hash, shard) = self.hash(key);
         self.prefetch_home(hash, shard);
@@ -286,7 +290,7 @@ impl<K: Eq + std::hash::Hash + Copy> Table<K> {
         self.prefetch_home(hash, shard);
     }
 
-    #[inline]
+    #[inline(always)]
     fn prefetch_home(&self, hash: u64, shard: usize) {
         // The shard's lock word (and the table's header beside it): taking
         // the read lock writes it, and under two threads its line is often
@@ -388,7 +392,9 @@ impl<K: Eq + std::hash::Hash + Copy> Table<K> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Slot {
     Phone((u64, u64)),
-    Bsuid((u64, u128)),
+    /// (number, the BSUID's 128-bit hash as two halves: three `u64`s, so a
+    /// slot is 32 bytes, not the 48 a `u128` key's alignment would make it).
+    Bsuid((u64, u64, u64)),
 }
 
 /// The in-memory cache: one entry per (business number, id), and the links
@@ -402,7 +408,7 @@ pub(crate) enum Slot {
 /// BSUID is kept only in the links (for the API's `ids` and re-addressing).
 pub struct MemoryContacts {
     phones: Table<(u64, u64)>,
-    bsuids: Table<(u64, u128)>,
+    bsuids: Table<(u64, u64, u64)>,
     seeds: (foldhash::fast::FixedState, foldhash::fast::FixedState),
     links: links::Links,
 }
@@ -444,19 +450,27 @@ impl MemoryContacts {
     }
 
     /// The 128-bit key of a BSUID.
-    fn bsuid_hash(&self, bsuid: &str) -> u128 {
+    fn bsuid_hash(&self, bsuid: &str) -> (u64, u64) {
         use std::hash::BuildHasher;
-        (u128::from(self.seeds.0.hash_one(bsuid)) << 64) | u128::from(self.seeds.1.hash_one(bsuid))
+        (self.seeds.0.hash_one(bsuid), self.seeds.1.hash_one(bsuid))
     }
 
+    /// Where an id lives. Ids reach the cache checked (webhook fan-out,
+    /// the API, SendRequest validation), so the shape of a BSUID's first
+    /// three bytes (`CC.`, which no phone has) decides: one comparison, not
+    /// a scan of up to 131 bytes on every lookup.
+    #[inline(always)]
     fn slot(&self, phone_number_id: &str, user: &str) -> Slot {
-        if crate::meta::identity::is_bsuid(user) {
-            Slot::Bsuid((digits_or_hash(phone_number_id), self.bsuid_hash(user)))
+        let b = user.as_bytes();
+        if b.len() >= 4 && b[0].is_ascii_uppercase() && b[1].is_ascii_uppercase() && b[2] == b'.' {
+            let (h1, h2) = self.bsuid_hash(user);
+            Slot::Bsuid((digits_or_hash(phone_number_id), h1, h2))
         } else {
             Slot::Phone(pair_key(phone_number_id, user))
         }
     }
 
+    #[inline(always)]
     fn read_slot(&self, slot: Slot) -> Option<Packed> {
         match slot {
             Slot::Phone(k) => self.phones.read(k),
@@ -648,13 +662,24 @@ pub fn merge(a: ContactState, b: ContactState) -> ContactState {
 }
 
 impl Contacts for MemoryContacts {
+    #[inline]
     fn get(&self, phone_number_id: &str, user: &str) -> ContactState {
-        let user = user.strip_prefix('+').unwrap_or(user);
-        match self.entry(self.slot(phone_number_id, user)) {
-            (st, None) => st,
-            (st, Some(other)) => {
-                merge(st, self.lookup(phone_number_id, &other).unwrap_or_default())
-            }
+        // A phone (digits, or `+` first) is never a BSUID (a capital
+        // first): one table, one lookup, as before BSUIDs.
+        let slot = match user.as_bytes().first() {
+            Some(b'0'..=b'9' | b'+') => Slot::Phone(pair_key(phone_number_id, user)),
+            _ => self.slot(phone_number_id, user),
+        };
+        let Some(p) = self.read_slot(slot) else {
+            return ContactState::default();
+        };
+        if p.0 & LINKED == 0 {
+            return p.unpack();
+        }
+        // Linked: the partner's state, by its slot (nothing allocated).
+        match self.links.partner(slot).and_then(|s| self.read_slot(s)) {
+            Some(q) => merge(p.unpack(), q.unpack()),
+            None => p.unpack(),
         }
     }
     fn set_consent(&self, phone_number_id: &str, user: &str, consent: Consent) {
@@ -668,9 +693,10 @@ impl Contacts for MemoryContacts {
         }
     }
     fn record_inbound(&self, phone_number_id: &str, user: &str, at_ms: u64) {
-        for id in self.person(phone_number_id, user).ids() {
-            self.set_window(phone_number_id, id, at_ms);
-        }
+        // Under the id it came from only: a read merges the person's ids
+        // (the later inbound wins), so the window is open for both.
+        let user = user.strip_prefix('+').unwrap_or(user);
+        self.set_window(phone_number_id, user, at_ms);
     }
     fn erase(&self, phone_number_id: &str, user: &str) {
         let p = self.person(phone_number_id, user);
@@ -765,10 +791,15 @@ mod tests {
         Contacts::erase(&c, "1", "BR.5511");
         assert!(c.is_empty(), "erasing the person removes both ids");
         assert_eq!(c.links_len(), 0);
-        // Phone users cost what they did: 16 bytes of key, 8 of state.
+        // Phone users cost what they did: 16 bytes of key, 8 of state;
+        // BSUID users 24 and 8.
         assert_eq!(
             std::mem::size_of::<((u64, u64), dashmap::SharedValue<Packed>)>(),
             24
+        );
+        assert_eq!(
+            std::mem::size_of::<((u64, u64, u64), dashmap::SharedValue<Packed>)>(),
+            32
         );
     }
 

@@ -1489,6 +1489,33 @@ mod tests {
     }
 
     #[test]
+    fn reactions_edits_and_group_messages_of_bsuid_users_carry_their_ids() {
+        let body = br#"{"entry":[{"id":"1","changes":[{"field":"messages","value":{"metadata":{"phone_number_id":"5"},
+            "contacts":[{"profile":{"name":"A","username":"@a"},"user_id":"BR.R1"},{"profile":{"name":"G"},"wa_id":"5522","user_id":"BR.G2"}],
+            "messages":[
+              {"from_user_id":"BR.R1","id":"wamid.R","timestamp":"10","type":"reaction","reaction":{"message_id":"wamid.O","emoji":"+"}},
+              {"from_user_id":"BR.R1","id":"wamid.E","timestamp":"11","type":"edit","edit":{"original_message_id":"wamid.O","message":{"type":"text","text":{"body":"x"}}}},
+              {"from":"5522","from_user_id":"BR.G2","group_id":"G.1","id":"wamid.G","timestamp":"12","type":"text","text":{"body":"hi all"}}]}}]}]}"#;
+        let evs = fan_out(&mut body.to_vec(), CTX).unwrap();
+        assert_eq!(evs.len(), 3);
+        let v = |i: usize| serde_json::from_slice::<Value>(&evs[i].value).unwrap();
+        for i in [0, 1] {
+            assert_eq!(v(i)["user_id"], "BR.R1");
+            assert_eq!(v(i)["wa_id"], Value::Null);
+            assert_eq!(v(i)["username"], "@a");
+            assert_eq!(
+                evs[i].inbound.as_ref().unwrap().0,
+                user(None, Some("BR.R1"), None)
+            );
+        }
+        assert_eq!(v(1)["message"]["type"], "edit");
+        assert_eq!(v(2)["wa_id"], "5522");
+        assert_eq!(v(2)["user_id"], "BR.G2");
+        assert_eq!(v(2)["message"]["group_id"], "G.1");
+        assert_eq!(v(2)["profile_name"], "G");
+    }
+
+    #[test]
     fn malformed_bsuids_are_bad_ids_and_other_contacts_lend_no_ids() {
         let bad = br#"{"entry":[{"id":"1","changes":[{"field":"messages","value":{"metadata":{"phone_number_id":"5"},"messages":[{"from_user_id":"5511987650001","id":"wamid.B","timestamp":"1","type":"text","text":{"body":"x"}}]}}]}]}"#;
         assert!(matches!(

@@ -219,7 +219,7 @@ fn bootstrap(rt: &tokio::runtime::Runtime, brokers: &str, records: u64) {
         for (ev, topic) in evs.iter().zip([&consent_topic, &windows_topic]) {
             let headers: [(&str, &[u8]); 3] = [
                 ("wagate-event-id", ev.event_id.as_bytes()),
-                ("wagate-kind", ev.kind.as_bytes()),
+                ("wagate-kind", ev.kind.as_str().as_bytes()),
                 ("wagate-app", b"default"),
             ];
             loop {
@@ -361,7 +361,7 @@ fn timed_bootstrap(
 ) -> f64 {
     let base = applied(metrics);
     let cache = Arc::new(MemoryContacts::new());
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = tokio_util::sync::CancellationToken::new();
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, u64)>();
     let rss_before = rss_bytes();
     let cpu_before = cpu_ticks("self");
@@ -413,7 +413,7 @@ fn timed_bootstrap(
     if caught_up.is_none() {
         caught_up = rx.recv_timeout(Duration::from_secs(10)).ok();
     }
-    stop.store(true, Ordering::Relaxed);
+    stop.cancel();
     handle
         .join()
         .expect("sync thread")

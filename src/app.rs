@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, Readiness};
 use crate::config::Config;
@@ -32,8 +32,10 @@ pub struct Gateway {
     pub metrics: PrometheusHandle,
     /// The contacts cache egress consults.
     pub contacts: Arc<MemoryContacts>,
-    shutdown: watch::Sender<bool>,
-    contacts_stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The one shutdown signal: listeners, egress and background tasks.
+    shutdown: CancellationToken,
+    /// Cancelled after egress has drained: the contacts readers stop last.
+    contacts_stop: CancellationToken,
     contacts_thread: Option<std::thread::JoinHandle<()>>,
     egress: Option<JoinHandle<()>>,
     servers: Vec<JoinHandle<bool>>,
@@ -93,7 +95,7 @@ fn spawn_contacts_sync(
     topics: &Topics,
     cache: Arc<MemoryContacts>,
     ready: Arc<Readiness>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let (consent, windows, users) = (
         topics.name(TopicId::Consent).to_string(),
@@ -153,7 +155,8 @@ impl Gateway {
         let internal = http::bind("internal_listen", cfg.internal_listen).await?;
         let public_addr = public.local_addr()?;
         let internal_addr = internal.local_addr()?;
-        let (shutdown, rx) = watch::channel(false);
+        let shutdown = CancellationToken::new();
+        let rx = shutdown.clone();
         let limits = Limits {
             max_connections: cfg.max_connections,
             max_connections_per_peer: cfg.max_connections_per_peer,
@@ -193,7 +196,7 @@ impl Gateway {
                 }
             })
         });
-        let contacts_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let contacts_stop = CancellationToken::new();
         let contacts_thread = spawn_contacts_sync(
             &cfg,
             &topics,
@@ -257,7 +260,7 @@ impl Gateway {
             );
             tokio::time::sleep(self.shutdown_grace).await;
         }
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
         let mut drained = true;
         for s in self.servers {
             drained &= s.await.unwrap_or(false);
@@ -266,10 +269,11 @@ impl Gateway {
             let left = self.shutdown_timeout.saturating_sub(start.elapsed());
             drained &= tokio::time::timeout(left, e).await.is_ok();
         }
+        // The background tasks saw the same signal; they end at once.
         for b in self.background {
-            b.abort();
+            let _ = tokio::time::timeout(Duration::from_secs(1), b).await;
         }
-        self.contacts_stop.store(true, Ordering::Relaxed);
+        self.contacts_stop.cancel();
         // The sync thread notices within one poll (100 ms); its consumer is
         // closed before this returns (and before `--dev` stops its broker).
         if let Some(t) = self.contacts_thread {
@@ -302,17 +306,15 @@ impl Gateway {
 }
 
 /// Keeps `ready.kafka` true while a broker answers metadata requests.
-async fn kafka_pinger(
-    producer: KafkaProducer,
-    ready: Arc<Readiness>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn kafka_pinger(producer: KafkaProducer, ready: Arc<Readiness>, stop: CancellationToken) {
     let mut was = None;
     loop {
         let p = producer.clone();
-        let ok = tokio::task::spawn_blocking(move || p.ping(Duration::from_secs(3)).is_ok())
-            .await
-            .unwrap_or(false);
+        let ping = tokio::task::spawn_blocking(move || p.ping(Duration::from_secs(3)).is_ok());
+        let ok = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = ping => r.unwrap_or(false),
+        };
         ready.kafka.store(ok, Ordering::Relaxed);
         if was != Some(ok) {
             if ok {
@@ -328,7 +330,7 @@ async fn kafka_pinger(
             Duration::from_millis(500)
         };
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
     }
@@ -342,13 +344,13 @@ async fn gauges(
     egress: Option<Arc<Egress>>,
     contacts: Arc<MemoryContacts>,
     ready: Arc<Readiness>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n = 0u64;
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         n += 1;

@@ -20,7 +20,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{self as m, HttpError};
 
@@ -40,7 +41,7 @@ pub struct Limits {
     pub shutdown_timeout: Duration,
 }
 
-/// Serves `handler` on `listener` until `shutdown` turns true, then stops
+/// Serves `handler` on `listener` until `shutdown` is cancelled, then stops
 /// accepting and lets open connections finish (up to `shutdown_timeout`).
 /// Returns whether every connection finished in time.
 pub async fn serve<H, F>(
@@ -48,7 +49,7 @@ pub async fn serve<H, F>(
     listener: TcpListener,
     limits: Limits,
     handler: H,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> bool
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -74,7 +75,7 @@ where
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.changed() => break,
+            _ = shutdown.cancelled() => break,
             r = listener.accept() => r,
         };
         let (stream, peer) = match accepted {
@@ -147,7 +148,7 @@ async fn drive<C, E>(
     conn: C,
     activity: Arc<Activity>,
     idle: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) where
     C: Future<Output = Result<(), E>> + GracefulConn,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -159,7 +160,7 @@ async fn drive<C, E>(
     let result = loop {
         tokio::select! {
             r = conn.as_mut() => break r,
-            _ = stop.wait_for(|s| *s), if !closing => {
+            _ = stop.cancelled(), if !closing => {
                 conn.as_mut().close_gracefully();
                 closing = true;
             }

@@ -5,45 +5,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use hyper::StatusCode;
 use serde_json::{json, Value};
-
-async fn api(method: &str, url: &str, body: Option<Value>) -> Resp {
-    let b = hyper::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("authorization", "Bearer test-api-token")
-        .header("content-type", "application/json");
-    let body = body
-        .map(|v| serde_json::to_vec(&v).unwrap())
-        .unwrap_or_default();
-    request(
-        b.body(http_body_util::Full::new(bytes::Bytes::from(body)))
-            .unwrap(),
-    )
-    .await
-}
-
-/// Polls a contact until `pred` holds.
-async fn wait_for(url: &str, pred: impl Fn(&Resp) -> bool) -> Resp {
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = api("GET", url, None).await;
-        if pred(&r) {
-            return r;
-        }
-        assert!(
-            Instant::now() < end,
-            "{url}: last answer {} {}",
-            r.status,
-            String::from_utf8_lossy(&r.body)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consent_travels_through_the_topics_survives_restarts_and_can_be_erased() {

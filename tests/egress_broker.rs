@@ -8,21 +8,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use hyper::StatusCode;
 use serde_json::{json, Value};
-use wagate::sandbox::{FixedError, Sandbox, SandboxConfig};
+use wagate::sandbox::FixedError;
 
 /// These tests measure timing (throughput windows): run them one at a time
 /// so they do not compete for the two cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn sandbox(cfg: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
-    let mut c = SandboxConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        pair_rate: None,
-        ..Default::default()
-    };
-    cfg(&mut c);
-    sandbox_on_own_runtime(c).await
-}
 
 /// Like [`produce_requests`], one record per batch: Tansu 0.6 answers a fetch
 /// from an offset inside a record batch with nothing, so a consumer group

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use hyper::StatusCode;
 use serde_json::{json, Value};
-use wagate::sandbox::{bsuid_of, Sandbox, SandboxConfig};
+use wagate::sandbox::bsuid_of;
 
 /// These tests share the two cores with timing-sensitive neighbours.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -21,28 +21,6 @@ const PN: &str = "118877665544332";
 const ANA: &str = "BR.8821736450019923";
 const ANA_NEW: &str = "BR.4410098877665544";
 const ANA_PHONE: &str = "5511987650001";
-
-async fn sandbox(cfg: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
-    let mut c = SandboxConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        pair_rate: None,
-        ..Default::default()
-    };
-    cfg(&mut c);
-    sandbox_on_own_runtime(c).await
-}
-
-async fn api(method: &str, url: &str) -> Resp {
-    let b = hyper::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("authorization", "Bearer test-api-token");
-    request(
-        b.body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap(),
-    )
-    .await
-}
 
 /// A webhook of one inbound text message at `PN` (now), from the ids given.
 fn says(wamid: &str, phone: Option<&str>, bsuid: Option<&str>, text: &str) -> Vec<u8> {
@@ -270,7 +248,7 @@ async fn consent_windows_and_preferences_follow_the_person_and_sends_go_by_recip
     // Step 4: the contacts API answers for the person under either id, and
     // DELETE by phone erases the person under the BSUID too.
     let base = format!("http://{}/v1/contacts/{PN}", gw.internal_addr);
-    let r = api("GET", &format!("{base}/BR%2ELINKED5")).await;
+    let r = api("GET", &format!("{base}/BR%2ELINKED5"), None).await;
     assert_eq!(r.status, StatusCode::OK);
     let v: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(
@@ -278,19 +256,21 @@ async fn consent_windows_and_preferences_follow_the_person_and_sends_go_by_recip
         json!({"wa_id":"5511900000005","user_id":"BR.LINKED5"})
     );
     assert!(v["last_inbound_ms"].as_u64().is_some());
-    let r = api("GET", &format!("{base}/+5511900000005")).await;
+    let r = api("GET", &format!("{base}/+5511900000005"), None).await;
     let v: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(v["ids"]["user_id"], "BR.LINKED5");
     assert_eq!(
-        api("GET", &format!("{base}/br.linked5")).await.status,
+        api("GET", &format!("{base}/br.linked5"), None).await.status,
         StatusCode::BAD_REQUEST
     );
     assert_eq!(
-        api("DELETE", &format!("{base}/5511900000005")).await.status,
+        api("DELETE", &format!("{base}/5511900000005"), None)
+            .await
+            .status,
         StatusCode::NO_CONTENT
     );
     assert_eq!(
-        api("GET", &format!("{base}/BR.LINKED5")).await.status,
+        api("GET", &format!("{base}/BR.LINKED5"), None).await.status,
         StatusCode::NOT_FOUND
     );
     let users = read_all(&b, &p, "users", Duration::from_millis(800)).await;
@@ -312,25 +292,14 @@ fn fixture_status_pair(phone: &str, bsuid: &str) -> Vec<u8> {
     .unwrap()
 }
 
-/// Polls a contact on `addr` until `pred` holds.
-async fn wait_for(url: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = api("GET", url).await;
-        if r.status == StatusCode::OK {
-            let v: Value = serde_json::from_slice(&r.body).unwrap();
-            if pred(&v) {
-                return v;
-            }
-        }
-        assert!(
-            Instant::now() < end,
-            "{url}: last answer {} {}",
-            r.status,
-            String::from_utf8_lossy(&r.body)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// Polls a contact until its JSON satisfies `pred`.
+async fn wait_json(url: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let r = wait_for(url, |r| {
+        r.status == StatusCode::OK
+            && serde_json::from_slice::<Value>(&r.body).is_ok_and(|v| pred(&v))
+    })
+    .await;
+    serde_json::from_slice(&r.body).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,12 +323,12 @@ async fn links_reach_a_second_instance_and_survive_a_restart() {
         format!("http://{}/v1/contacts/{PN}/{ANA_PHONE}", gw.internal_addr)
     };
     let want = |v: &Value| v["consent"] == "opted_out" && v["ids"]["user_id"] == ANA;
-    wait_for(&by_phone(&other), want).await;
+    wait_json(&by_phone(&other), want).await;
     a.shutdown().await;
     other.shutdown().await;
     // A restart rebuilds links and consent from the topics.
     let again = start(&b, &p, &off).await;
-    let v = wait_for(&by_phone(&again), want).await;
+    let v = wait_json(&by_phone(&again), want).await;
     assert_eq!(v["ids"]["wa_id"], ANA_PHONE);
     again.shutdown().await;
 }

@@ -6,7 +6,7 @@
 //! them with the POST's own records). No HTTP, no Kafka: unit-tested here.
 
 use crate::contacts::keywords::{Keyword, Keywords};
-use crate::contacts::records::{consent_event, user_event, window_event};
+use crate::contacts::records::{consent_event, user_event, window_event, ContactRecord};
 use crate::contacts::{Consent, ContactState, Contacts, Marketing};
 use crate::meta::identity::{IdChange, User};
 use crate::meta::webhook::Event;
@@ -38,7 +38,7 @@ pub fn signals(
     keywords: &Keywords,
     ev: &Event,
     received_at_ms: u64,
-    emit: &mut dyn FnMut(Event),
+    emit: &mut dyn FnMut(ContactRecord),
 ) {
     let pn = ev.key.as_str();
     let who = ev.inbound.as_ref().map(|(u, _)| u).or(ev.seen.as_ref());
@@ -107,7 +107,7 @@ fn inbound(
     id: &str,
     ts: i64,
     received_at_ms: u64,
-    emit: &mut dyn FnMut(Event),
+    emit: &mut dyn FnMut(ContactRecord),
 ) {
     let pn = ev.key.as_str();
     // Meta's seconds, never later than receipt (and never wrapping).
@@ -165,7 +165,7 @@ fn learn(
     source: &str,
     now_ms: u64,
     event_id: &str,
-    emit: &mut dyn FnMut(Event),
+    emit: &mut dyn FnMut(ContactRecord),
 ) {
     let r = c.link(pn, phone, bsuid, now_ms, event_id);
     if !r.new {
@@ -211,7 +211,7 @@ fn moved(
     change: &IdChange,
     now_ms: u64,
     event_id: &str,
-    emit: &mut dyn FnMut(Event),
+    emit: &mut dyn FnMut(ContactRecord),
 ) {
     let source = change_source(change);
     let prev: Vec<String> = [&change.previous.wa_id, &change.previous.user_id]
@@ -273,7 +273,7 @@ fn carry(
     source: &str,
     now_ms: u64,
     event_id: &str,
-    emit: &mut dyn FnMut(Event),
+    emit: &mut dyn FnMut(ContactRecord),
 ) {
     let st = crate::contacts::merge(c.get(pn, new), st);
     let ids = c.ids(pn, new);
@@ -314,7 +314,7 @@ mod tests {
         fan_out(&mut b.into_bytes(), CTX).unwrap().remove(0)
     }
 
-    fn run(c: &MemoryContacts, ev: &Event) -> Vec<Event> {
+    fn run(c: &MemoryContacts, ev: &Event) -> Vec<ContactRecord> {
         let kw = Keywords::new(&["stop"], &["start"]);
         let mut out = Vec::new();
         signals(c, &kw, ev, CTX.received_at_ms, &mut |e| out.push(e));
@@ -375,7 +375,7 @@ mod tests {
         let out = run(&c, &ev);
         assert_eq!(c.get("5", "14155550123").marketing, Marketing::Stopped);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].kind, "consent");
+        assert_eq!(out[0].kind.as_str(), "consent");
     }
 
     fn fixture(name: &str) -> Event {
@@ -389,17 +389,17 @@ mod tests {
     const ANA_NEW: &str = "BR.4410098877665544";
     const PHONE: &str = "5511987650001";
 
-    fn run_pt(c: &MemoryContacts, ev: &Event) -> Vec<Event> {
+    fn run_pt(c: &MemoryContacts, ev: &Event) -> Vec<ContactRecord> {
         let kw = Keywords::new(&["stop", "parar"], &["start"]);
         let mut out = Vec::new();
         signals(c, &kw, ev, CTX.received_at_ms, &mut |e| out.push(e));
         out
     }
 
-    fn keys(out: &[Event], kind: &str) -> Vec<String> {
+    fn keys(out: &[ContactRecord], kind: &str) -> Vec<String> {
         let mut k: Vec<String> = out
             .iter()
-            .filter(|e| e.kind == kind)
+            .filter(|e| e.kind.as_str() == kind)
             .map(|e| e.key.clone())
             .collect();
         k.sort();
@@ -421,7 +421,7 @@ mod tests {
     fn phone_and_bsuid_seen_together_are_one_person_and_a_stop_under_either_blocks_both() {
         let c = MemoryContacts::new();
         let out = run_pt(&c, &fixture("identity_inbound_phone_and_bsuid.json"));
-        let users: Vec<&Event> = out.iter().filter(|e| e.kind == "user").collect();
+        let users: Vec<&ContactRecord> = out.iter().filter(|e| e.kind.as_str() == "user").collect();
         assert_eq!(users.len(), 1);
         assert_eq!(users[0].key, format!("{PN}:{ANA}"));
         let rec: crate::contacts::records::UserRecord =
@@ -434,7 +434,7 @@ mod tests {
         // The same body delivered again (its first delivery failed): the
         // link record is offered again, with the same event id.
         let again = run_pt(&c, &fixture("identity_inbound_phone_and_bsuid.json"));
-        let u2: Vec<&Event> = again.iter().filter(|e| e.kind == "user").collect();
+        let u2: Vec<&ContactRecord> = again.iter().filter(|e| e.kind.as_str() == "user").collect();
         assert_eq!(u2.len(), 1);
         assert_eq!(u2[0].event_id, users[0].event_id);
         // A STOP by BSUID only now blocks the phone too, with records for both.
@@ -468,7 +468,7 @@ mod tests {
         let out = run_pt(&c, &fan_out(&mut b.into_bytes(), CTX).unwrap().remove(0));
         let users: Vec<crate::contacts::records::UserRecord> = out
             .iter()
-            .filter(|e| e.kind == "user")
+            .filter(|e| e.kind.as_str() == "user")
             .map(|e| serde_json::from_slice(&e.value).unwrap())
             .collect();
         assert_eq!(users.len(), 2);
@@ -502,7 +502,7 @@ mod tests {
         assert_eq!(c.ids(PN, ANA), [ANA], "the old BSUID is unlinked");
         assert!(out
             .iter()
-            .any(|e| e.kind == "user" && e.key == format!("{PN}:{ANA}")));
+            .any(|e| e.kind.as_str() == "user" && e.key == format!("{PN}:{ANA}")));
         // The window moved too (the STOP was an inbound message).
         assert!(c.get(PN, ANA_NEW).last_inbound_ms.is_some());
     }

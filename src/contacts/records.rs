@@ -7,7 +7,31 @@
 use serde::{Deserialize, Serialize};
 
 use crate::contacts::{Consent, ContactState, Marketing};
-use crate::meta::webhook::{Event, Topic};
+use crate::kafka::{Kind, RecordHeaders, TopicId};
+
+/// One record of a compacted contacts topic, ready to produce: what
+/// ingress sends with a webhook's own records, what the API and egress
+/// write through [`super::writer::ContactsWriter`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactRecord {
+    /// `Consent`, `Windows` or `Users`.
+    pub topic: TopicId,
+    pub key: String,
+    /// `wagate-event-id`: stable for a record caused by a webhook (so a
+    /// redelivery is deduplicated), else unique.
+    pub event_id: String,
+    /// `wagate-kind`: `consent`, `window` or `user`.
+    pub kind: Kind<'static>,
+    pub value: Vec<u8>,
+}
+
+impl ContactRecord {
+    /// The record's headers, written by `origin` (the Meta app, the API
+    /// tenant, `egress`).
+    pub fn headers<'a>(&'a self, origin: &'a str) -> RecordHeaders<'a> {
+        RecordHeaders::new(&self.event_id, self.kind, origin)
+    }
+}
 
 /// A `wa.consent` value (DESIGN §5).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,7 +72,7 @@ pub fn user_event(
     source: &str,
     now_ms: u64,
     event_id: String,
-) -> Event {
+) -> ContactRecord {
     let rec = UserRecord {
         v: 1,
         wa_id: phone.map(str::to_string),
@@ -56,18 +80,12 @@ pub fn user_event(
         updated_at_ms: now_ms,
         source: source.to_string(),
     };
-    Event {
-        topic: Topic::Users,
+    ContactRecord {
+        topic: TopicId::Users,
         key: key(phone_number_id, bsuid),
         event_id,
-        kind: "user".into(),
+        kind: Kind::User,
         value: serde_json::to_vec(&rec).unwrap_or_default(),
-        inbound: None,
-        text: None,
-        payload: None,
-        preferences: Vec::new(),
-        seen: None,
-        change: None,
     }
 }
 
@@ -76,7 +94,7 @@ pub fn key(phone_number_id: &str, wa_id: &str) -> String {
     format!("{phone_number_id}:{}", wa_id.trim_start_matches('+'))
 }
 
-/// The `wa.consent` record for a pair's state, as an event ingress produces.
+/// The `wa.consent` record for a pair's state.
 pub fn consent_event(
     phone_number_id: &str,
     wa_id: &str,
@@ -84,7 +102,7 @@ pub fn consent_event(
     source: &str,
     now_ms: u64,
     cause: &str,
-) -> Event {
+) -> ContactRecord {
     let rec = ConsentRecord {
         v: 1,
         consent: st.consent,
@@ -92,18 +110,12 @@ pub fn consent_event(
         updated_at_ms: now_ms,
         source: source.to_string(),
     };
-    Event {
-        topic: Topic::Consent,
+    ContactRecord {
+        topic: TopicId::Consent,
         key: key(phone_number_id, wa_id),
         event_id: format!("consent:{cause}"),
-        kind: "consent".into(),
+        kind: Kind::Consent,
         value: serde_json::to_vec(&rec).unwrap_or_default(),
-        inbound: None,
-        text: None,
-        payload: None,
-        preferences: Vec::new(),
-        seen: None,
-        change: None,
     }
 }
 
@@ -113,22 +125,16 @@ pub fn window_event(
     wa_id: &str,
     last_inbound_ms: u64,
     cause: &str,
-) -> Event {
+) -> ContactRecord {
     let rec = WindowRecord {
         v: 1,
         last_inbound_ms,
     };
-    Event {
-        topic: Topic::Windows,
+    ContactRecord {
+        topic: TopicId::Windows,
         key: key(phone_number_id, wa_id),
         event_id: format!("window:{cause}"),
-        kind: "window".into(),
+        kind: Kind::Window,
         value: serde_json::to_vec(&rec).unwrap_or_default(),
-        inbound: None,
-        text: None,
-        payload: None,
-        preferences: Vec::new(),
-        seen: None,
-        change: None,
     }
 }

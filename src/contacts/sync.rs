@@ -11,9 +11,11 @@
 //!   here. Tombstones erase.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
+
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -223,7 +225,7 @@ pub fn run(
     users_topic: &str,
     cache: Arc<MemoryContacts>,
     on_caught_up: Box<dyn Fn() + Send>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
 ) -> Result<(), rdkafka::error::KafkaError> {
     let readers = readers();
     let lags = Arc::new(SplitLag::default());
@@ -280,7 +282,7 @@ pub fn run(
             if result.is_ok() {
                 if r.is_err() {
                     // One reader gone: stop the others, report the error.
-                    shared.stop.store(true, Ordering::Relaxed);
+                    shared.stop.cancel();
                 }
                 result = r;
             }
@@ -292,7 +294,7 @@ pub fn run(
 /// What the readers of one [`run`] share.
 struct Shared {
     cache: Arc<MemoryContacts>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     started: std::time::Instant,
     /// Readers not caught up yet.
     pending: std::sync::atomic::AtomicUsize,
@@ -460,7 +462,7 @@ fn read(
     } else {
         bootstrap(consumer, &names, &mut progress);
     }
-    while !shared.stop.load(Ordering::Relaxed) {
+    while !shared.stop.is_cancelled() {
         match consumer.poll(Duration::from_millis(100)) {
             None => {
                 progress.idle();
@@ -518,7 +520,7 @@ fn bootstrap(
     // The topic of the last message seen, by handle: one name comparison
     // per change of topic, not per message.
     let mut last_topic: (usize, Which) = (0, Which::Windows);
-    while !progress.shared.stop.load(Ordering::Relaxed) {
+    while !progress.shared.stop.is_cancelled() {
         let n = batch.read(Duration::from_millis(100));
         if n == 0 {
             if progress.idle() {

@@ -3,25 +3,8 @@
 //! contacts API, egress on a 131050) uses its headers and topics, so a
 //! record's kind, origin and event id are the same whoever wrote it.
 
+use crate::contacts::records::ContactRecord;
 use crate::kafka::{Delivery, KafkaProducer, Kind, RecordHeaders, SendError, TopicId, Topics};
-use crate::meta::webhook::{Event, Topic};
-
-/// The kind of a contacts record (`consent`, `window`), or None for a
-/// webhook event.
-pub fn kind_of(ev: &Event) -> Option<Kind<'static>> {
-    match ev.topic {
-        Topic::Consent => Some(Kind::Consent),
-        Topic::Windows => Some(Kind::Window),
-        Topic::Users => Some(Kind::User),
-        _ => None,
-    }
-}
-
-/// The headers of a contacts record written by `origin` (the Meta app, the
-/// API tenant, `egress`).
-pub fn headers<'a>(ev: &'a Event, origin: &'a str) -> RecordHeaders<'a> {
-    RecordHeaders::new(&ev.event_id, kind_of(ev).unwrap_or(Kind::Consent), origin)
-}
 
 /// Writes contacts records and tombstones; each call returns the futures of
 /// Kafka's acknowledgements, which the caller awaits (the API, before its
@@ -45,13 +28,14 @@ impl ContactsWriter {
     }
 
     /// A consent, window or user record (from [`crate::contacts::records`]).
-    pub fn write(&self, ev: &Event, origin: &str) -> Result<Delivery, SendError> {
-        let topic = match ev.topic {
-            Topic::Windows => &self.windows,
-            Topic::Users => &self.users,
+    pub fn write(&self, rec: &ContactRecord, origin: &str) -> Result<Delivery, SendError> {
+        let topic = match rec.topic {
+            TopicId::Windows => &self.windows,
+            TopicId::Users => &self.users,
             _ => &self.consent,
         };
-        headers(ev, origin).with(|h| self.producer.send(topic, ev.key.as_bytes(), &ev.value, h))
+        rec.headers(origin)
+            .with(|h| self.producer.send(topic, rec.key.as_bytes(), &rec.value, h))
     }
 
     /// Tombstones for every key in `keys` on the three contacts topics (an

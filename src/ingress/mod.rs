@@ -31,13 +31,14 @@ use tokio::sync::{oneshot, Semaphore};
 
 use crate::config::{AppConfig, Config};
 use crate::contacts::keywords::Keywords;
+use crate::contacts::records::ContactRecord;
 use crate::contacts::Contacts;
 use crate::http::{self, Body};
 use crate::kafka::{
     headers, KafkaProducer, Kind, RecordAck, RecordHeaders, RecordTag, SendError, TopicId, Topics,
 };
 use crate::meta::signature;
-use crate::meta::webhook::{self, Event, Topic};
+use crate::meta::webhook::{self, Class, Event};
 use crate::metrics::{self as m, WebhookOutcome};
 use dedupe::{Batch, Claim, Dedupe, IdHash};
 
@@ -71,15 +72,30 @@ struct Hot {
     produce_seconds: metrics::Histogram,
 }
 
-/// The topic of an event of the fan-out (or of the contacts records it causes).
-fn topic_of(t: Topic) -> TopicId {
-    match t {
-        Topic::Messages => TopicId::InboundMessages,
-        Topic::Statuses => TopicId::InboundStatuses,
-        Topic::Events => TopicId::InboundEvents,
-        Topic::Consent => TopicId::Consent,
-        Topic::Windows => TopicId::Windows,
-        Topic::Users => TopicId::Users,
+/// The topic of an event of the fan-out.
+fn topic_of(c: Class) -> TopicId {
+    match c {
+        Class::Message => TopicId::InboundMessages,
+        Class::Status => TopicId::InboundStatuses,
+        Class::Other => TopicId::InboundEvents,
+    }
+}
+
+/// A record a POST produces: an event of the fan-out, or a contacts record
+/// one of them caused. (Unboxed: one lives for a moment on the stack per
+/// record, and a box would be an allocation per event on the hot path.)
+#[allow(clippy::large_enum_variant)]
+enum Outgoing {
+    Event(Event),
+    Contact(ContactRecord),
+}
+
+impl Outgoing {
+    fn event_id(&self) -> &str {
+        match self {
+            Outgoing::Event(e) => &e.event_id,
+            Outgoing::Contact(r) => &r.event_id,
+        }
     }
 }
 
@@ -408,10 +424,10 @@ impl Ingress {
                     &self.keywords,
                     &ev,
                     ctx.received_at_ms,
-                    &mut |extra| round.offer(extra),
+                    &mut |rec| round.offer(Outgoing::Contact(rec)),
                 );
             }
-            round.offer(ev);
+            round.offer(Outgoing::Event(ev));
             round.failed.is_none()
         });
         if walked.is_err() {
@@ -483,8 +499,8 @@ struct Round<'a> {
     rx: oneshot::Receiver<bool>,
     /// Why an enqueue failed: nothing more is offered, the POST gets 503.
     failed: Option<&'static str>,
-    /// Events another POST is producing: (event, that POST's batch).
-    waits: Vec<(Event, Arc<Batch>)>,
+    /// Records another POST is producing: (record, that POST's batch).
+    waits: Vec<(Outgoing, Arc<Batch>)>,
 }
 
 impl<'a> Round<'a> {
@@ -542,23 +558,29 @@ impl<'a> Round<'a> {
         h.with(|h| self.send(topic, self.app.as_bytes(), r.body, h, 0, RAW_TAG));
     }
 
-    /// Claims `ev` and enqueues it if it is new.
-    fn offer(&mut self, ev: Event) {
+    /// Claims a record and enqueues it if it is new.
+    fn offer(&mut self, out: Outgoing) {
         if self.failed.is_some() {
             return;
         }
-        match self.ingress.dedupe.claim(&ev.event_id, &self.batch) {
-            Claim::New(h) => {
-                let headers = match crate::contacts::writer::kind_of(&ev) {
-                    Some(_) => crate::contacts::writer::headers(&ev, self.app),
-                    None => RecordHeaders::new(&ev.event_id, Kind::Webhook(&ev.kind), self.app),
-                };
-                let tag = m::event_kind_index(&ev.kind) as u32;
-                let topic = self.ingress.topics.name(topic_of(ev.topic));
-                headers.with(|hs| self.send(topic, ev.key.as_bytes(), &ev.value, hs, h.0, tag));
-            }
+        match self.ingress.dedupe.claim(out.event_id(), &self.batch) {
+            Claim::New(h) => match &out {
+                Outgoing::Event(ev) => {
+                    let headers =
+                        RecordHeaders::new(&ev.event_id, Kind::Webhook(&ev.kind), self.app);
+                    let tag = m::event_kind_index(&ev.kind) as u32;
+                    let topic = self.ingress.topics.name(topic_of(ev.class));
+                    headers.with(|hs| self.send(topic, ev.key.as_bytes(), &ev.value, hs, h.0, tag));
+                }
+                Outgoing::Contact(rec) => {
+                    let tag = m::event_kind_index(rec.kind.as_str()) as u32;
+                    let topic = self.ingress.topics.name(rec.topic);
+                    rec.headers(self.app)
+                        .with(|hs| self.send(topic, rec.key.as_bytes(), &rec.value, hs, h.0, tag));
+                }
+            },
             Claim::Duplicate => self.ingress.hot().duplicates.increment(1),
-            Claim::InFlight(other) => self.waits.push((ev, other)),
+            Claim::InFlight(other) => self.waits.push((out, other)),
         }
     }
 
@@ -597,7 +619,7 @@ impl<'a> Round<'a> {
 
     /// Ends the round: its acknowledgement, and the events to wait for.
     #[allow(clippy::type_complexity)]
-    fn seal(self) -> Result<(oneshot::Receiver<bool>, Vec<(Event, Arc<Batch>)>), &'static str> {
+    fn seal(self) -> Result<(oneshot::Receiver<bool>, Vec<(Outgoing, Arc<Batch>)>), &'static str> {
         self.ack.report(0, GUARD_TAG, Ok(()));
         match self.failed {
             Some(msg) => Err(msg),

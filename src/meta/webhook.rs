@@ -19,38 +19,20 @@ use simd_json::BorrowedValue;
 use super::identity::{IdChange, User};
 use super::scan::ScanError;
 
-/// Which topic an event goes to (names are resolved with the prefix by the
-/// caller).
+/// What an event is: an inbound message, a status, or anything else (an
+/// other field's change, a value-level error). The caller maps it to a
+/// topic; `meta` names none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Topic {
-    Messages,
-    Statuses,
-    Events,
-    /// `wa.consent` (compacted), written by the contacts plane.
-    Consent,
-    /// `wa.windows` (compacted), written by the contacts plane.
-    Windows,
-    /// `wa.users` (compacted): links of phones and BSUIDs.
-    Users,
-}
-
-impl Topic {
-    pub fn name(self) -> &'static str {
-        match self {
-            Topic::Messages => "inbound.messages",
-            Topic::Statuses => "inbound.statuses",
-            Topic::Events => "inbound.events",
-            Topic::Consent => "consent",
-            Topic::Windows => "windows",
-            Topic::Users => "users",
-        }
-    }
+pub enum Class {
+    Message,
+    Status,
+    Other,
 }
 
 /// One record to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    pub topic: Topic,
+    pub class: Class,
     /// phone_number_id, else the WABA id.
     pub key: String,
     /// Dedupe key: the wamid for messages, `wamid:status` for statuses, a
@@ -690,7 +672,7 @@ impl<'a, 'v> Rec<'a, 'v> {
                     })
                     .map(str::to_string);
                 Event {
-                    topic: Topic::Messages,
+                    class: Class::Message,
                     key: key.to_string(),
                     value,
                     event_id,
@@ -728,7 +710,7 @@ impl<'a, 'v> Rec<'a, 'v> {
                     status_object: st,
                 };
                 Event {
-                    topic: Topic::Statuses,
+                    class: Class::Status,
                     key: key.to_string(),
                     value: encode(&rec),
                     event_id,
@@ -777,7 +759,7 @@ fn other_event(
         value,
     };
     Event {
-        topic: Topic::Events,
+        class: Class::Other,
         key: key.to_string(),
         value: encode(&rec),
         event_id,
@@ -978,7 +960,7 @@ mod tests {
             let orig = original(name);
             let value = &orig["entry"][0]["changes"][0]["value"];
             let msg = &value["messages"][0];
-            assert_eq!(e.topic, Topic::Messages, "{name}");
+            assert_eq!(e.class, Class::Message, "{name}");
             assert_eq!(e.kind, "message");
             assert_eq!(e.event_id, msg["id"].as_str().unwrap());
             assert_eq!(
@@ -1055,7 +1037,7 @@ mod tests {
             let (e, v) = &recs[0];
             let orig = original(name);
             let st = &orig["entry"][0]["changes"][0]["value"]["statuses"][0];
-            assert_eq!(e.topic, Topic::Statuses);
+            assert_eq!(e.class, Class::Status);
             assert_eq!(
                 e.event_id,
                 format!("{}:{status}", st["id"].as_str().unwrap())
@@ -1085,30 +1067,30 @@ mod tests {
     #[test]
     fn batched_multi_entry_fans_out_every_event_with_right_topic_and_key() {
         let recs = run("inbound_batched_multi_entry.json");
-        let got: Vec<(Topic, &str, &str)> = recs
+        let got: Vec<(Class, &str, &str)> = recs
             .iter()
-            .map(|(e, _)| (e.topic, e.key.as_str(), e.event_id.as_str()))
+            .map(|(e, _)| (e.class, e.key.as_str(), e.event_id.as_str()))
             .collect();
         assert_eq!(
             got,
             vec![
                 (
-                    Topic::Messages,
+                    Class::Message,
                     "109876543210987",
                     "wamid.HBgLMTQxNTU1NTAxMjMVAgASGBQzRUIwMDAwMDAwMDAwMDAwMDAxAA=="
                 ),
                 (
-                    Topic::Messages,
+                    Class::Message,
                     "109876543210987",
                     "wamid.HBgLMTQxNTU1NTAxMjMVAgASGBQzRUIwMDAwMDAwMDAwMDAwMDAyAA=="
                 ),
                 (
-                    Topic::Statuses,
+                    Class::Status,
                     "109876543210987",
                     "wamid.HBgLMTQxNTU1NTAxMjMVAgARGBJBMDk0RDNFNzI2QzhGMTVCMjEA:read"
                 ),
                 (
-                    Topic::Statuses,
+                    Class::Status,
                     "110022334455667",
                     "wamid.HBgLMTQxNTU1NTAxNTUVAgARGBJDQzExMjIzMzQ0NTU2Njc3ODgA:delivered"
                 ),
@@ -1136,7 +1118,7 @@ mod tests {
             assert_eq!(recs.len(), 1, "{name}");
             let (e, v) = &recs[0];
             let orig = original(name);
-            assert_eq!(e.topic, Topic::Events);
+            assert_eq!(e.class, Class::Other);
             assert_eq!(e.kind, field);
             assert_eq!(
                 e.key,

@@ -47,8 +47,9 @@ use hyper::header::{HeaderMap, AUTHORIZATION, CONTENT_LENGTH};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::http::{self, Body, Limits};
 use error::GraphError;
@@ -312,7 +313,7 @@ struct State {
     wamid_salt: u32,
     webhooks: Option<mpsc::Sender<status::Queued>>,
     webhook_counters: Arc<status::Counters>,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 }
 
 /// A running sandbox. Dropping it stops the server too; [`Sandbox::shutdown`]
@@ -321,7 +322,7 @@ pub struct Sandbox {
     addr: SocketAddr,
     version: String,
     state: Arc<State>,
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     server: Option<JoinHandle<bool>>,
     webhooks: Option<JoinHandle<()>>,
 }
@@ -345,7 +346,8 @@ impl Sandbox {
         };
         let listener = http::bind("sandbox.listen", cfg.listen).await?;
         let addr = listener.local_addr()?;
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let stop_rx = stop.clone();
         let counters = Arc::new(status::Counters::default());
         let (webhooks, webhook_task) = match (&cfg.status_webhook, webhook_uri) {
             (Some(w), Some(uri)) => {
@@ -502,7 +504,7 @@ impl Sandbox {
     /// Stops accepting, lets open requests finish (up to 2 s) and abandons
     /// pending status webhooks.
     pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         if let Some(t) = self.server.take() {
             let _ = t.await;
         }
@@ -514,7 +516,7 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
     }
 }
 
@@ -607,10 +609,10 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     }
     let inj = &st.cfg.error_rates;
     if roll(inj.timeout) {
-        let mut stop = st.stop.clone();
+        let stop = st.stop.clone();
         tokio::select! {
             _ = tokio::time::sleep(inj.timeout_hold) => {}
-            _ = stop.wait_for(|s| *s) => {}
+            _ = stop.cancelled() => {}
         }
         return http::text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
     }
@@ -658,10 +660,10 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         }
     }
     if slow {
-        let mut stop = st.stop.clone();
+        let stop = st.stop.clone();
         tokio::select! {
             _ = tokio::time::sleep(inj.slow_delay) => {}
-            _ = stop.wait_for(|s| *s) => {}
+            _ = stop.cancelled() => {}
         }
     }
     http::json(

@@ -27,7 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 use super::identity::{bsuid_of, profile_name, username_of};
@@ -117,7 +117,7 @@ pub async fn run(
     uri: Uri,
     mut rx: mpsc::Receiver<Queued>,
     counters: Arc<Counters>,
-    mut stop: watch::Receiver<bool>,
+    stop: tokio_util::sync::CancellationToken,
 ) {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -134,13 +134,13 @@ pub async fn run(
         while tasks.try_join_next().is_some() {}
         let permit = tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.cancelled() => break,
             p = slots.clone().acquire_owned() => p,
         };
         let Ok(permit) = permit else { break };
         let send = tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.cancelled() => break,
             s = rx.recv() => s,
         };
         let Some(Queued {

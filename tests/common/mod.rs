@@ -281,3 +281,48 @@ pub fn one<'a>(by: &'a HashMap<String, Vec<Value>>, id: &str) -> &'a Value {
     assert_eq!(v.len(), 1, "{id} has {} results", v.len());
     &v[0]
 }
+
+/// A Graph API sandbox on loopback on its own runtime, without Meta's pair
+/// rate unless `cfg` sets one.
+pub async fn sandbox(
+    cfg: impl FnOnce(&mut wagate::sandbox::SandboxConfig),
+) -> wagate::sandbox::Sandbox {
+    let mut c = wagate::sandbox::SandboxConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        pair_rate: None,
+        ..Default::default()
+    };
+    cfg(&mut c);
+    sandbox_on_own_runtime(c).await
+}
+
+/// A call of the internal API with the test tenant's token.
+pub async fn api(method: &str, url: &str, body: Option<Value>) -> Resp {
+    let b = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("authorization", "Bearer test-api-token")
+        .header("content-type", "application/json");
+    let body = body
+        .map(|v| serde_json::to_vec(&v).unwrap())
+        .unwrap_or_default();
+    request(b.body(Full::new(Bytes::from(body))).unwrap()).await
+}
+
+/// Polls `GET url` on the internal API until `pred` holds (20 s at most).
+pub async fn wait_for(url: &str, pred: impl Fn(&Resp) -> bool) -> Resp {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = api("GET", url, None).await;
+        if pred(&r) {
+            return r;
+        }
+        assert!(
+            Instant::now() < end,
+            "{url}: last answer {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

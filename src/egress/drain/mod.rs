@@ -31,7 +31,8 @@ use rdkafka::consumer::{
 };
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, EgressConfig, Secret};
 use crate::contacts::{Contacts, Marketing};
@@ -172,8 +173,8 @@ impl Egress {
             .unwrap_or_default()
     }
 
-    /// Runs the drain until `stop` turns true, then commits what is done.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    /// Runs the drain until `stop` is cancelled, then commits what is done.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> anyhow::Result<()> {
         // History is (re)loaded on every partition assignment, the first included.
         let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let readers = Arc::new(Mutex::new(Readers::default()));
@@ -193,7 +194,7 @@ impl Egress {
         tracing::info!(topic = %self.topics.name(TopicId::OutboundRequests), group = %self.cfg.group_id, "egress draining");
         loop {
             tokio::select! {
-                _ = stop.changed() => break,
+                _ = stop.cancelled() => break,
                 _ = commit_tick.tick() => self.commit(&consumer),
                 _ = prune_tick.tick() => {
                     let me = self.clone();

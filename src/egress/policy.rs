@@ -42,6 +42,18 @@ impl Block {
         }
     }
 
+    /// The result's error code.
+    pub fn gateway_code(self) -> crate::egress::request::GatewayCode {
+        use crate::egress::request::GatewayCode as G;
+        match self {
+            Block::Expired => G::Expired,
+            Block::OptedOut => G::OptedOut,
+            Block::MarketingStopped => G::MarketingStopped,
+            Block::NoOptIn => G::NoOptIn,
+            Block::OutsideWindow => G::OutsideWindow,
+        }
+    }
+
     pub fn title(self) -> &'static str {
         match self {
             Block::Expired => "the request expired before it could be sent",

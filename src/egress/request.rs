@@ -230,21 +230,91 @@ pub enum ErrorSource {
     Gateway,
 }
 
+/// A gateway code of a result's error (DESIGN §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GatewayCode {
+    OptedOut,
+    MarketingStopped,
+    NoOptIn,
+    OutsideWindow,
+    TierLimit,
+    CircuitOpen,
+    InvalidRequest,
+    UnknownNumber,
+    Expired,
+    NotSent,
+}
+
+impl GatewayCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GatewayCode::OptedOut => "opted_out",
+            GatewayCode::MarketingStopped => "marketing_stopped",
+            GatewayCode::NoOptIn => "no_opt_in",
+            GatewayCode::OutsideWindow => "outside_window",
+            GatewayCode::TierLimit => "tier_limit",
+            GatewayCode::CircuitOpen => "circuit_open",
+            GatewayCode::InvalidRequest => "invalid_request",
+            GatewayCode::UnknownNumber => "unknown_number",
+            GatewayCode::Expired => "expired",
+            GatewayCode::NotSent => "not_sent",
+        }
+    }
+}
+
+/// The code of a result's error: Meta's number, or one of the gateway's
+/// (written as a JSON number or string, DESIGN §5). A string wagate does
+/// not know (a newer version's) is kept as it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ErrorCode {
+    Meta(i64),
+    Gateway(GatewayCode),
+    Other(String),
+}
+
+impl ErrorCode {
+    /// The metric label: a gateway code, Meta's code when it is one of the
+    /// table's, else `other`.
+    pub fn label(&self) -> String {
+        match self {
+            ErrorCode::Meta(c) => crate::meta::errors::code_label(*c),
+            ErrorCode::Gateway(g) => g.as_str().to_string(),
+            ErrorCode::Other(_) => "other".to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ErrorCode::Meta(c) => write!(f, "{c}"),
+            ErrorCode::Gateway(g) => f.write_str(g.as_str()),
+            ErrorCode::Other(s) => f.write_str(s),
+        }
+    }
+}
+
 /// The error of a result: Meta's numeric code or a gateway code.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultError {
     pub source: ErrorSource,
-    pub code: Value,
+    pub code: ErrorCode,
     pub title: String,
     #[serde(default)]
     pub details: Option<String>,
 }
 
 impl ResultError {
-    pub fn gateway(code: &str, title: impl Into<String>, details: Option<String>) -> ResultError {
+    pub fn gateway(
+        code: GatewayCode,
+        title: impl Into<String>,
+        details: Option<String>,
+    ) -> ResultError {
         ResultError {
             source: ErrorSource::Gateway,
-            code: Value::String(code.into()),
+            code: ErrorCode::Gateway(code),
             title: title.into(),
             details,
         }
@@ -252,7 +322,7 @@ impl ResultError {
     pub fn meta(code: i64, title: impl Into<String>, details: Option<String>) -> ResultError {
         ResultError {
             source: ErrorSource::Meta,
-            code: Value::from(code),
+            code: ErrorCode::Meta(code),
             title: title.into(),
             details,
         }
@@ -349,6 +419,23 @@ mod tests {
         let mut inner = text();
         inner["message"]["recipient"] = "BR.1".into();
         assert!(req(inner).unwrap_err().contains("message.recipient"));
+    }
+
+    #[test]
+    fn error_codes_are_written_as_numbers_or_strings_as_before() {
+        let m = serde_json::to_value(ResultError::meta(131047, "t", None)).unwrap();
+        assert_eq!(m["code"], 131047);
+        let g =
+            serde_json::to_value(ResultError::gateway(GatewayCode::NoOptIn, "t", None)).unwrap();
+        assert_eq!(g["code"], "no_opt_in");
+        let back: ResultError = serde_json::from_value(g).unwrap();
+        assert_eq!(back.code, ErrorCode::Gateway(GatewayCode::NoOptIn));
+        let new: ResultError =
+            serde_json::from_str(r#"{"source":"gateway","code":"brand_new","title":"t"}"#).unwrap();
+        assert_eq!(new.code, ErrorCode::Other("brand_new".into()));
+        assert_eq!(new.code.label(), "other");
+        assert_eq!(ErrorCode::Meta(999_999).label(), "other");
+        assert_eq!(ErrorCode::Meta(131047).to_string(), "131047");
     }
 
     #[test]

@@ -63,7 +63,7 @@ impl Egress {
                     wamid: None,
                     message_status: None,
                     error: Some(ResultError::gateway(
-                        "invalid_request",
+                        GatewayCode::InvalidRequest,
                         "the request is not a valid SendRequest",
                         Some(why),
                     )),
@@ -119,7 +119,7 @@ impl Egress {
             .or_else(|| self.default_token.clone());
         let Some(token) = token else {
             let err = ResultError::gateway(
-                "unknown_number",
+                GatewayCode::UnknownNumber,
                 "no access token is configured for this business number",
                 None,
             );

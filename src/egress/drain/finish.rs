@@ -126,13 +126,7 @@ impl Egress {
         let code = result
             .error
             .as_ref()
-            .map(|e| match &e.code {
-                serde_json::Value::String(s) => s.clone(),
-                other => other
-                    .as_i64()
-                    .map(errors::code_label)
-                    .unwrap_or_else(|| "other".into()),
-            })
+            .map(|e| e.code.label())
             .unwrap_or_else(|| "none".into());
         metrics::counter!(m::EGRESS_REQUESTS, "outcome" => result.outcome.label(), "code" => code)
             .increment(1);
@@ -205,7 +199,7 @@ mod tests {
 
     #[test]
     fn only_a_deferral_is_failed_with_a_dlq_and_accepted_has_no_error() {
-        let e = || ResultError::gateway("x", "y", None);
+        let e = || ResultError::gateway(GatewayCode::Expired, "y", None);
         assert_eq!(
             Verdict::Deferred {
                 error: e(),

@@ -38,7 +38,7 @@ use crate::config::{Config, EgressConfig, Secret};
 use crate::contacts::{Contacts, Marketing};
 use crate::egress::graph::{GraphClient, GraphOutcome};
 use crate::egress::policy;
-use crate::egress::request::{Outcome, ResultError, SendRequest, SendResult};
+use crate::egress::request::{GatewayCode, Outcome, ResultError, SendRequest, SendResult};
 use crate::egress::tier;
 use crate::kafka::{self, KafkaProducer, Kind, RecordHeaders, TopicId, Topics};
 use crate::meta::errors::{self, Action};

@@ -205,14 +205,14 @@ impl Lane {
         if job.req.expires_at_ms.is_some_and(|e| now_ms >= e) {
             let job = self.queue.remove(i).expect("index from the scan");
             let err = job.last_error.clone().unwrap_or_else(|| {
-                ResultError::gateway("expired", policy::Block::Expired.title(), None)
+                ResultError::gateway(GatewayCode::Expired, policy::Block::Expired.title(), None)
             });
             return Pick::End(job, Verdict::Expired(err));
         }
         if self.circuit.is_some() && job.enqueued.elapsed() >= eg.cfg.circuit_hold_max {
             let job = self.queue.remove(i).expect("index from the scan");
             let err = ResultError::gateway(
-                "circuit_open",
+                GatewayCode::CircuitOpen,
                 "the number's circuit is open (token, account or registration problem); see wagate_circuit_open",
                 job.last_error.as_ref().map(|e| format!("last Meta error: {} {}", e.code, e.title)),
             );
@@ -229,7 +229,7 @@ impl Lane {
                 m::EGRESS_BLOCKED
             };
             metrics::counter!(counter, "reason" => block.code()).increment(1);
-            let err = ResultError::gateway(block.code(), block.title(), None);
+            let err = ResultError::gateway(block.gateway_code(), block.title(), None);
             let verdict = if block == policy::Block::Expired {
                 Verdict::Expired(err)
             } else {
@@ -274,7 +274,7 @@ impl Lane {
                 portfolio.name, portfolio.limit
             );
             let err = ResultError::gateway(
-                "tier_limit",
+                GatewayCode::TierLimit,
                 "the portfolio's messaging tier is used up: no more business-initiated conversations with new users for now",
                 Some(details),
             );

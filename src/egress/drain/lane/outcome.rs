@@ -42,7 +42,7 @@ impl Lane {
             GraphOutcome::NotSent { reason } => {
                 if job.attempts >= eg.cfg.max_attempts {
                     let err = ResultError::gateway(
-                        "not_sent",
+                        GatewayCode::NotSent,
                         "the request could not be sent",
                         Some(reason),
                     );

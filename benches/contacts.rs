@@ -61,17 +61,9 @@ impl Users {
     }
 }
 
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<u64>().ok())
-        })
-        .map(|pages| pages * 4096)
-        .unwrap_or(0)
-}
+#[path = "../tests/common/measure.rs"]
+mod measure;
+use measure::rss_bytes;
 
 fn bench_contacts(c: &mut Criterion) {
     let total = pairs();

@@ -89,17 +89,9 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<u64>().ok())
-        })
-        .map(|pages| pages * 4096)
-        .unwrap_or(0)
-}
+#[path = "../tests/common/measure.rs"]
+mod measure;
+use measure::rss_bytes;
 
 /// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
 const TICKS_PER_S: f64 = 100.0;

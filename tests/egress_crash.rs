@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use wagate::sandbox::{ErrorInjection, SandboxConfig};
 
 fn spawn_gateway(brokers: &str, prefix: &str, graph: &str, log: &str) -> process::Running {
@@ -86,20 +86,7 @@ async fn kill_9_mid_drain_then_restart_one_result_each_never_sent_twice() {
     );
 
     let mut gw = spawn_gateway(&b, &p, &sb.base_url(), "egress_crash_2.log");
-    let end = Instant::now() + Duration::from_secs(120);
-    let by = loop {
-        let recs = read_all(&b, &p, "outbound.results", Duration::from_millis(800)).await;
-        let mut by: HashMap<String, Vec<Value>> = HashMap::new();
-        for r in recs {
-            by.entry(r.value["request_id"].as_str().unwrap().to_string())
-                .or_default()
-                .push(r.value);
-        }
-        if by.len() >= ids.len() || Instant::now() > end {
-            break by;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let by = results(&b, &p, ids.len(), Duration::from_secs(120)).await;
     gw.kill9();
 
     let mut sends: HashMap<String, usize> = HashMap::new();

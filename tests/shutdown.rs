@@ -235,20 +235,7 @@ async fn sigterm_mid_drain_then_restart_one_result_each() {
         .unwrap()
         .port();
     let mut child = spawn_egress(&b, &p, &sb.base_url(), port2, "shutdown_egress_2.log");
-    let end = Instant::now() + Duration::from_secs(120);
-    let by = loop {
-        let recs = read_all(&b, &p, "outbound.results", Duration::from_millis(800)).await;
-        let mut by: std::collections::HashMap<String, Vec<serde_json::Value>> = Default::default();
-        for r in recs {
-            by.entry(r.value["request_id"].as_str().unwrap().to_string())
-                .or_default()
-                .push(r.value);
-        }
-        if by.len() >= ids.len() || Instant::now() > end {
-            break by;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let by = results(&b, &p, ids.len(), Duration::from_secs(120)).await;
     child.kill9();
     let mut sends: std::collections::HashMap<String, usize> = Default::default();
     for s in sb.sends() {

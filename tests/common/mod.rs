@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod measure;
 pub mod process;
 pub mod requests;
 

@@ -119,19 +119,26 @@ pub struct Resp {
 }
 
 pub async fn request(req: Request<Full<Bytes>>) -> Resp {
+    try_request(req)
+        .await
+        .unwrap_or_else(|e| panic!("request: {e}"))
+}
+
+/// As [`request`], with a transport error (or no answer in 30 s) returned.
+pub async fn try_request(req: Request<Full<Bytes>>) -> Result<Resp, String> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
         .await
-        .expect("response within 30s")
-        .unwrap_or_else(|e| panic!("request: {e:?}"));
+        .map_err(|_| "no response within 30s".to_string())?
+        .map_err(|e| format!("{e:?}"))?;
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
-    Resp {
+    Ok(Resp {
         status,
         headers,
         body,
-    }
+    })
 }
 
 /// POSTs a body signed with the test secret.

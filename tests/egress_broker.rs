@@ -62,15 +62,7 @@ async fn api_send_is_accepted_and_status_webhooks_come_back() {
     })
     .await;
     let listen = format!("127.0.0.1:{port}");
-    let gw = start(
-        &b,
-        &p,
-        &[
-            ("WAGATE_GRAPH_BASE_URL", &sb.base_url()),
-            ("WAGATE_LISTEN", &listen),
-        ],
-    )
-    .await;
+    let gw = start_on(&b, &p, &sb, &[("WAGATE_LISTEN", &listen)]).await;
     let internal = gw.internal_addr;
     let body = serde_json::to_vec(&template("api-1", "109876543210987", "+14155550123")).unwrap();
     let post = |token: &str, body: Vec<u8>| {
@@ -145,11 +137,11 @@ async fn one_result_per_request_for_every_action_class() {
         ];
     })
     .await;
-    let gw = start(
+    let gw = start_on(
         &b,
         &p,
+        &sb,
         &[
-            ("WAGATE_GRAPH_BASE_URL", &sb.base_url()),
             ("WAGATE_EGRESS_MAX_ATTEMPTS", "3"),
             ("WAGATE_EGRESS_CIRCUIT_HOLD_MAX_MS", "1500"),
             // The 131050 case sends marketing to a user of unknown consent.
@@ -396,7 +388,7 @@ async fn free_form_reply_is_sent_inside_the_window_opened_by_an_inbound_message(
     let b = brokers();
     let p = unique_prefix("eg-window");
     let sb = sandbox(|_| {}).await;
-    let gw = start(&b, &p, &[("WAGATE_GRAPH_BASE_URL", &sb.base_url())]).await;
+    let gw = start_on(&b, &p, &sb, &[]).await;
     let text = |id: &str, to: &str| {
         json!({"v":1,"request_id":id,"phone_number_id":"109876543210987","to":to,"category":"service",
                "message":{"type":"text","text":{"body":"thanks, on its way"}}})
@@ -409,12 +401,7 @@ async fn free_form_reply_is_sent_inside_the_window_opened_by_an_inbound_message(
         .unwrap()
         .replace("1781600500", &now_s.to_string())
         .into_bytes();
-    assert_eq!(
-        post_signed(gw.public_addr, "/webhook", &inbound)
-            .await
-            .status,
-        StatusCode::OK
-    );
+    webhook_ok(gw.public_addr, &inbound).await;
     produce_requests(
         &b,
         &p,
@@ -540,13 +527,11 @@ async fn stop_and_user_preferences_webhooks_are_enforced_for_later_sends() {
     let b = brokers();
     let p = unique_prefix("eg-stop");
     let sb = sandbox(|_| {}).await;
-    let gw = start(
+    let gw = start_on(
         &b,
         &p,
-        &[
-            ("WAGATE_GRAPH_BASE_URL", &sb.base_url()),
-            ("WAGATE_EGRESS_MARKETING_REQUIRES_OPT_IN", "false"),
-        ],
+        &sb,
+        &[("WAGATE_EGRESS_MARKETING_REQUIRES_OPT_IN", "false")],
     )
     .await;
     let number = "109876543210987";
@@ -568,19 +553,9 @@ async fn stop_and_user_preferences_webhooks_are_enforced_for_later_sends() {
                "message":{"type":"template","template":{"name":"promo","language":{"code":"en"}}}})
     };
     // STOP (user 0123), then a send consumed after the webhook's 200.
-    assert_eq!(
-        post_signed(gw.public_addr, "/webhook", &says("wamid.S1", " Stop! "))
-            .await
-            .status,
-        StatusCode::OK
-    );
+    webhook_ok(gw.public_addr, &says("wamid.S1", " Stop! ")).await;
     // Marketing stop from Meta's user_preferences (user 0124).
-    assert_eq!(
-        post_signed(gw.public_addr, "/webhook", &prefs("stop"))
-            .await
-            .status,
-        StatusCode::OK
-    );
+    webhook_ok(gw.public_addr, &prefs("stop")).await;
     produce_requests(
         &b,
         &p,
@@ -599,18 +574,8 @@ async fn stop_and_user_preferences_webhooks_are_enforced_for_later_sends() {
     );
     assert_eq!(one(&by, "utility-ok")["outcome"], "accepted");
     // START and resume: allowed again.
-    assert_eq!(
-        post_signed(gw.public_addr, "/webhook", &says("wamid.S2", "START"))
-            .await
-            .status,
-        StatusCode::OK
-    );
-    assert_eq!(
-        post_signed(gw.public_addr, "/webhook", &prefs("resume"))
-            .await
-            .status,
-        StatusCode::OK
-    );
+    webhook_ok(gw.public_addr, &says("wamid.S2", "START")).await;
+    webhook_ok(gw.public_addr, &prefs("resume")).await;
     produce_requests(
         &b,
         &p,
@@ -729,12 +694,7 @@ async fn the_portfolio_messaging_tier_blocks_new_users_and_survives_a_restart() 
     let inbound = String::from_utf8(text_webhook(n1, &["wamid.TIER-IN"]))
         .unwrap()
         .replace("1781600500", &now_s.to_string());
-    assert_eq!(
-        post_signed(gw.public_addr, "/webhook", inbound.as_bytes())
-            .await
-            .status,
-        StatusCode::OK
-    );
+    webhook_ok(gw.public_addr, inbound.as_bytes()).await;
     // One at a time, in this order (results are waited for in between).
     let steps = [
         ("u1", n1, "+14170000001", "accepted"),
@@ -799,7 +759,7 @@ async fn deferred_requests_are_redriven_once_by_the_cli_and_then_sent() {
         }];
     })
     .await;
-    let gw = start(&b, &p, &[("WAGATE_GRAPH_BASE_URL", &sb.base_url())]).await;
+    let gw = start_on(&b, &p, &sb, &[]).await;
     produce_requests(
         &b,
         &p,
@@ -904,7 +864,7 @@ async fn a_throttled_number_or_pair_holds_only_itself() {
         ];
     })
     .await;
-    let gw = start(&b, &p, &[("WAGATE_GRAPH_BASE_URL", &sb.base_url())]).await;
+    let gw = start_on(&b, &p, &sb, &[]).await;
     let expires = wagate::clock::now_ms() + 12_000;
     let held = |id: String, number: &str, to: &str| {
         let mut r = template(&id, number, to);

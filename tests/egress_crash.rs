@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -89,24 +88,8 @@ async fn kill_9_mid_drain_then_restart_one_result_each_never_sent_twice() {
     let by = results(&b, &p, ids.len(), Duration::from_secs(120)).await;
     gw.kill9();
 
-    let mut sends: HashMap<String, usize> = HashMap::new();
-    for s in sb.sends() {
-        *sends
-            .entry(s.biz_opaque_callback_data.clone().unwrap_or_default())
-            .or_default() += 1;
-    }
-    let mut unknown = 0;
-    for id in &ids {
-        let rs = by.get(id).unwrap_or_else(|| panic!("{id}: no result"));
-        assert_eq!(rs.len(), 1, "{id}: {} results", rs.len());
-        let sent = sends.get(id).copied().unwrap_or(0);
-        assert!(sent <= 1, "{id} was sent {sent} times");
-        match rs[0]["outcome"].as_str().unwrap() {
-            "accepted" => assert_eq!(sent, 1, "{id}: accepted but not in the sandbox's log"),
-            "unknown" => unknown += 1,
-            other => panic!("{id}: unexpected outcome {other}"),
-        }
-    }
+    let sends = sends_by_request(&sb);
+    let unknown = assert_one_result_none_sent_twice(&by, &ids, &sends);
     // The crash left some sends in flight; they are reported, not re-sent.
     assert!(unknown >= 1, "no request was in flight at the crash");
     assert!(sends.values().sum::<usize>() <= ids.len());

@@ -61,35 +61,23 @@ fn text() -> Value {
     json!({"type":"text","text":{"body":"Temos em azul, sim."}})
 }
 
-async fn webhook(addr: std::net::SocketAddr, body: &[u8]) {
-    let r = post_signed(addr, "/webhook", body).await;
-    assert_eq!(
-        r.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&r.body)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consent_windows_and_preferences_follow_the_person_and_sends_go_by_recipient() {
     let _serial = SERIAL.lock().await;
     let b = brokers();
     let p = unique_prefix("id-person");
     let sb = sandbox(|_| {}).await;
-    let gw = start(
+    let gw = start_on(
         &b,
         &p,
-        &[
-            ("WAGATE_GRAPH_BASE_URL", &sb.base_url()),
-            ("WAGATE_EGRESS_MARKETING_REQUIRES_OPT_IN", "false"),
-        ],
+        &sb,
+        &[("WAGATE_EGRESS_MARKETING_REQUIRES_OPT_IN", "false")],
     )
     .await;
     let addr = gw.public_addr;
 
     // Step 1: a STOP from a username user (no phone) is applied and durable.
-    webhook(addr, &fixture("identity_stop_username_only.json")).await;
+    webhook_ok(addr, &fixture("identity_stop_username_only.json")).await;
     let msgs = read_all(&b, &p, "inbound.messages", Duration::from_millis(800)).await;
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].value["wa_id"], Value::Null);
@@ -103,27 +91,27 @@ async fn consent_windows_and_preferences_follow_the_person_and_sends_go_by_recip
 
     // Step 2: the phone and the BSUID seen together: one person. A window
     // opened by a BSUID-only user allows a free-form reply by recipient.
-    webhook(addr, &fixture("identity_inbound_phone_and_bsuid.json")).await;
+    webhook_ok(addr, &fixture("identity_inbound_phone_and_bsuid.json")).await;
     let solo = "BR.WINDOWUSER0001";
-    webhook(addr, &says("wamid.ID-W1", None, Some(solo), "oi")).await;
+    webhook_ok(addr, &says("wamid.ID-W1", None, Some(solo), "oi")).await;
     sb.record_inbound(PN, solo, wagate::clock::now_ms());
     // Another person: phone + BSUID seen in a status, STOP by phone.
-    webhook(
+    webhook_ok(
         addr,
         &fixture_status_pair("5511900000003", "BR.STATUSLINKED3"),
     )
     .await;
-    webhook(
+    webhook_ok(
         addr,
         &says("wamid.ID-S3", Some("5511900000003"), None, "PARE"),
     )
     .await;
     // A fourth: user_preferences by BSUID only stops marketing.
-    webhook(addr, &fixture("identity_user_preferences_bsuid.json")).await;
+    webhook_ok(addr, &fixture("identity_user_preferences_bsuid.json")).await;
     let prefs = String::from_utf8(fixture("identity_user_preferences_bsuid.json"))
         .unwrap()
         .replace(ANA, "BR.PREFS4");
-    webhook(addr, prefs.as_bytes()).await;
+    webhook_ok(addr, prefs.as_bytes()).await;
     produce_requests(
         &b,
         &p,
@@ -200,8 +188,8 @@ async fn consent_windows_and_preferences_follow_the_person_and_sends_go_by_recip
     // Step 3: an id change carries the opt-out to the new BSUID; marketing
     // stopped by user_preferences under a BSUID; an OTP by recipient of a
     // person whose phone is known goes to the phone.
-    webhook(addr, &fixture("identity_system_user_changed_user_id.json")).await;
-    webhook(
+    webhook_ok(addr, &fixture("identity_system_user_changed_user_id.json")).await;
+    webhook_ok(
         addr,
         &says(
             "wamid.ID-L5",
@@ -311,12 +299,12 @@ async fn links_reach_a_second_instance_and_survive_a_restart() {
     let a = start(&b, &p, &off).await;
     let other = start(&b, &p, &off).await;
     // A learns the link, then a STOP under the BSUID alone.
-    webhook(
+    webhook_ok(
         a.public_addr,
         &fixture("identity_inbound_phone_and_bsuid.json"),
     )
     .await;
-    webhook(a.public_addr, &fixture("identity_stop_username_only.json")).await;
+    webhook_ok(a.public_addr, &fixture("identity_stop_username_only.json")).await;
     // The other instance only reads the topics: asked by phone, it knows
     // the STOP (recorded under the BSUID) and both ids.
     let by_phone = |gw: &wagate::app::Gateway| {
@@ -341,8 +329,8 @@ async fn the_pair_limit_counts_a_person_once_however_requests_address_them() {
     let phone = "5511900000007";
     let bsuid = bsuid_of(phone);
     let sb = sandbox(|_| {}).await;
-    let gw = start(&b, &p, &[("WAGATE_GRAPH_BASE_URL", &sb.base_url())]).await;
-    webhook(
+    let gw = start_on(&b, &p, &sb, &[]).await;
+    webhook_ok(
         gw.public_addr,
         &says("wamid.ID-P7", Some(phone), Some(&bsuid), "oi"),
     )

@@ -198,12 +198,7 @@ async fn duplicate_and_rebatched_deliveries_produce_no_second_record() {
     );
     // Meta re-batches the same event with a new one.
     let rebatched = text_webhook("109876543210987", &["wamid.DUP2", "wamid.DUP1"]);
-    assert_eq!(
-        post_signed(gw.public_addr, "/webhook", &rebatched)
-            .await
-            .status,
-        StatusCode::OK
-    );
+    webhook_ok(gw.public_addr, &rebatched).await;
     let msgs = read_all(&b, &p, "inbound.messages", IDLE).await;
     let mut ids = event_ids(&msgs);
     ids.sort();
@@ -297,12 +292,7 @@ async fn signed_but_unparseable_is_kept_raw_and_acknowledged() {
             .is_empty()
     );
     // A parseable body with raw off: events only.
-    assert_eq!(
-        post_signed(gw.public_addr, "/webhook", &fixture("inbound_text.json"))
-            .await
-            .status,
-        StatusCode::OK
-    );
+    webhook_ok(gw.public_addr, &fixture("inbound_text.json")).await;
     assert_eq!(read_all(&b, &p, "inbound.messages", IDLE).await.len(), 1);
     assert_eq!(read_all(&b, &p, "inbound.raw", IDLE).await.len(), 1);
     gw.shutdown().await;
@@ -342,12 +332,7 @@ async fn handshake_health_and_metrics() {
         get(&format!("{internal}/readyz")).await.status,
         StatusCode::OK
     );
-    assert_eq!(
-        post_signed(gw.public_addr, "/webhook", &fixture("inbound_text.json"))
-            .await
-            .status,
-        StatusCode::OK
-    );
+    webhook_ok(gw.public_addr, &fixture("inbound_text.json")).await;
     let text = String::from_utf8(get(&format!("{internal}/metrics")).await.body.to_vec()).unwrap();
     for name in [
         "wagate_webhook_requests_total",

@@ -167,11 +167,11 @@ async fn dashboards_rules_and_exposition_hold_against_a_live_prometheus() {
     })
     .await;
     let listen = format!("127.0.0.1:{public_port}");
-    let gw = start(
+    let gw = start_on(
         &b,
         &p,
+        &sb,
         &[
-            ("WAGATE_GRAPH_BASE_URL", &sb.base_url()),
             ("WAGATE_LISTEN", &listen),
             ("WAGATE_EGRESS_MAX_ATTEMPTS", "2"),
             ("WAGATE_EGRESS_CIRCUIT_HOLD_MAX_MS", "2000"),

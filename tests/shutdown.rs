@@ -237,21 +237,5 @@ async fn sigterm_mid_drain_then_restart_one_result_each() {
     let mut child = spawn_egress(&b, &p, &sb.base_url(), port2, "shutdown_egress_2.log");
     let by = results(&b, &p, ids.len(), Duration::from_secs(120)).await;
     child.kill9();
-    let mut sends: std::collections::HashMap<String, usize> = Default::default();
-    for s in sb.sends() {
-        *sends
-            .entry(s.biz_opaque_callback_data.clone().unwrap_or_default())
-            .or_default() += 1;
-    }
-    for id in &ids {
-        let rs = by.get(id).unwrap_or_else(|| panic!("{id}: no result"));
-        assert_eq!(rs.len(), 1, "{id}: {} results", rs.len());
-        let sent = sends.get(id).copied().unwrap_or(0);
-        assert!(sent <= 1, "{id} was sent {sent} times");
-        match rs[0]["outcome"].as_str().unwrap() {
-            "accepted" => assert_eq!(sent, 1, "{id}: accepted but not in the sandbox's log"),
-            "unknown" => {}
-            other => panic!("{id}: unexpected outcome {other}"),
-        }
-    }
+    assert_one_result_none_sent_twice(&by, &ids, &sends_by_request(&sb));
 }

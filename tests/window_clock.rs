@@ -10,7 +10,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use hyper::StatusCode;
@@ -48,23 +48,10 @@ async fn produce(brokers: &str, prefix: &str, reqs: &[Value]) {
 
 /// Waits for a result of each of `ids`; returns every result per id.
 async fn results_for(brokers: &str, prefix: &str, ids: &[&str]) -> HashMap<String, Vec<Value>> {
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let by: HashMap<String, Vec<Value>> =
-            results_by_id(brokers, prefix, Duration::from_millis(2000))
-                .await
-                .into_iter()
-                .map(|(id, recs)| (id, recs.into_iter().map(|r| r.value).collect()))
-                .collect();
-        if ids.iter().all(|id| by.contains_key(*id)) {
-            return by;
-        }
-        assert!(
-            Instant::now() < end,
-            "no result yet for some of {ids:?}: {by:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let done = |by: &HashMap<String, Vec<Value>>| ids.iter().all(|id| by.contains_key(*id));
+    let by = results_until(brokers, prefix, Duration::from_secs(30), done).await;
+    assert!(done(&by), "no result yet for some of {ids:?}: {by:?}");
+    by
 }
 
 fn outcome(by: &HashMap<String, Vec<Value>>, id: &str) -> (String, String) {
@@ -91,7 +78,7 @@ async fn free_form_is_sent_inside_the_window_and_blocked_after_24_hours_template
         ..Default::default()
     })
     .await;
-    let gw = start(&b, &p, &[("WAGATE_GRAPH_BASE_URL", &sb.base_url())]).await;
+    let gw = start_on(&b, &p, &sb, &[]).await;
 
     // The user writes: the webhook opens the window (Meta's timestamp is
     // the message's time; tell the sandbox the same).

@@ -655,22 +655,6 @@ impl<'a, 'v> Rec<'a, 'v> {
                     Some(_) => None,
                     None => user.zip(timestamp(msg)),
                 };
-                let text = msg
-                    .get("text")
-                    .and_then(|t| str_field(t, "body"))
-                    .or_else(|| msg.get("button").and_then(|b| str_field(b, "text")))
-                    .map(str::to_string);
-                let payload = msg
-                    .get("button")
-                    .and_then(|b| str_field(b, "payload"))
-                    .or_else(|| {
-                        msg.get("interactive").and_then(|i| {
-                            ["button_reply", "list_reply"]
-                                .iter()
-                                .find_map(|k| i.get(*k).and_then(|r| str_field(r, "id")))
-                        })
-                    })
-                    .map(str::to_string);
                 Event {
                     class: Class::Message,
                     key: key.to_string(),
@@ -678,55 +662,15 @@ impl<'a, 'v> Rec<'a, 'v> {
                     event_id,
                     kind: "message".into(),
                     inbound,
-                    text,
-                    payload,
+                    text: reply_text(msg),
+                    payload: reply_payload(msg),
                     preferences: Vec::new(),
                     seen: None,
                     change,
                 }
             }
             Item::Status { st, id, status } => {
-                let status = status.as_deref();
-                let event_id = match id {
-                    Some(id) => format!("{id}:{}", status.unwrap_or("")),
-                    None => stable_hash(waba_id, "status", st),
-                };
-                let rec = StatusEvent {
-                    v: 1,
-                    event_id: &event_id,
-                    kind: "status",
-                    app: ctx.app,
-                    waba_id,
-                    phone_number_id,
-                    recipient_id: str_field(st, "recipient_id"),
-                    recipient_user_id: str_field(st, "recipient_user_id"),
-                    recipient_parent_user_id: str_field(st, "recipient_parent_user_id"),
-                    status,
-                    rank: status.map(status_rank).unwrap_or(0),
-                    timestamp: timestamp(st),
-                    received_at_ms: ctx.received_at_ms,
-                    request_id: str_field(st, "biz_opaque_callback_data"),
-                    errors: st.get("errors"),
-                    status_object: st,
-                };
-                Event {
-                    class: Class::Status,
-                    key: key.to_string(),
-                    value: encode(&rec),
-                    event_id,
-                    kind: "status".into(),
-                    inbound: None,
-                    text: None,
-                    payload: None,
-                    preferences: Vec::new(),
-                    seen: User::from_fields(
-                        str_field(st, "recipient_id"),
-                        str_field(st, "recipient_user_id"),
-                        str_field(st, "recipient_parent_user_id"),
-                    )
-                    .filter(|u| u.pair().is_some()),
-                    change: None,
-                }
+                status_event(ctx, waba_id, phone_number_id, key, st, id, status)
             }
             Item::Error { err } => other_event(ctx, waba_id, phone_number_id, key, "error", err),
             Item::Other { field, value } => {
@@ -737,6 +681,82 @@ impl<'a, 'v> Rec<'a, 'v> {
             }
         }
     }
+}
+
+/// A status item's record and its signals (the recipient seen by Meta).
+fn status_event(
+    ctx: Context<'_>,
+    waba_id: &str,
+    phone_number_id: Option<&str>,
+    key: &str,
+    st: &BorrowedValue<'_>,
+    id: Option<Cow<'_, str>>,
+    status: Option<Cow<'_, str>>,
+) -> Event {
+    let status = status.as_deref();
+    let event_id = match id {
+        Some(id) => format!("{id}:{}", status.unwrap_or("")),
+        None => stable_hash(waba_id, "status", st),
+    };
+    let rec = StatusEvent {
+        v: 1,
+        event_id: &event_id,
+        kind: "status",
+        app: ctx.app,
+        waba_id,
+        phone_number_id,
+        recipient_id: str_field(st, "recipient_id"),
+        recipient_user_id: str_field(st, "recipient_user_id"),
+        recipient_parent_user_id: str_field(st, "recipient_parent_user_id"),
+        status,
+        rank: status.map(status_rank).unwrap_or(0),
+        timestamp: timestamp(st),
+        received_at_ms: ctx.received_at_ms,
+        request_id: str_field(st, "biz_opaque_callback_data"),
+        errors: st.get("errors"),
+        status_object: st,
+    };
+    Event {
+        class: Class::Status,
+        key: key.to_string(),
+        value: encode(&rec),
+        event_id,
+        kind: "status".into(),
+        inbound: None,
+        text: None,
+        payload: None,
+        preferences: Vec::new(),
+        seen: User::from_fields(
+            str_field(st, "recipient_id"),
+            str_field(st, "recipient_user_id"),
+            str_field(st, "recipient_parent_user_id"),
+        )
+        .filter(|u| u.pair().is_some()),
+        change: None,
+    }
+}
+
+/// The text a message carries for keyword matching (a text body or a
+/// quick-reply button's label).
+fn reply_text(msg: &BorrowedValue<'_>) -> Option<String> {
+    msg.get("text")
+        .and_then(|t| str_field(t, "body"))
+        .or_else(|| msg.get("button").and_then(|b| str_field(b, "text")))
+        .map(str::to_string)
+}
+
+/// The payload of a button or interactive reply, for payload matching.
+fn reply_payload(msg: &BorrowedValue<'_>) -> Option<String> {
+    msg.get("button")
+        .and_then(|b| str_field(b, "payload"))
+        .or_else(|| {
+            msg.get("interactive").and_then(|i| {
+                ["button_reply", "list_reply"]
+                    .iter()
+                    .find_map(|k| i.get(*k).and_then(|r| str_field(r, "id")))
+            })
+        })
+        .map(str::to_string)
 }
 
 fn other_event(
@@ -777,6 +797,58 @@ fn other_event(
 /// {messages[], statuses[], errors[]}` item, and every change of any other
 /// field (or a `messages` change with none of the three arrays), is one
 /// event. Stops when `each` returns false.
+/// A message item: the sender's ids from the message, else from their own
+/// contact entry (never another user's).
+fn message_item<'a, 'v>(
+    msg: &'a BorrowedValue<'v>,
+    contacts: &ContactIndex<'a, 'v>,
+    display: Option<&'a str>,
+) -> Result<Item<'a, 'v>, ParseError> {
+    let from = id_field(msg, "from", "messages.from")?;
+    let from_user = bsuid_field(msg, "from_user_id")?;
+    let found = contacts.find(from.as_deref(), from_user);
+    // A contact's ids are the sender's only when it is
+    // theirs for sure.
+    let own = found.filter(|(_, sure)| *sure).map(|(c, _)| c);
+    let contact = found.map(|(c, _)| c);
+    let wa_id = match from {
+        Some(f) => Some(f),
+        None => match own {
+            Some(c) => id_field(c, "wa_id", "contacts.wa_id")?,
+            None => None,
+        },
+    };
+    let user_id = match from_user {
+        Some(u) => Some(u),
+        None => own
+            .map(|c| bsuid_field(c, "user_id"))
+            .transpose()?
+            .flatten(),
+    };
+    let parent_user_id = match bsuid_field(msg, "from_parent_user_id")? {
+        Some(u) => Some(u),
+        None => own
+            .map(|c| bsuid_field(c, "parent_user_id"))
+            .transpose()?
+            .flatten(),
+    };
+    let profile = contact.and_then(|c| c.get("profile"));
+    let profile_name = profile.and_then(|p| str_field(p, "name"));
+    let username = own
+        .and_then(|c| c.get("profile"))
+        .and_then(|p| str_field(p, "username"));
+    Ok(Item::Message {
+        msg,
+        id: id_field(msg, "id", "messages.id")?,
+        wa_id,
+        user_id,
+        parent_user_id,
+        username,
+        display,
+        profile_name,
+    })
+}
+
 fn walk(
     root: &BorrowedValue<'_>,
     ctx: Context<'_>,
@@ -813,49 +885,7 @@ fn walk(
                 let contacts = ContactIndex::new(value);
                 for msg in messages {
                     produced = true;
-                    let from = id_field(msg, "from", "messages.from")?;
-                    let from_user = bsuid_field(msg, "from_user_id")?;
-                    let found = contacts.find(from.as_deref(), from_user);
-                    // A contact's ids are the sender's only when it is
-                    // theirs for sure.
-                    let own = found.filter(|(_, sure)| *sure).map(|(c, _)| c);
-                    let contact = found.map(|(c, _)| c);
-                    let wa_id = match from {
-                        Some(f) => Some(f),
-                        None => match own {
-                            Some(c) => id_field(c, "wa_id", "contacts.wa_id")?,
-                            None => None,
-                        },
-                    };
-                    let user_id = match from_user {
-                        Some(u) => Some(u),
-                        None => own
-                            .map(|c| bsuid_field(c, "user_id"))
-                            .transpose()?
-                            .flatten(),
-                    };
-                    let parent_user_id = match bsuid_field(msg, "from_parent_user_id")? {
-                        Some(u) => Some(u),
-                        None => own
-                            .map(|c| bsuid_field(c, "parent_user_id"))
-                            .transpose()?
-                            .flatten(),
-                    };
-                    let profile = contact.and_then(|c| c.get("profile"));
-                    let profile_name = profile.and_then(|p| str_field(p, "name"));
-                    let username = own
-                        .and_then(|c| c.get("profile"))
-                        .and_then(|p| str_field(p, "username"));
-                    if !each(rec(Item::Message {
-                        msg,
-                        id: id_field(msg, "id", "messages.id")?,
-                        wa_id,
-                        user_id,
-                        parent_user_id,
-                        username,
-                        display,
-                        profile_name,
-                    })) {
+                    if !each(rec(message_item(msg, &contacts, display)?)) {
                         return Ok(());
                     }
                 }

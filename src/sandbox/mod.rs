@@ -631,34 +631,8 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             return e.response();
         }
     };
-    let mut message = json!({ "id": send.wamid });
-    if template {
-        message["message_status"] = "accepted".into();
-    }
-    let contact = match &send.recipient {
-        Some(r) => json!({ "input": r, "user_id": r }),
-        None => json!({ "input": send.to, "wa_id": send.wa_id }),
-    };
-    let answer = json!({
-        "messaging_product": "whatsapp",
-        "contacts": [contact],
-        "messages": [message],
-    });
-    if let Some(tx) = &st.webhooks {
-        let username_user = lock(&st.directory).is_username_user(&send.wa_id);
-        if tx
-            .try_send(status::Queued {
-                send,
-                username_user,
-            })
-            .is_err()
-        {
-            let n = st.webhook_counters.dropped.fetch_add(1, Ordering::Relaxed);
-            if n == 0 {
-                tracing::warn!("sandbox status webhook queue full; dropping webhooks");
-            }
-        }
-    }
+    let answer = answer(&send, template);
+    st.queue_status_webhook(send);
     if slow {
         let stop = st.stop.clone();
         tokio::select! {
@@ -670,6 +644,23 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         StatusCode::OK,
         serde_json::to_vec(&answer).unwrap_or_default(),
     )
+}
+
+/// Meta's answer to an accepted send.
+fn answer(send: &RecordedSend, template: bool) -> Value {
+    let mut message = json!({ "id": send.wamid });
+    if template {
+        message["message_status"] = "accepted".into();
+    }
+    let contact = match &send.recipient {
+        Some(r) => json!({ "input": r, "user_id": r }),
+        None => json!({ "input": send.to, "wa_id": send.wa_id }),
+    };
+    json!({
+        "messaging_product": "whatsapp",
+        "contacts": [contact],
+        "messages": [message],
+    })
 }
 
 /// Reads at most [`MAX_BODY_BYTES`] within [`BODY_READ_TIMEOUT`].
@@ -775,6 +766,29 @@ impl State {
 
     /// Throughput, pair rate and window, checked then committed under the
     /// gate lock; records and returns the accepted send.
+    /// Queues the status webhooks of an accepted send (dropped, and counted,
+    /// when the queue is full).
+    fn queue_status_webhook(&self, send: RecordedSend) {
+        if let Some(tx) = &self.webhooks {
+            let username_user = lock(&self.directory).is_username_user(&send.wa_id);
+            if tx
+                .try_send(status::Queued {
+                    send,
+                    username_user,
+                })
+                .is_err()
+            {
+                let n = self
+                    .webhook_counters
+                    .dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                if n == 0 {
+                    tracing::warn!("sandbox status webhook queue full; dropping webhooks");
+                }
+            }
+        }
+    }
+
     fn admit(
         &self,
         api_version: String,

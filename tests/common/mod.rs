@@ -108,6 +108,19 @@ pub async fn start(brokers: &str, prefix: &str, overrides: &[(&str, &str)]) -> G
     gw
 }
 
+/// [`start`] with the gateway's Graph API pointed at the sandbox `sb`.
+pub async fn start_on(
+    brokers: &str,
+    prefix: &str,
+    sb: &wagate::sandbox::Sandbox,
+    overrides: &[(&str, &str)],
+) -> Gateway {
+    let url = sb.base_url();
+    let mut all = vec![("WAGATE_GRAPH_BASE_URL", url.as_str())];
+    all.extend_from_slice(overrides);
+    start(brokers, prefix, &all).await
+}
+
 pub fn sign(body: &[u8]) -> String {
     wagate::meta::signature::sign(SECRET.as_bytes(), body)
 }
@@ -269,6 +282,17 @@ pub async fn results(
     n: usize,
     within: Duration,
 ) -> HashMap<String, Vec<Value>> {
+    results_until(brokers, prefix, within, |by| by.len() >= n).await
+}
+
+/// Reads results (every result per request id) until `done` holds for them,
+/// or the deadline; returns what it read last.
+pub async fn results_until(
+    brokers: &str,
+    prefix: &str,
+    within: Duration,
+    done: impl Fn(&HashMap<String, Vec<Value>>) -> bool,
+) -> HashMap<String, Vec<Value>> {
     let end = Instant::now() + within;
     loop {
         let by: HashMap<String, Vec<Value>> =
@@ -277,11 +301,57 @@ pub async fn results(
                 .into_iter()
                 .map(|(id, recs)| (id, recs.into_iter().map(|r| r.value).collect()))
                 .collect();
-        if by.len() >= n || Instant::now() > end {
+        if done(&by) || Instant::now() > end {
             return by;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// How many times the sandbox received each request id (by
+/// `biz_opaque_callback_data`).
+pub fn sends_by_request(sb: &wagate::sandbox::Sandbox) -> HashMap<String, usize> {
+    let mut sends: HashMap<String, usize> = HashMap::new();
+    for s in sb.sends() {
+        *sends
+            .entry(s.biz_opaque_callback_data.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    sends
+}
+
+/// After a crash: each of `ids` has exactly one result, was sent at most
+/// once, and is `accepted` (then sent exactly once) or `unknown`. Returns how
+/// many are `unknown`.
+pub fn assert_one_result_none_sent_twice(
+    by: &HashMap<String, Vec<Value>>,
+    ids: &[String],
+    sends: &HashMap<String, usize>,
+) -> usize {
+    let mut unknown = 0;
+    for id in ids {
+        let rs = by.get(id).unwrap_or_else(|| panic!("{id}: no result"));
+        assert_eq!(rs.len(), 1, "{id}: {} results", rs.len());
+        let sent = sends.get(id).copied().unwrap_or(0);
+        assert!(sent <= 1, "{id} was sent {sent} times");
+        match rs[0]["outcome"].as_str().unwrap() {
+            "accepted" => assert_eq!(sent, 1, "{id}: accepted but not in the sandbox's log"),
+            "unknown" => unknown += 1,
+            other => panic!("{id}: unexpected outcome {other}"),
+        }
+    }
+    unknown
+}
+
+/// Posts a signed webhook and asserts the 200 (showing the body if not).
+pub async fn webhook_ok(addr: SocketAddr, body: &[u8]) {
+    let r = post_signed(addr, "/webhook", body).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
 }
 
 pub fn one<'a>(by: &'a HashMap<String, Vec<Value>>, id: &str) -> &'a Value {

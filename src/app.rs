@@ -20,7 +20,7 @@ use crate::contacts::{Contacts, MemoryContacts};
 use crate::egress::drain::Egress;
 use crate::http::{self, Limits};
 use crate::ingress::dedupe::Dedupe;
-use crate::ingress::Ingress;
+use crate::ingress::{Ingress, IngressProducers};
 use crate::kafka::{KafkaProducer, TopicId, Topics};
 use crate::metrics as m;
 
@@ -40,8 +40,8 @@ pub struct Gateway {
     egress: Option<JoinHandle<()>>,
     servers: Vec<JoinHandle<bool>>,
     background: Vec<JoinHandle<()>>,
-    /// The shared producer and, when `ingress.linger_ms` differs, ingress's own.
-    producers: [Option<KafkaProducer>; 2],
+    /// Every producer made: the shared one and ingress's own.
+    producers: Vec<KafkaProducer>,
     shutdown_timeout: Duration,
     shutdown_grace: Duration,
 }
@@ -69,23 +69,70 @@ async fn check_record_limit(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The shared producer and, when `ingress.linger_ms` differs, ingress's own.
-/// Ingress batches longer than egress (librdkafka sends one partition per
-/// produce request, so a longer linger means far fewer requests and a
-/// shorter tail; egress waits on each attempt record, so it keeps the short
-/// one). Same settings → one shared producer.
-fn producers(cfg: &Config) -> anyhow::Result<(KafkaProducer, Option<KafkaProducer>)> {
-    let producer = KafkaProducer::new(&cfg.kafka)
-        .map_err(|e| anyhow::anyhow!("kafka.brokers: cannot create the producer: {e}"))?;
-    if cfg.ingress.linger_ms == cfg.kafka.linger_ms {
-        return Ok((producer, None));
+/// Refuses to start when a compacted topic is not compacted (its records
+/// would be deleted at retention time); every other difference is warned
+/// about, and a broker that cannot say is too.
+async fn check_topics(cfg: &Config) -> anyhow::Result<()> {
+    if !cfg.kafka.check_record_limit {
+        return Ok(());
     }
-    let mut k = cfg.kafka.clone();
-    k.linger_ms = cfg.ingress.linger_ms;
-    k.client_id = format!("{}-ingress", cfg.kafka.client_id);
-    let ingress = KafkaProducer::new(&k)
-        .map_err(|e| anyhow::anyhow!("kafka.brokers: cannot create the ingress producer: {e}"))?;
-    Ok((producer, Some(ingress)))
+    let problems = match crate::kafka::check_topics(&cfg.kafka, Duration::from_secs(3)).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "kafka: could not check the topics (`wagate topics check` says more)");
+            return Ok(());
+        }
+    };
+    let (refuse, warn): (Vec<_>, Vec<_>) = problems
+        .iter()
+        .partition(|p| p.issue == crate::kafka::Issue::CompactedNotCompacted);
+    for p in warn {
+        tracing::warn!(topic = %p.topic, problem = %p.message, "kafka: topic differs from the expected one");
+    }
+    if !refuse.is_empty() {
+        let why: Vec<String> = refuse.iter().map(|p| p.to_string()).collect();
+        anyhow::bail!("kafka: {}", why.join("; "));
+    }
+    Ok(())
+}
+
+/// The shared producer, ingress's two (made only where a window differs
+/// from one already made), and every producer made, for flush and gauges.
+/// Ingress batches longer than egress when busy (librdkafka sends one
+/// partition per produce request, so a longer linger means far fewer
+/// requests and a shorter tail under load; egress waits on each attempt
+/// record, so it keeps the short one); while few POSTs are in flight it uses
+/// a short window, so a webhook does not wait out a batch nobody fills.
+fn producers(
+    cfg: &Config,
+) -> anyhow::Result<(KafkaProducer, IngressProducers, Vec<KafkaProducer>)> {
+    let shared = KafkaProducer::new(&cfg.kafka)
+        .map_err(|e| anyhow::anyhow!("kafka.brokers: cannot create the producer: {e}"))?;
+    let mut made = vec![(cfg.kafka.linger_ms, shared.clone())];
+    let mut with_linger = |linger_ms: u64, suffix: &str| -> anyhow::Result<KafkaProducer> {
+        if let Some((_, p)) = made.iter().find(|(l, _)| *l == linger_ms) {
+            return Ok(p.clone());
+        }
+        let mut k = cfg.kafka.clone();
+        k.linger_ms = linger_ms;
+        k.client_id = format!("{}-{suffix}", cfg.kafka.client_id);
+        let p = KafkaProducer::new(&k).map_err(|e| {
+            anyhow::anyhow!("kafka.brokers: cannot create the {suffix} producer: {e}")
+        })?;
+        made.push((linger_ms, p.clone()));
+        Ok(p)
+    };
+    let busy = with_linger(cfg.ingress.linger_ms, "ingress")?;
+    let quiet = match cfg.ingress.busy_in_flight {
+        0 => None,
+        _ => Some(with_linger(cfg.ingress.quiet_linger_ms, "ingress-quiet")?),
+    };
+    let ingress = IngressProducers {
+        busy,
+        quiet,
+        busy_in_flight: cfg.ingress.busy_in_flight,
+    };
+    Ok((shared, ingress, made.into_iter().map(|(_, p)| p).collect()))
 }
 
 /// Contacts: bootstrap from the compacted topics, then tail them, on a
@@ -121,7 +168,8 @@ impl Gateway {
     pub async fn start(cfg: Config) -> anyhow::Result<Gateway> {
         let metrics = m::install();
         check_record_limit(&cfg).await?;
-        let (producer, ingress_producer) = producers(&cfg)?;
+        check_topics(&cfg).await?;
+        let (producer, ingress_producers, all_producers) = producers(&cfg)?;
         let dedupe = Arc::new(Dedupe::new(
             cfg.ingress.dedupe_window,
             cfg.ingress.dedupe_max_entries,
@@ -132,7 +180,7 @@ impl Gateway {
         let ingress = Arc::new(Ingress::new(
             &cfg,
             topics.clone(),
-            ingress_producer.clone().unwrap_or_else(|| producer.clone()),
+            ingress_producers,
             dedupe.clone(),
             Some(contacts.clone() as Arc<dyn Contacts>),
         ));
@@ -207,7 +255,7 @@ impl Gateway {
         let background = vec![
             tokio::spawn(kafka_pinger(producer.clone(), ready.clone(), rx.clone())),
             tokio::spawn(gauges(
-                [Some(producer.clone()), ingress_producer.clone()],
+                all_producers.clone(),
                 dedupe,
                 egress_plane,
                 contacts.clone(),
@@ -228,7 +276,7 @@ impl Gateway {
             egress,
             servers,
             background,
-            producers: [Some(producer), ingress_producer],
+            producers: all_producers,
             shutdown_timeout: cfg.shutdown_timeout,
             shutdown_grace: cfg.shutdown_grace,
         })
@@ -286,9 +334,9 @@ impl Gateway {
             .max(Duration::from_millis(100));
         let producers = self.producers.clone();
         let flushed = tokio::task::spawn_blocking(move || {
-            // Both flush (each one even if the other failed) within one deadline.
+            // All flush (each one even if another failed) within one deadline.
             let end = std::time::Instant::now() + left;
-            producers.iter().flatten().fold(true, |all, p| {
+            producers.iter().fold(true, |all, p| {
                 let left = end.saturating_duration_since(std::time::Instant::now());
                 p.flush(left).is_ok() && all
             })
@@ -339,7 +387,7 @@ async fn kafka_pinger(producer: KafkaProducer, ready: Arc<Readiness>, stop: Canc
 /// Publishes gauges that are sampled rather than counted, and sweeps the
 /// dedupe set.
 async fn gauges(
-    producers: [Option<KafkaProducer>; 2],
+    producers: Vec<KafkaProducer>,
     dedupe: Arc<Dedupe>,
     egress: Option<Arc<Egress>>,
     contacts: Arc<MemoryContacts>,
@@ -357,7 +405,7 @@ async fn gauges(
         if n % 10 == 0 {
             dedupe.sweep();
         }
-        let depth: i32 = producers.iter().flatten().map(|p| p.queue_depth()).sum();
+        let depth: i32 = producers.iter().map(|p| p.queue_depth()).sum();
         metrics::gauge!(m::KAFKA_PRODUCER_QUEUE_DEPTH).set(depth as f64);
         let st = dedupe.stats();
         metrics::gauge!(m::DEDUPE_ENTRIES).set(st.entries as f64);

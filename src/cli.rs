@@ -107,6 +107,13 @@ pub enum TopicsCommand {
         #[arg(long, env = "WAGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Compare the live topics with the expected ones: exits non-zero
+    /// naming every missing topic and wrong cleanup policy; partitions and
+    /// retention that differ from the config are warnings.
+    Check {
+        #[arg(long, env = "WAGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 /// Loads a config for a tool command: secrets are not needed, so missing
@@ -158,6 +165,38 @@ pub async fn topics_create(path: Option<&PathBuf>) -> anyhow::Result<()> {
         .with_context(|| format!("creating topics on {}", cfg.kafka.brokers))?;
     for (name, created) in res {
         println!("{name}\t{}", if created { "created" } else { "exists" });
+    }
+    Ok(())
+}
+
+pub async fn topics_check(path: Option<&PathBuf>) -> anyhow::Result<()> {
+    let cfg = tool_config(path)?;
+    let problems = kafka::check_topics(&cfg.kafka, Duration::from_secs(10))
+        .await
+        .with_context(|| {
+            format!(
+                "kafka.brokers: could not describe the topics on {} within 10s",
+                cfg.kafka.brokers
+            )
+        })?;
+    let errors = problems
+        .iter()
+        .filter(|p| p.severity() == kafka::Severity::Error)
+        .count();
+    for p in &problems {
+        let what = match p.severity() {
+            kafka::Severity::Error => "error",
+            kafka::Severity::Warning => "warning",
+        };
+        println!("{what}: {p}");
+    }
+    println!(
+        "{} topics checked: {errors} errors, {} warnings",
+        kafka::TopicId::ALL.len(),
+        problems.len() - errors
+    );
+    if errors > 0 {
+        anyhow::bail!("{errors} topic problems (see above)");
     }
     Ok(())
 }

@@ -32,6 +32,9 @@ fn main() -> ExitCode {
         Command::Topics {
             command: TopicsCommand::Create { config },
         } => rt.block_on(cli::topics_create(config.as_ref())),
+        Command::Topics {
+            command: TopicsCommand::Check { config },
+        } => rt.block_on(cli::topics_check(config.as_ref())),
         Command::Sign { secret_env } => cli::sign(&secret_env),
         Command::Dlq {
             command:

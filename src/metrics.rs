@@ -18,6 +18,7 @@ pub const HTTP_ERRORS: &str = "wagate_http_errors_total";
 pub const WEBHOOK_ACK_SECONDS: &str = "wagate_webhook_ack_seconds";
 pub const WEBHOOK_IN_FLIGHT: &str = "wagate_webhook_in_flight";
 pub const KAFKA_PRODUCE_SECONDS: &str = "wagate_kafka_produce_seconds";
+pub const INGRESS_ROUNDS: &str = "wagate_ingress_produce_rounds_total";
 pub const KAFKA_PRODUCER_QUEUE_DEPTH: &str = "wagate_kafka_producer_queue_depth";
 pub const KAFKA_PRODUCE_ERRORS: &str = "wagate_kafka_produce_errors_total";
 pub const DEDUPE_ENTRIES: &str = "wagate_dedupe_entries";
@@ -373,6 +374,10 @@ fn describe() {
         KAFKA_PRODUCE_SECONDS,
         Unit::Seconds,
         "Enqueue to Kafka acknowledgement, per POST's records."
+    );
+    describe_counter!(
+        INGRESS_ROUNDS,
+        "Rounds of a POST's records given to ingress's quiet (short linger) or busy (long linger) producer, by `producer`."
     );
     describe_gauge!(
         KAFKA_PRODUCER_QUEUE_DEPTH,

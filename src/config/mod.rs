@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::kafka::TopicId;
+
 /// A configuration problem, always naming the key or variable at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -106,8 +108,34 @@ pub struct KafkaConfig {
     /// body under the limit (and every record made of it) can be stored.
     pub message_max_bytes: usize,
     /// Ask the brokers at start whether the inbound topics take records of
-    /// `message_max_bytes` (off for `--dev`: the mock cluster cannot say).
+    /// `message_max_bytes` and whether every compacted topic is compacted
+    /// (off for `--dev`: the mock cluster cannot say).
     pub check_record_limit: bool,
+    /// What `topics create` sets per topic, in [`TopicId::ALL`] order.
+    pub topics: [TopicSettings; 11],
+}
+
+impl KafkaConfig {
+    /// The settings of one topic (`[kafka.topics.NAME]` over the defaults).
+    pub fn topic(&self, t: TopicId) -> &TopicSettings {
+        &self.topics[t as usize]
+    }
+}
+
+/// One topic as `topics create` makes it and `topics check` expects it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicSettings {
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// `retention.ms` of a delete topic (-1: forever); -1 for compacted ones.
+    pub retention_ms: i64,
+    /// `min.insync.replicas`, or the broker's default.
+    pub min_insync_replicas: Option<i32>,
+}
+
+/// The config key of a topic's table: `inbound.messages` → `inbound_messages`.
+pub fn topic_key(t: TopicId) -> String {
+    t.name().replace('.', "_")
 }
 
 /// What a record may add to the largest body: headers, key, envelope.
@@ -121,9 +149,13 @@ pub struct IngressConfig {
     pub dedupe_window: Duration,
     pub dedupe_max_entries: usize,
     pub max_in_flight: usize,
-    /// The ingress producer's batching window (its own producer when it
-    /// differs from `kafka.linger_ms`).
+    /// The ingress producer's batching window when busy (its own producer
+    /// when it differs from `kafka.linger_ms`).
     pub linger_ms: u64,
+    /// The window while fewer than `busy_in_flight` POSTs are in flight.
+    pub quiet_linger_ms: u64,
+    /// POSTs in flight from which ingress batches with `linger_ms` (0: always).
+    pub busy_in_flight: usize,
     pub max_in_flight_bytes: usize,
     pub limits: crate::meta::webhook::Limits,
 }

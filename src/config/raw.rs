@@ -57,6 +57,27 @@ pub struct RawKafka {
     pub partitions: u64,
     pub replication_factor: u64,
     pub client_id: String,
+    /// `[kafka.topics.NAME]`, NAME the short name with `_` for `.`
+    /// (`inbound_messages`): what `topics create` sets for that topic.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub topics: BTreeMap<String, RawTopic>,
+}
+
+/// One topic's settings for `topics create`; an unset key keeps the default
+/// (`kafka.partitions`, `kafka.replication_factor`, the retention of DESIGN §4,
+/// the broker's `min.insync.replicas`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTopic {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<u64>,
+    /// `retention.ms` of a delete topic; -1 keeps records forever.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_insync_replicas: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +90,11 @@ pub struct RawIngress {
     pub dedupe_max_entries: u64,
     pub max_in_flight: u64,
     pub linger_ms: u64,
+    /// The batching window while fewer than `busy_in_flight` POSTs are in
+    /// flight (a second, low-latency producer).
+    pub quiet_linger_ms: u64,
+    /// POSTs in flight from which ingress batches with `linger_ms`; 0: always.
+    pub busy_in_flight: u64,
     /// Signed bodies' bytes being processed at once; beyond: 503.
     pub max_in_flight_bytes: u64,
     /// Deepest JSON nesting of a body that is exploded (deeper: kept raw).
@@ -233,6 +259,7 @@ impl Default for RawKafka {
             partitions: 6,
             replication_factor: 1,
             client_id: "wagate".into(),
+            topics: BTreeMap::new(),
         }
     }
 }
@@ -247,6 +274,8 @@ impl Default for RawIngress {
             dedupe_max_entries: 2_000_000,
             max_in_flight: 4_096,
             linger_ms: 20,
+            quiet_linger_ms: 1,
+            busy_in_flight: 256,
             max_in_flight_bytes: 256 * 1024 * 1024,
             max_json_depth: crate::meta::webhook::Limits::DEFAULT.max_depth as u64,
             max_events_per_post: crate::meta::webhook::Limits::DEFAULT.max_events as u64,

@@ -204,3 +204,90 @@ fn env_names() {
     assert_eq!(env_name_for("graph.base_url"), "WAGATE_GRAPH_BASE_URL");
     assert_eq!(env_name_for("internal_listen"), "WAGATE_INTERNAL_LISTEN");
 }
+
+#[test]
+fn topic_tables_set_partitions_retention_and_in_sync_replicas() {
+    let text = format!(
+        "{EXAMPLE_TOML}\n[kafka.topics.inbound_messages]\nretention_ms = 7776000000\npartitions = 12\n\
+         [kafka.topics.consent]\nreplication_factor = 3\nmin_insync_replicas = 2\n"
+    );
+    let c = load_str(&text, "x.toml", &required(), LoadOptions::default()).unwrap();
+    let m = c.kafka.topic(TopicId::InboundMessages);
+    assert_eq!((m.partitions, m.retention_ms), (12, 7_776_000_000));
+    let consent = c.kafka.topic(TopicId::Consent);
+    assert_eq!(
+        (
+            consent.replication_factor,
+            consent.min_insync_replicas,
+            consent.retention_ms
+        ),
+        (3, Some(2), -1)
+    );
+    // Untouched topics keep the defaults.
+    let raw = c.kafka.topic(TopicId::InboundRaw);
+    assert_eq!(
+        (
+            raw.partitions,
+            raw.replication_factor,
+            raw.retention_ms,
+            raw.min_insync_replicas
+        ),
+        (
+            c.kafka.partitions,
+            c.kafka.replication_factor,
+            3 * 24 * 3600 * 1000,
+            None
+        )
+    );
+    // The file's value can be overridden from the environment.
+    let mut e = required();
+    e.insert(
+        "WAGATE_KAFKA_TOPICS_INBOUND_MESSAGES_RETENTION_MS".into(),
+        "-1".into(),
+    );
+    let c = load_str(&text, "x.toml", &e, LoadOptions::default()).unwrap();
+    assert_eq!(c.kafka.topic(TopicId::InboundMessages).retention_ms, -1);
+}
+
+#[test]
+fn topic_tables_refuse_unknown_names_and_settings_that_cannot_hold() {
+    let bad = [
+        (
+            "[kafka.topics.inbound_mesages]\npartitions = 1\n",
+            "kafka.topics.inbound_mesages",
+            "inbound_messages",
+        ),
+        (
+            "[kafka.topics.consent]\nretention_ms = 86400000\n",
+            "kafka.topics.consent.retention_ms",
+            "compacted",
+        ),
+        (
+            "[kafka.topics.inbound_raw]\nretention_ms = 5\n",
+            "kafka.topics.inbound_raw.retention_ms",
+            "one hour",
+        ),
+        (
+            "[kafka.topics.users]\nmin_insync_replicas = 2\n",
+            "kafka.topics.users.min_insync_replicas",
+            "replication factor",
+        ),
+        (
+            "[kafka.topics.windows]\npartitions = 0\n",
+            "kafka.topics.windows.partitions",
+            "greater than 0",
+        ),
+        (
+            "[kafka.topics.windows]\npartition = 3\n",
+            "partition",
+            "unknown field",
+        ),
+    ];
+    for (table, key, why) in bad {
+        let text = format!("{EXAMPLE_TOML}\n{table}");
+        let err = load_str(&text, "x.toml", &required(), LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key) && err.contains(why), "{table}: {err}");
+    }
+}

@@ -148,6 +148,10 @@ fn kafka(k: &RawKafka, max_body_bytes: usize) -> Result<KafkaConfig, ConfigError
             ),
         ));
     }
+    let partitions = positive("kafka.partitions", k.partitions)?.min(10_000) as i32;
+    let replication_factor =
+        positive("kafka.replication_factor", k.replication_factor)?.min(100) as i32;
+    let topics = topic_settings(&k.topics, partitions, replication_factor)?;
     Ok(KafkaConfig {
         brokers: k.brokers.trim().to_string(),
         topic_prefix: k.topic_prefix.clone(),
@@ -158,13 +162,83 @@ fn kafka(k: &RawKafka, max_body_bytes: usize) -> Result<KafkaConfig, ConfigError
             k.message_timeout_ms,
         )?),
         compression: k.compression.clone(),
-        partitions: positive("kafka.partitions", k.partitions)?.min(10_000) as i32,
-        replication_factor: positive("kafka.replication_factor", k.replication_factor)?.min(100)
-            as i32,
+        partitions,
+        replication_factor,
         client_id: k.client_id.clone(),
         message_max_bytes: max_body_bytes + RECORD_OVERHEAD_BYTES,
         check_record_limit: true,
+        topics,
     })
+}
+
+/// `[kafka.topics.NAME]` over the defaults; an unknown NAME, retention on a
+/// compacted topic, or more in-sync replicas than replicas is an error.
+fn topic_settings(
+    raw: &BTreeMap<String, RawTopic>,
+    partitions: i32,
+    replication_factor: i32,
+) -> Result<[TopicSettings; 11], ConfigError> {
+    if let Some(name) = raw
+        .keys()
+        .find(|n| !TopicId::ALL.iter().any(|t| topic_key(*t) == **n))
+    {
+        let known: Vec<String> = TopicId::ALL.iter().map(|t| topic_key(*t)).collect();
+        return Err(invalid(
+            format!("kafka.topics.{name}"),
+            format!("no such topic; expected one of {}", known.join(", ")),
+        ));
+    }
+    let mut out = [TopicSettings {
+        partitions,
+        replication_factor,
+        retention_ms: -1,
+        min_insync_replicas: None,
+    }; 11];
+    for (t, slot) in TopicId::ALL.iter().zip(out.iter_mut()) {
+        let spec = t.spec();
+        slot.retention_ms = spec.retention_ms;
+        let name = topic_key(*t);
+        let Some(r) = raw.get(&name) else { continue };
+        let key = |k: &str| format!("kafka.topics.{name}.{k}");
+        if let Some(p) = r.partitions {
+            slot.partitions = positive(&key("partitions"), p)?.min(10_000) as i32;
+        }
+        if let Some(f) = r.replication_factor {
+            slot.replication_factor = positive(&key("replication_factor"), f)?.min(100) as i32;
+        }
+        if let Some(ms) = r.retention_ms {
+            if spec.compact {
+                return Err(invalid(
+                    key("retention_ms"),
+                    format!(
+                        "{} is compacted (a record stays until a newer one replaces it): retention does not apply",
+                        t.name()
+                    ),
+                ));
+            }
+            if ms != -1 && ms < 3_600_000 {
+                return Err(invalid(
+                    key("retention_ms"),
+                    "must be -1 (forever) or at least 3600000 (one hour)",
+                ));
+            }
+            slot.retention_ms = ms;
+        }
+        if let Some(m) = r.min_insync_replicas {
+            let m = positive(&key("min_insync_replicas"), m)?;
+            if m > slot.replication_factor as u64 {
+                return Err(invalid(
+                    key("min_insync_replicas"),
+                    format!(
+                        "must be at most the replication factor ({}): with more, no write could succeed",
+                        slot.replication_factor
+                    ),
+                ));
+            }
+            slot.min_insync_replicas = Some(m as i32);
+        }
+    }
+    Ok(out)
 }
 
 fn ingress(i: &RawIngress, max_body_bytes: usize) -> Result<IngressConfig, ConfigError> {
@@ -172,6 +246,12 @@ fn ingress(i: &RawIngress, max_body_bytes: usize) -> Result<IngressConfig, Confi
         return Err(invalid(
             "ingress.linger_ms",
             "must be at most half of ingress.ack_timeout_ms",
+        ));
+    }
+    if i.quiet_linger_ms > i.linger_ms {
+        return Err(invalid(
+            "ingress.quiet_linger_ms",
+            "must be at most ingress.linger_ms (it is the window while ingress is not busy)",
         ));
     }
     let in_flight_bytes = positive("ingress.max_in_flight_bytes", i.max_in_flight_bytes)?;
@@ -195,6 +275,8 @@ fn ingress(i: &RawIngress, max_body_bytes: usize) -> Result<IngressConfig, Confi
         dedupe_max_entries: positive("ingress.dedupe_max_entries", i.dedupe_max_entries)? as usize,
         max_in_flight: positive("ingress.max_in_flight", i.max_in_flight)? as usize,
         linger_ms: i.linger_ms,
+        quiet_linger_ms: i.quiet_linger_ms,
+        busy_in_flight: i.busy_in_flight.min(i.max_in_flight) as usize,
         max_in_flight_bytes: in_flight_bytes.min(u32::MAX as u64) as usize,
         limits: crate::meta::webhook::Limits {
             max_depth: i.max_json_depth as usize,

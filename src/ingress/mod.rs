@@ -42,10 +42,42 @@ use crate::meta::webhook::{self, Class, Event};
 use crate::metrics::{self as m, WebhookOutcome};
 use dedupe::{Batch, Claim, Dedupe, IdHash};
 
+/// Ingress's producers: a POST's records go to `quiet` (a short batching
+/// window) while fewer than `busy_in_flight` POSTs are in flight, else to
+/// `busy` (a long window: fewer, fuller produce requests under load). Both
+/// are idempotent with `acks=all`; records of one POST share one producer.
+#[derive(Clone)]
+pub struct IngressProducers {
+    pub busy: KafkaProducer,
+    pub quiet: Option<KafkaProducer>,
+    pub busy_in_flight: usize,
+}
+
+impl IngressProducers {
+    /// One producer for everything (tests, benches).
+    pub fn one(p: KafkaProducer) -> IngressProducers {
+        IngressProducers {
+            busy: p,
+            quiet: None,
+            busy_in_flight: 0,
+        }
+    }
+
+    /// The producer for a POST that finds `in_flight` POSTs in flight
+    /// (itself included), and whether it is the busy one.
+    fn pick(&self, in_flight: usize) -> (&KafkaProducer, bool) {
+        match &self.quiet {
+            Some(q) if in_flight < self.busy_in_flight => (q, false),
+            _ => (&self.busy, true),
+        }
+    }
+}
+
 /// The ingress plane: shared by every connection of the public listener.
 pub struct Ingress {
     apps: HashMap<String, (AppConfig, m::RequestCounters)>,
-    producer: KafkaProducer,
+    producers: IngressProducers,
+    max_in_flight: usize,
     topics: Topics,
     dedupe: Arc<Dedupe>,
     raw_enabled: bool,
@@ -70,6 +102,8 @@ struct Hot {
     in_flight: metrics::Gauge,
     ack_seconds: metrics::Histogram,
     produce_seconds: metrics::Histogram,
+    /// Rounds of records given to the quiet [0] and the busy [1] producer.
+    rounds: [metrics::Counter; 2],
 }
 
 /// The topic of an event of the fan-out.
@@ -106,7 +140,7 @@ impl Ingress {
     pub fn new(
         cfg: &Config,
         topics: Topics,
-        producer: KafkaProducer,
+        producers: IngressProducers,
         dedupe: Arc<Dedupe>,
         contacts: Option<Arc<dyn Contacts>>,
     ) -> Ingress {
@@ -122,7 +156,8 @@ impl Ingress {
         metrics::counter!(m::WEBHOOK_REQUESTS, "app" => "unknown", "outcome" => WebhookOutcome::UnknownApp.label()).absolute(0);
         Ingress {
             apps,
-            producer,
+            producers,
+            max_in_flight: cfg.ingress.max_in_flight,
             topics,
             dedupe,
             raw_enabled: cfg.ingress.raw_enabled,
@@ -147,6 +182,10 @@ impl Ingress {
                 in_flight: metrics::gauge!(m::WEBHOOK_IN_FLIGHT),
                 ack_seconds: metrics::histogram!(m::WEBHOOK_ACK_SECONDS),
                 produce_seconds: metrics::histogram!(m::KAFKA_PRODUCE_SECONDS),
+                rounds: [
+                    metrics::counter!(m::INGRESS_ROUNDS, "producer" => "quiet"),
+                    metrics::counter!(m::INGRESS_ROUNDS, "producer" => "busy"),
+                ],
             })
         })
     }
@@ -493,6 +532,7 @@ async fn wait_acks(
 /// Meta is then deduplicated instead of producing twice.
 struct Round<'a> {
     ingress: &'a Ingress,
+    producer: &'a KafkaProducer,
     app: &'a str,
     batch: Arc<Batch>,
     ack: Arc<PostAck>,
@@ -518,8 +558,12 @@ impl<'a> Round<'a> {
             enqueued: Instant::now(),
             hot: ingress.hot().clone(),
         });
+        let in_flight = ingress.max_in_flight - ingress.in_flight.available_permits();
+        let (producer, busy) = ingress.producers.pick(in_flight);
+        ingress.hot().rounds[busy as usize].increment(1);
         Round {
             ingress,
+            producer,
             app,
             batch,
             ack,
@@ -595,14 +639,9 @@ impl<'a> Round<'a> {
     ) {
         self.ack.remaining.fetch_add(1, Ordering::AcqRel);
         let shared: Arc<dyn RecordAck> = self.ack.clone();
-        let sent = self.ingress.producer.send_tagged(
-            topic,
-            key,
-            value,
-            headers,
-            shared,
-            RecordTag { id, tag },
-        );
+        let sent =
+            self.producer
+                .send_tagged(topic, key, value, headers, shared, RecordTag { id, tag });
         if let Err(e) = sent {
             note_send_error(&e);
             self.failed = Some(match e {

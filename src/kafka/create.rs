@@ -8,11 +8,12 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use super::{TopicId, Topics, TOPICS};
+use super::{TopicId, Topics};
 use crate::config::KafkaConfig;
 
-/// Creates every topic of [`TOPICS`] with its cleanup policy; topics that
-/// exist already are left as they are. Returns (name, created?) pairs.
+/// Creates every topic of [`TopicId::ALL`] with its cleanup policy and its
+/// `[kafka.topics.NAME]` settings; topics that exist already are left as
+/// they are (`topics check` says where they differ). Returns (name, created?) pairs.
 pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, bool)>, KafkaError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &cfg.brokers)
@@ -20,20 +21,33 @@ pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, bool)>, Kaf
         .create()?;
     let topics = Topics::new(&cfg.topic_prefix);
     let names: Vec<&str> = TopicId::ALL.iter().map(|t| topics.name(*t)).collect();
-    let retention: Vec<String> = TOPICS.iter().map(|t| t.retention_ms.to_string()).collect();
+    let settings: Vec<(String, Option<String>)> = TopicId::ALL
+        .iter()
+        .map(|t| {
+            let s = cfg.topic(*t);
+            (
+                s.retention_ms.to_string(),
+                s.min_insync_replicas.map(|m| m.to_string()),
+            )
+        })
+        .collect();
     let max_message = cfg.message_max_bytes.to_string();
-    let new: Vec<NewTopic<'_>> = TOPICS
+    let new: Vec<NewTopic<'_>> = TopicId::ALL
         .iter()
         .zip(&names)
-        .zip(&retention)
-        .map(|((t, name), ret)| {
+        .zip(&settings)
+        .map(|((t, name), (ret, min_isr))| {
+            let s = cfg.topic(*t);
             let nt = NewTopic::new(
                 name,
-                cfg.partitions,
-                TopicReplication::Fixed(cfg.replication_factor),
+                s.partitions,
+                TopicReplication::Fixed(s.replication_factor),
             );
-            let nt = nt.set("max.message.bytes", &max_message);
-            if t.compact {
+            let mut nt = nt.set("max.message.bytes", &max_message);
+            if let Some(m) = min_isr {
+                nt = nt.set("min.insync.replicas", m);
+            }
+            if t.spec().compact {
                 nt.set("cleanup.policy", "compact")
             } else {
                 nt.set("cleanup.policy", "delete").set("retention.ms", ret)

@@ -7,6 +7,7 @@
 //! slept through.
 
 pub(crate) mod batch;
+mod check;
 mod create;
 pub mod headers;
 mod producer;
@@ -14,6 +15,7 @@ mod read;
 mod stats;
 pub mod topics;
 
+pub use check::{check_topics, compare as compare_topics, Issue, Live, Problem, Severity};
 pub use create::{check_record_limit, create_topics, RecordLimitTooSmall, INGRESS_TOPICS};
 pub use headers::{Kind, RecordHeaders};
 pub use producer::{

@@ -2,13 +2,20 @@
 # Bounded load test on loopback: a bare hyper server (the ceiling) and the
 # gateway with Tansu behind it, driven by wagate-loadgen in the same run.
 #   scripts/loadtest.sh [DURATION_SECS] [CONNECTIONS...]
-# Prints a report per run; the numbers in BENCHMARKS.md come from it.
+# Each connection count runs with each body mix of MIXES (default: single-
+# message bodies, then the load generator's mixed default), against the bare
+# server and then the gateway. Prints a report per run and a summary table at
+# the end; the numbers in BENCHMARKS.md come from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 dur="${1:-10}"; shift || true
-conns=("$@"); [ ${#conns[@]} -gt 0 ] || conns=(32 128 256)
+conns=("$@"); [ ${#conns[@]} -gt 0 ] || conns=(128 512)
+# MIXES: body mixes (wagate-loadgen --mix), space-separated; pass other
+# load generator flags in LOADGEN_ARGS (not --mix).
+read -r -a mixes <<<"${MIXES:-messages=100 messages=60,statuses=30,batch=10}"
 dir="target/loadtest"; mkdir -p "$dir"
+summary="$dir/summary.txt"; : >"$summary"
 # WAGATE_BIN / WAGATE_LOADGEN: other binaries (an A/B of two gateway builds
 # under one load generator); the default builds and uses this checkout's.
 if [ -z "${WAGATE_BIN:-}${WAGATE_LOADGEN:-}" ]; then cargo build --release --workspace --bins >&2; fi
@@ -25,9 +32,19 @@ cost() { # cost REQUESTS name:pid:ticks_before ...
   for spec in "$@"; do
     IFS=: read -r name pid t0 <<<"$spec"
     local t1; t1=$(ticks "$pid")
-    out="$out $name $(awk -v d=$((t1 - t0)) -v hz="$hz" -v n="$n" 'BEGIN{printf "%.1f", d / hz * 1e6 / n}') us"
+    local us; us=$(awk -v d=$((t1 - t0)) -v hz="$hz" -v n="$n" 'BEGIN{printf "%.1f", d / hz * 1e6 / n}')
+    out="$out $name $us us"
+    cpu_us="${cpu_us:-$us}"
   done
   echo "$out"
+}
+# One summary row: system, mix, connections, webhooks/s, p50, p99, server CPU.
+row() {
+  local rate p50 p99
+  rate=$(sed -n 's/^requests .*(\([0-9.]*\)\/s)/\1/p' "$dir/run.out")
+  p50=$(sed -n 's/^latency ms *p50 \([0-9.]*\).*/\1/p' "$dir/run.out")
+  p99=$(sed -n 's/^latency ms .* p99 \([0-9.]*\) .*/\1/p' "$dir/run.out")
+  printf '%-8s %-36s %5s %10s %8s %8s %8s\n' "$1" "$2" "$3" "$rate" "$p50" "$p99" "$cpu_us" >>"$summary"
 }
 # Requests the load generator completed in its last run (warm-up included:
 # the tick samples cover it too).
@@ -37,7 +54,7 @@ sent() { sed -n 's/^generator .*(\([0-9]*\) requests sent in all)/\1/p' "$1"; }
 TIMEFORMAT='%U %S'
 load() {
   # shellcheck disable=SC2086 # LOADGEN_ARGS: extra flags, e.g. "--customers 5000"
-  { time $L run --url "$1" --connections "$2" --duration-secs "$dur" --warmup-secs 1 ${LOADGEN_ARGS:-} \
+  { time $L run --url "$1" --connections "$2" --mix "$3" --duration-secs "$dur" --warmup-secs 1 ${LOADGEN_ARGS:-} \
       >"$dir/run.out" 2>"$dir/run.err"; } 2>"$dir/run.time"
   cat "$dir/run.err" >&2; cat "$dir/run.out"
   awk -v n="$(sent "$dir/run.out")" '{printf "loadgen cpu per request: %.1f us\n", ($1 + $2) * 1e6 / n}' "$dir/run.time"
@@ -46,16 +63,19 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; scrip
 trap cleanup EXIT
 
 echo "== baseline: bare hyper server (reads the body, answers 200)"
-$L baseline --listen 127.0.0.1:0 --max-secs $((dur * ${#conns[@]} + 60)) >"$dir/baseline.out" &
+$L baseline --listen 127.0.0.1:0 --max-secs $(((dur + 2) * ${#conns[@]} * ${#mixes[@]} + 60)) >"$dir/baseline.out" &
 pids+=($!)
 for _ in $(seq 50); do grep -q "listening on" "$dir/baseline.out" 2>/dev/null && break; sleep 0.1; done
 base=$(sed -n 's/.*listening on //p' "$dir/baseline.out" | head -1)
 bp="${pids[0]}"
 for c in "${conns[@]}"; do
-  echo "-- baseline connections=$c"
-  b0=$(ticks "$bp")
-  load "http://$base/webhook" "$c"
-  cost "$(sent "$dir/run.out")" "server:$bp:$b0"
+  for mix in "${mixes[@]}"; do
+    echo "-- baseline connections=$c mix=$mix"
+    b0=$(ticks "$bp")
+    load "http://$base/webhook" "$c" "$mix"
+    cpu_us=; cost "$(sent "$dir/run.out")" "server:$bp:$b0"
+    row bare "$mix" "$c"
+  done
 done
 kill "${pids[0]}" 2>/dev/null || true
 
@@ -70,10 +90,17 @@ pids+=($!)
 for _ in $(seq 100); do curl -sf http://127.0.0.1:19090/readyz >/dev/null 2>&1 && break; sleep 0.1; done
 gp="${pids[1]}"; tp=$(cat "$dir/tansu.pid")
 for c in "${conns[@]}"; do
-  echo "-- gateway connections=$c"
-  g0=$(ticks "$gp"); t0=$(ticks "$tp")
-  load "http://127.0.0.1:18080/webhook" "$c"
-  cost "$(sent "$dir/run.out")" "gateway:$gp:$g0" "tansu:$tp:$t0"
+  for mix in "${mixes[@]}"; do
+    echo "-- gateway connections=$c mix=$mix"
+    g0=$(ticks "$gp"); t0=$(ticks "$tp")
+    load "http://127.0.0.1:18080/webhook" "$c" "$mix"
+    cpu_us=; cost "$(sent "$dir/run.out")" "gateway:$gp:$g0" "tansu:$tp:$t0"
+    row gateway "$mix" "$c"
+  done
 done
 echo "-- gateway metrics"
-curl -s http://127.0.0.1:19090/metrics | grep -E '^wagate_(webhook_requests_total|webhook_events_total|webhook_duplicates_total|kafka_produce_errors_total)' || true
+curl -s http://127.0.0.1:19090/metrics | grep -E '^wagate_(webhook_requests_total|webhook_events_total|webhook_duplicates_total|kafka_produce_errors_total|ingress_produce_rounds_total)' || true
+echo "== summary (CPU: the server's own, µs per webhook; gateway/bare: the ratio in this run)"
+printf '%-8s %-36s %5s %10s %8s %8s %8s\n' system mix conns webhooks/s p50_ms p99_ms cpu_us
+cat "$summary"
+awk '$1=="bare"{b[$2" "$3]=$7} $1=="gateway"{g[$2" "$3]=$7} END{for (k in g) if (b[k] > 0) printf "gateway/bare CPU per webhook  %-42s %.2fx\n", k, g[k] / b[k]}' "$summary" | sort

@@ -346,5 +346,13 @@ async fn handshake_health_and_metrics() {
         !text.contains("14155550123"),
         "a phone number leaked into metrics"
     );
+    // A POST with few others in flight goes to the quiet (short-linger)
+    // producer. (The recorder is shared by the gateways of this binary:
+    // at least this one POST.)
+    let quiet = text
+        .lines()
+        .find_map(|l| l.strip_prefix("wagate_ingress_produce_rounds_total{producer=\"quiet\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(quiet.is_some_and(|n| n >= 1.0), "quiet rounds: {quiet:?}");
     gw.shutdown().await;
 }

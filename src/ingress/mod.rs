@@ -768,3 +768,37 @@ impl Drop for InFlightGauge<'_> {
         self.0.decrement(1.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn producer(linger_ms: u64) -> KafkaProducer {
+        let env = std::collections::BTreeMap::<String, String>::new();
+        let mut k = crate::config::load(None, &env, crate::config::LoadOptions { dev: true })
+            .unwrap()
+            .kafka;
+        k.brokers = "127.0.0.1:1".into();
+        k.linger_ms = linger_ms;
+        KafkaProducer::new(&k).unwrap()
+    }
+
+    #[test]
+    fn few_posts_in_flight_go_to_the_quiet_producer_many_to_the_busy_one() {
+        let p = IngressProducers {
+            busy: producer(20),
+            quiet: Some(producer(1)),
+            busy_in_flight: 256,
+        };
+        for (in_flight, busy) in [(1, false), (255, false), (256, true), (4096, true)] {
+            assert_eq!(p.pick(in_flight).1, busy, "{in_flight} in flight");
+        }
+        // 0, or no quiet producer: always the busy one.
+        let always = IngressProducers {
+            busy_in_flight: 0,
+            ..p.clone()
+        };
+        assert!(always.pick(1).1);
+        assert!(IngressProducers::one(producer(20)).pick(1).1);
+    }
+}

@@ -138,6 +138,23 @@ async fn alpn_chooses_h2_or_http1_and_curl_speaks_both() {
     assert_eq!((r.status, &r.body[..]), (StatusCode::OK, &b"4711"[..]));
     assert_eq!(r.version, Version::HTTP_2);
 
+    // TLS 1.3 by default, TLS 1.2 for a client that offers only that.
+    for (versions, want) in [
+        (rustls::DEFAULT_VERSIONS, rustls::ProtocolVersion::TLSv1_3),
+        (
+            &[&rustls::version::TLS12][..],
+            rustls::ProtocolVersion::TLSv1_2,
+        ),
+    ] {
+        let s = t::handshake(
+            gw.public_addr,
+            t::client_config_with(&pki.ca_pem(), None, versions),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.get_ref().1.protocol_version(), Some(want));
+    }
+
     // A client that offers only http/1.1 gets HTTP/1.1.
     let h1 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build(

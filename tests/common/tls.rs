@@ -99,12 +99,21 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// A rustls client config trusting `ca_pem`, presenting `identity` if given.
 pub fn client_config(ca_pem: &str, identity: Option<&Pair>) -> rustls::ClientConfig {
+    client_config_with(ca_pem, identity, rustls::DEFAULT_VERSIONS)
+}
+
+/// As [`client_config`], offering only `versions`.
+pub fn client_config_with(
+    ca_pem: &str,
+    identity: Option<&Pair>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
     let b = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots);
     match identity {
@@ -143,14 +152,23 @@ pub fn https_client_with(ca_pem: &str, identity: Option<&Pair>, pooled: bool) ->
     b.build(conn)
 }
 
+/// A TLS connection to `addr` (its IP as the server name) with `config`.
+pub async fn handshake(
+    addr: SocketAddr,
+    config: rustls::ClientConfig,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = ServerName::IpAddress(addr.ip().into());
+    tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("handshake timed out"))?
+}
+
 /// The leaf certificate `addr` presents to a new connection.
 pub async fn presented_leaf(addr: SocketAddr, ca_pem: &str) -> CertificateDer<'static> {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca_pem, None)));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::IpAddress(addr.ip().into());
-    let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+    let tls = handshake(addr, client_config(ca_pem, None))
         .await
-        .expect("handshake in time")
         .expect("handshake");
     tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone()
 }

@@ -64,7 +64,7 @@ impl TlsFiles {
             .map_err(|e| {
                 self.err(
                     "cert_file",
-                    format!("{}: not PEM: {e}", show(&self.cert_file)),
+                    format!("{}: not PEM: {}", show(&self.cert_file), pem_reason(&e)),
                 )
             })?;
         if chain.is_empty() {
@@ -78,8 +78,9 @@ impl TlsFiles {
             self.err(
                 "key_file",
                 format!(
-                    "{}: no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
-                    show(&self.key_file)
+                    "{}: no PEM private key (PKCS#8, PKCS#1 or SEC1): {}",
+                    show(&self.key_file),
+                    pem_reason(&e)
                 ),
             )
         })?;
@@ -118,8 +119,12 @@ impl TlsFiles {
         let pem = read(path).map_err(|m| self.err("client_ca_file", m))?;
         let mut roots = RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(&pem) {
-            let c =
-                c.map_err(|e| self.err("client_ca_file", format!("{}: not PEM: {e}", show(path))))?;
+            let c = c.map_err(|e| {
+                self.err(
+                    "client_ca_file",
+                    format!("{}: not PEM: {}", show(path), pem_reason(&e)),
+                )
+            })?;
             roots.add(c).map_err(|e| {
                 self.err(
                     "client_ca_file",
@@ -142,6 +147,20 @@ impl TlsFiles {
         self.load_key()?;
         self.client_roots()?;
         Ok(())
+    }
+}
+
+/// What is wrong with a PEM file, in words that never quote it (a key
+/// file's lines are secret).
+fn pem_reason(e: &rustls_pki_types::pem::Error) -> &'static str {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { .. } => "a section has no END line",
+        E::IllegalSectionStart { .. } => "a malformed section start line",
+        E::Base64Decode(_) => "bad base64 inside a section",
+        E::NoItemsFound => "no block of the expected kind",
+        E::SectionTooLarge => "a section over 256 MB",
+        _ => "unreadable",
     }
 }
 

@@ -162,6 +162,20 @@ fn spawn_contacts_sync(
         })
 }
 
+/// A listener's TLS from its validated files (None: plain HTTP), its
+/// counters published at 0.
+fn listener_tls(
+    name: &'static str,
+    files: Option<&crate::tls::TlsFiles>,
+) -> anyhow::Result<Option<crate::tls::ListenerTls>> {
+    let Some(files) = files else {
+        return Ok(None);
+    };
+    let tls = crate::tls::ListenerTls::new(files)?;
+    m::zero_tls(name);
+    Ok(Some(tls))
+}
+
 impl Gateway {
     /// Builds and starts every plane. Ports are bound before this returns
     /// (use port 0 to get free ones; see `public_addr`).
@@ -199,6 +213,10 @@ impl Gateway {
             },
         });
 
+        // TLS first: a certificate that no longer loads (it changed since
+        // the config was checked) stops the start before any port is bound.
+        let public_tls = listener_tls("public", cfg.tls.as_ref())?;
+        let internal_tls = listener_tls("internal", cfg.internal_tls.as_ref())?;
         let public = http::bind("listen", cfg.listen).await?;
         let internal = http::bind("internal_listen", cfg.internal_listen).await?;
         let public_addr = public.local_addr()?;
@@ -218,6 +236,7 @@ impl Gateway {
                 public,
                 limits,
                 move |req| ingress.clone().handle(req),
+                public_tls.as_ref().map(|t| t.acceptor.clone()),
                 rx.clone(),
             )),
             tokio::spawn(http::serve(
@@ -225,6 +244,7 @@ impl Gateway {
                 internal,
                 limits,
                 move |req| admin.clone().handle(req),
+                internal_tls.as_ref().map(|t| t.acceptor.clone()),
                 rx.clone(),
             )),
         ];
@@ -252,7 +272,7 @@ impl Gateway {
             ready.clone(),
             contacts_stop.clone(),
         )?;
-        let background = vec![
+        let mut background = vec![
             tokio::spawn(kafka_pinger(producer.clone(), ready.clone(), rx.clone())),
             tokio::spawn(gauges(
                 all_producers.clone(),
@@ -263,7 +283,26 @@ impl Gateway {
                 rx.clone(),
             )),
         ];
-        tracing::info!(public = %public_addr, internal = %internal_addr, brokers = %cfg.kafka.brokers, "wagate serving");
+        for (name, tls) in [("public", public_tls), ("internal", internal_tls)] {
+            if let Some(tls) = tls {
+                background.push(tokio::spawn(crate::tls::watch(
+                    name,
+                    tls,
+                    crate::tls::WATCH_INTERVAL,
+                    rx.clone(),
+                )));
+            }
+        }
+        let scheme = |on: bool| if on { "https" } else { "http" };
+        tracing::info!(
+            public = %public_addr,
+            public_scheme = scheme(cfg.tls.is_some()),
+            internal = %internal_addr,
+            internal_scheme = scheme(cfg.internal_tls.is_some()),
+            client_certificates = cfg.internal_tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
+            brokers = %cfg.kafka.brokers,
+            "wagate serving"
+        );
         Ok(Gateway {
             public_addr,
             internal_addr,

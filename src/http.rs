@@ -43,12 +43,16 @@ pub struct Limits {
 
 /// Serves `handler` on `listener` until `shutdown` is cancelled, then stops
 /// accepting and lets open connections finish (up to `shutdown_timeout`).
+/// With `tls`, every connection first completes a TLS handshake within
+/// `header_read_timeout` (a failure is counted and closes that connection
+/// only).
 /// Returns whether every connection finished in time.
 pub async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
     limits: Limits,
     handler: H,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> bool
 where
@@ -102,26 +106,39 @@ where
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::default());
-        let handler = handler.clone();
-        let act = activity.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let busy = act.begin();
-            let fut = handler(req);
-            async move {
-                let resp = fut.await;
-                drop(busy);
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
         let gauge = gauge.clone();
         gauge.increment(1.0);
         let stop = shutdown.clone();
+        let handler = handler.clone();
+        let builder = builder.clone();
+        let acceptor = tls.clone();
         tokio::spawn(async move {
-            drive(name, conn, activity, limits.header_read_timeout, stop).await;
+            match acceptor {
+                None => run(name, &builder, stream, handler, limits, stop).await,
+                Some(acceptor) => {
+                    // The handshake runs here, in the connection's own task
+                    // and under its permits, so a slow or broken one holds
+                    // one connection slot, never the accept loop.
+                    let hs = tokio::select! {
+                        _ = stop.cancelled() => None,
+                        r = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)) => Some(r),
+                    };
+                    match hs {
+                        Some(Ok(Ok(tls_stream))) => {
+                            run(name, &builder, tls_stream, handler, limits, stop).await
+                        }
+                        Some(Ok(Err(e))) => {
+                            m::tls_handshake_failure(name);
+                            tracing::debug!(listener = name, %peer, error = %e, "tls handshake failed");
+                        }
+                        Some(Err(_)) => {
+                            m::tls_handshake_failure(name);
+                            tracing::debug!(listener = name, %peer, "tls handshake timed out");
+                        }
+                        None => {}
+                    }
+                }
+            }
             gauge.decrement(1.0);
             drop(peer_slot);
             drop(permit);
@@ -137,6 +154,35 @@ where
             false
         }
     }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (whatever the peer speaks: with TLS, what ALPN
+/// chose) on one accepted (and, with TLS, handshaken) connection.
+async fn run<I, H, F>(
+    name: &'static str,
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    handler: H,
+    limits: Limits,
+    stop: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let activity = Arc::new(Activity::default());
+    let act = activity.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let busy = act.begin();
+        let fut = handler(req);
+        async move {
+            let resp = fut.await;
+            drop(busy);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    drive(name, conn, activity, limits.header_read_timeout, stop).await;
 }
 
 /// Runs one connection: closes it gracefully when it has had no request in

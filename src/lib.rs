@@ -19,3 +19,4 @@ pub mod meta;
 pub mod metrics;
 pub mod ratelimit;
 pub mod sandbox;
+pub mod tls;

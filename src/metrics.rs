@@ -27,6 +27,8 @@ pub const DEDUPE_EVICTED_EARLY: &str = "wagate_dedupe_evicted_early_total";
 pub const HTTP_CONNECTIONS: &str = "wagate_http_connections";
 pub const HTTP_CONNECTIONS_REJECTED: &str = "wagate_http_connections_rejected_total";
 pub const READY: &str = "wagate_ready";
+pub const TLS_HANDSHAKE_FAILURES: &str = "wagate_tls_handshake_failures_total";
+pub const TLS_CERT_RELOADS: &str = "wagate_tls_cert_reloads_total";
 pub const EGRESS_REQUESTS: &str = "wagate_egress_requests_total";
 pub const EGRESS_BACKLOG: &str = "wagate_egress_backlog";
 pub const EGRESS_OLDEST_AGE_SECONDS: &str = "wagate_egress_oldest_age_seconds";
@@ -173,6 +175,26 @@ impl HttpError {
 /// Counts one [`HttpError`] of `listener` (`public` or `internal`).
 pub fn http_error(listener: &'static str, e: HttpError) {
     metrics::counter!(HTTP_ERRORS, "listener" => listener, "reason" => e.label()).increment(1);
+}
+
+/// Counts a TLS handshake of `listener` that failed or timed out.
+pub fn tls_handshake_failure(listener: &'static str) {
+    metrics::counter!(TLS_HANDSHAKE_FAILURES, "listener" => listener).increment(1);
+}
+
+/// Counts a certificate reload of `listener` (`ok`: in use; `error`: the
+/// previous certificate stays).
+pub fn tls_cert_reload(listener: &'static str, ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    metrics::counter!(TLS_CERT_RELOADS, "listener" => listener, "result" => result).increment(1);
+}
+
+/// Publishes the TLS counters of a listener that serves TLS at 0.
+pub fn zero_tls(listener: &'static str) {
+    metrics::counter!(TLS_HANDSHAKE_FAILURES, "listener" => listener).absolute(0);
+    for result in ["ok", "error"] {
+        metrics::counter!(TLS_CERT_RELOADS, "listener" => listener, "result" => result).absolute(0);
+    }
 }
 
 /// Webhook fields Meta documents; any other field is counted as `other` so a
@@ -403,6 +425,14 @@ fn describe() {
         "Connections refused because the connection limit was reached."
     );
     describe_gauge!(READY, "1 when /readyz answers 200.");
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes that failed or timed out, by listener (listeners serving TLS only)."
+    );
+    describe_counter!(
+        TLS_CERT_RELOADS,
+        "Certificate and key reloads after the files changed, by listener and result (ok, error: the previous certificate stays)."
+    );
     describe_counter!(
         EGRESS_REQUESTS,
         "Send requests completed, by outcome and code (Meta's or the gateway's)."

@@ -73,6 +73,10 @@ pub struct RunArgs {
     /// Timeout for one connect or one request, in milliseconds (1..=60,000).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub timeout_ms: u64,
+    /// PEM CA certificate(s) to trust for an `https://` URL (required with
+    /// one: the generator trusts nothing else). TLS 1.3/1.2, ALPN http/1.1.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Print the final report as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -109,6 +113,24 @@ pub async fn main(a: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tls = match (target.tls, &a.tls_ca) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            eprintln!("wagate-loadgen: --tls-ca is for an https:// --url");
+            return ExitCode::from(2);
+        }
+        (true, None) => {
+            eprintln!("wagate-loadgen: an https:// --url needs --tls-ca FILE (the CA to trust)");
+            return ExitCode::from(2);
+        }
+        (true, Some(ca)) => match tls_connector(ca, &target.server_name) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("wagate-loadgen: --tls-ca: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let generator = Generator::new(mix, a.batch_events, a.numbers).with_customers(a.customers);
     eprintln!(
         "wagate-loadgen: {} connections to {} for {} s warm-up + {} s, at most {} requests, {}; event ids wamid.LT{}...",
@@ -134,6 +156,7 @@ pub async fn main(a: RunArgs) -> ExitCode {
         max_requests: a.max_requests,
         rate: a.rate,
         timeout: Duration::from_millis(a.timeout_ms),
+        tls,
     };
     let out = run(cfg).await;
     let info = RunInfo {
@@ -174,6 +197,43 @@ pub struct RunConfig {
     /// Requests/s overall; 0 = closed loop.
     pub rate: u64,
     pub timeout: Duration,
+    /// `https://`: the connector (trusting `--tls-ca`) and the server name.
+    pub tls: Option<Tls>,
+}
+
+/// A TLS client for the target: its connector and the name it checks.
+#[derive(Clone)]
+pub struct Tls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: rustls_pki_types::ServerName<'static>,
+}
+
+/// A TLS client trusting the PEM CA(s) in `ca`, for `server_name`.
+pub fn tls_connector(ca: &std::path::Path, server_name: &str) -> Result<Tls, String> {
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
+        roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CERTIFICATE", ca.display()));
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let server_name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|e| format!("{server_name}: {e}"))?;
+    Ok(Tls {
+        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        server_name,
+    })
 }
 
 /// What a run produced.
@@ -255,24 +315,42 @@ pub async fn run(cfg: RunConfig) -> RunOutcome {
     }
 }
 
-/// Opens one keep-alive HTTP/1.1 connection, within `deadline`.
+/// Opens one keep-alive HTTP/1.1 connection (over TLS with `tls`), within
+/// `deadline`.
 async fn connect(
     target: &Target,
+    tls: Option<&Tls>,
     deadline: Instant,
 ) -> Result<SendRequest<Full<Bytes>>, &'static str> {
-    let open = async {
-        let stream = tokio::net::TcpStream::connect(target.addr)
-            .await
-            .map_err(|_| "connect")?;
-        let _ = stream.set_nodelay(true);
+    async fn http1<I>(io: I) -> Result<SendRequest<Full<Bytes>>, &'static str>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) =
-            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(io))
                 .await
                 .map_err(|_| "handshake")?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
         Ok(sender)
+    }
+    let open = async {
+        let stream = tokio::net::TcpStream::connect(target.addr)
+            .await
+            .map_err(|_| "connect")?;
+        let _ = stream.set_nodelay(true);
+        match tls {
+            None => http1(stream).await,
+            Some(t) => {
+                let s = t
+                    .connector
+                    .connect(t.server_name.clone(), stream)
+                    .await
+                    .map_err(|_| "tls handshake")?;
+                http1(s).await
+            }
+        }
     };
     timeout_at(deadline, open).await.map_err(|_| "timeout")?
 }
@@ -343,7 +421,7 @@ async fn connection(s: Arc<Shared>, index: usize) -> Tally {
         if sender.is_none() {
             let deadline = (Instant::now() + cfg.timeout).min(s.hard_end);
             t.connects += 1;
-            match connect(&cfg.target, deadline).await {
+            match connect(&cfg.target, cfg.tls.as_ref(), deadline).await {
                 Ok(snd) => {
                     failed_connects_in_a_row = 0;
                     sender = Some(snd);

@@ -135,12 +135,39 @@ fn refuses_non_loopback_targets_and_bad_usage() {
     for url in [
         "http://10.0.0.1/webhook",
         "http://example.com/",
-        "https://127.0.0.1/",
+        "https://10.0.0.1/",
     ] {
         let (code, err) = refused(&["run", "--url", url, "--duration-secs", "1"], &secret);
         assert_eq!(code, 2, "{url}: {err}");
         assert!(err.contains("refusing --url"), "{url}: {err}");
     }
+    // https:// on loopback needs the CA to trust; --tls-ca needs https://.
+    let (code, err) = refused(
+        &[
+            "run",
+            "--url",
+            "https://127.0.0.1:9/",
+            "--duration-secs",
+            "1",
+        ],
+        &secret,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--tls-ca"), "{err}");
+    let (code, err) = refused(
+        &[
+            "run",
+            "--url",
+            "http://127.0.0.1:9/",
+            "--tls-ca",
+            "/nonexistent",
+            "--duration-secs",
+            "1",
+        ],
+        &secret,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--tls-ca"), "{err}");
     let (code, err) = refused(&["run", "--url", "http://127.0.0.1:9/"], &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("WAGATE_APP_SECRET"), "{err}");

@@ -82,6 +82,10 @@ pub struct Config {
     pub max_connections_per_peer: usize,
     pub h2_max_concurrent_streams: u32,
     pub min_body_bytes_per_sec: u64,
+    /// `[server.tls]`: the public listener speaks HTTPS (None: plain HTTP).
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// `[internal_tls]`: the internal listener speaks HTTPS.
+    pub internal_tls: Option<crate::tls::TlsFiles>,
     pub kafka: KafkaConfig,
     pub ingress: IngressConfig,
     pub egress: EgressConfig,

@@ -13,6 +13,8 @@ pub struct RawConfig {
     /// Internal listener for metrics, health and the API (`WAGATE_INTERNAL_LISTEN`).
     pub internal_listen: String,
     pub server: RawServer,
+    /// TLS of the internal listener (none: plain HTTP).
+    pub internal_tls: RawInternalTls,
     pub kafka: RawKafka,
     pub ingress: RawIngress,
     pub egress: RawEgress,
@@ -43,6 +45,30 @@ pub struct RawServer {
     pub h2_max_concurrent_streams: u64,
     /// After a one-second grace, a body must arrive at least this fast.
     pub min_body_bytes_per_sec: u64,
+    /// TLS of the public listener (none: plain HTTP).
+    pub tls: RawServerTls,
+}
+
+/// `[server.tls]`: both files set → the public listener speaks HTTPS.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServerTls {
+    /// PEM certificate chain, leaf first; re-read when it changes.
+    pub cert_file: String,
+    /// PEM private key of the leaf; re-read when it changes.
+    pub key_file: String,
+}
+
+/// `[internal_tls]`: as `[server.tls]`, and client certificates signed by
+/// `client_ca_file` may be required.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawInternalTls {
+    pub cert_file: String,
+    pub key_file: String,
+    /// PEM CA certificates; set → every client must present a certificate
+    /// they signed.
+    pub client_ca_file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -219,6 +245,7 @@ impl Default for RawConfig {
             listen: "0.0.0.0:8080".into(),
             internal_listen: "127.0.0.1:9090".into(),
             server: RawServer::default(),
+            internal_tls: RawInternalTls::default(),
             kafka: RawKafka::default(),
             ingress: RawIngress::default(),
             egress: RawEgress::default(),
@@ -243,6 +270,7 @@ impl Default for RawServer {
             max_connections_per_peer: 0,
             h2_max_concurrent_streams: 32,
             min_body_bytes_per_sec: 4096,
+            tls: RawServerTls::default(),
         }
     }
 }

@@ -291,3 +291,61 @@ fn topic_tables_refuse_unknown_names_and_settings_that_cannot_hold() {
         assert!(err.contains(key) && err.contains(why), "{table}: {err}");
     }
 }
+
+#[test]
+fn listener_tls_is_off_by_default_and_set_by_the_environment() {
+    let c = load(None, &required(), LoadOptions::default()).unwrap();
+    assert!(c.tls.is_none() && c.internal_tls.is_none());
+
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cf, kf) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cf, cert.cert.pem()).unwrap();
+    std::fs::write(&kf, cert.signing_key.serialize_pem()).unwrap();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let mut e = required();
+    e.insert("WAGATE_SERVER_TLS_CERT_FILE".into(), path(&cf));
+    e.insert("WAGATE_SERVER_TLS_KEY_FILE".into(), path(&kf));
+    e.insert("WAGATE_INTERNAL_TLS_CERT_FILE".into(), path(&cf));
+    e.insert("WAGATE_INTERNAL_TLS_KEY_FILE".into(), path(&kf));
+    e.insert("WAGATE_INTERNAL_TLS_CLIENT_CA_FILE".into(), path(&cf));
+    let c = load(None, &e, LoadOptions::default()).unwrap();
+    let t = c.tls.unwrap();
+    assert_eq!((t.cert_file, t.key_file), (cf.clone(), kf.clone()));
+    assert!(t.client_ca_file.is_none());
+    assert_eq!(c.internal_tls.unwrap().client_ca_file, Some(cf.clone()));
+
+    // One file without the other, or a client CA without a certificate.
+    let mut half = required();
+    half.insert("WAGATE_SERVER_TLS_CERT_FILE".into(), path(&cf));
+    let err = load(None, &half, LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().starts_with("server.tls.key_file:"), "{err}");
+    let mut ca_only = required();
+    ca_only.insert("WAGATE_INTERNAL_TLS_CLIENT_CA_FILE".into(), path(&cf));
+    let err = load(None, &ca_only, LoadOptions::default()).unwrap_err();
+    assert!(
+        err.to_string().starts_with("internal_tls.client_ca_file:"),
+        "{err}"
+    );
+    // A client CA on the public listener is an unknown key.
+    let err = load_str(
+        "[server.tls]\nclient_ca_file = \"x\"\n",
+        "t.toml",
+        &required(),
+        LoadOptions::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("client_ca_file"), "{err}");
+    // A file that does not exist: named by its key.
+    let mut gone = e.clone();
+    gone.insert(
+        "WAGATE_INTERNAL_TLS_KEY_FILE".into(),
+        "/nonexistent/k.pem".into(),
+    );
+    let err = load(None, &gone, LoadOptions::default()).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("internal_tls.key_file: cannot read"),
+        "{err}"
+    );
+}

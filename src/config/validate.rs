@@ -31,6 +31,18 @@ pub(super) fn validate(
         return Err(invalid("internal_listen", "must differ from listen"));
     }
     let server = server(&raw.server)?;
+    let tls = listener_tls(
+        "server.tls",
+        &raw.server.tls.cert_file,
+        &raw.server.tls.key_file,
+        "",
+    )?;
+    let internal_tls = listener_tls(
+        "internal_tls",
+        &raw.internal_tls.cert_file,
+        &raw.internal_tls.key_file,
+        &raw.internal_tls.client_ca_file,
+    )?;
     let kafka = kafka(&raw.kafka, server.max_body_bytes)?;
     let ingress = ingress(&raw.ingress, server.max_body_bytes)?;
     let log = log(&raw.log)?;
@@ -62,6 +74,8 @@ pub(super) fn validate(
         max_connections_per_peer,
         h2_max_concurrent_streams,
         min_body_bytes_per_sec,
+        tls,
+        internal_tls,
         kafka,
         ingress,
         egress,
@@ -117,6 +131,48 @@ fn server(s: &RawServer) -> Result<ServerConfig, ConfigError> {
         h2_max_concurrent_streams: streams as u32,
         min_body_bytes_per_sec: s.min_body_bytes_per_sec,
     })
+}
+
+/// A listener's TLS section: nothing set → plain HTTP; a certificate needs
+/// its key (and the reverse); the files are read and checked now (readable,
+/// PEM, the key matching the leaf, the client CAs), so a bad one stops the
+/// start naming its key.
+fn listener_tls(
+    section: &'static str,
+    cert_file: &str,
+    key_file: &str,
+    client_ca_file: &str,
+) -> Result<Option<crate::tls::TlsFiles>, ConfigError> {
+    let (cert, key, ca) = (cert_file.trim(), key_file.trim(), client_ca_file.trim());
+    if cert.is_empty() && key.is_empty() {
+        if !ca.is_empty() {
+            return Err(invalid(
+                format!("{section}.client_ca_file"),
+                format!("needs {section}.cert_file and {section}.key_file (client certificates are asked for in a TLS handshake)"),
+            ));
+        }
+        return Ok(None);
+    }
+    if cert.is_empty() {
+        return Err(invalid(
+            format!("{section}.cert_file"),
+            format!("required when {section}.key_file is set"),
+        ));
+    }
+    if key.is_empty() {
+        return Err(invalid(
+            format!("{section}.key_file"),
+            format!("required when {section}.cert_file is set"),
+        ));
+    }
+    let files = crate::tls::TlsFiles {
+        section,
+        cert_file: PathBuf::from(cert),
+        key_file: PathBuf::from(key),
+        client_ca_file: (!ca.is_empty()).then(|| PathBuf::from(ca)),
+    };
+    files.check().map_err(|e| invalid(e.key, e.message))?;
+    Ok(Some(files))
 }
 
 fn kafka(k: &RawKafka, max_body_bytes: usize) -> Result<KafkaConfig, ConfigError> {

@@ -394,6 +394,7 @@ impl Sandbox {
             listener,
             limits,
             move |req| handle(st.clone(), req),
+            None,
             stop_rx,
         ));
         tracing::info!(%addr, "graph api sandbox listening");

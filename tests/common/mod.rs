@@ -7,6 +7,7 @@ pub mod broker;
 pub mod measure;
 pub mod process;
 pub mod requests;
+pub mod tls;
 
 #[allow(unused_imports)]
 pub use broker::{brokers, unique_prefix};
@@ -127,6 +128,7 @@ pub fn sign(body: &[u8]) -> String {
 
 pub struct Resp {
     pub status: StatusCode,
+    pub version: hyper::Version,
     pub headers: hyper::HeaderMap,
     pub body: Bytes,
 }
@@ -140,15 +142,33 @@ pub async fn request(req: Request<Full<Bytes>>) -> Resp {
 /// As [`request`], with a transport error (or no answer in 30 s) returned.
 pub async fn try_request(req: Request<Full<Bytes>>) -> Result<Resp, String> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    try_request_on(&client, req).await
+}
+
+/// As [`try_request`], on a client of the caller's (HTTPS, pooled or not).
+pub async fn try_request_on<C>(
+    client: &Client<C, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Result<Resp, String>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
     let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
         .await
         .map_err(|_| "no response within 30s".to_string())?
         .map_err(|e| format!("{e:?}"))?;
     let status = resp.status();
+    let version = resp.version();
     let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e:?}"))?
+        .to_bytes();
     Ok(Resp {
         status,
+        version,
         headers,
         body,
     })

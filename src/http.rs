@@ -27,6 +27,67 @@ use crate::metrics::{self as m, HttpError};
 
 pub type Body = Full<Bytes>;
 
+/// A request's body, as every handler gets it: hyper's, remembering whether
+/// it was read to its end. A response to an HTTP/1 request whose body was
+/// left unread (a 404 before the body, a 413, a 408) carries `Connection:
+/// close`: hyper closes such a connection after the response, and a client
+/// that is not told would send its next request on it (the keep-alive race
+/// that tests saw as `IncompleteMessage` on a busy machine).
+pub struct RequestBody {
+    inner: Incoming,
+    /// Set once the end was read (`None`: nothing to track).
+    done: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl RequestBody {
+    fn mark(&self) {
+        if let Some(d) = &self.done {
+            d.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            std::task::Poll::Ready(None) => self.mark(),
+            std::task::Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.mark(),
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request every handler takes.
+pub type Req = Request<RequestBody>;
+
+/// Wraps hyper's request; returns the flag to look at after the handler
+/// (`None` when there is no body to leave unread, or on HTTP/2, where a
+/// stream's unread body does not close the connection).
+fn track(req: Request<Incoming>) -> (Req, Option<Arc<std::sync::atomic::AtomicBool>>) {
+    use hyper::body::Body as _;
+    let h1 = req.version() <= hyper::Version::HTTP_11;
+    let done = (h1 && !req.body().is_end_stream())
+        .then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let flag = done.clone();
+    (req.map(|inner| RequestBody { inner, done }), flag)
+}
+
 /// Limits applied to every connection of a listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -56,7 +117,7 @@ pub async fn serve<H, F>(
     shutdown: CancellationToken,
 ) -> bool
 where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Req) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
@@ -167,16 +228,21 @@ async fn run<I, H, F>(
     stop: CancellationToken,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Req) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let activity = Arc::new(Activity::default());
     let act = activity.clone();
     let svc = hyper::service::service_fn(move |req| {
         let busy = act.begin();
+        let (req, body_read) = track(req);
         let fut = handler(req);
         async move {
-            let resp = fut.await;
+            let mut resp = fut.await;
+            if body_read.is_some_and(|d| !d.load(Ordering::Acquire)) {
+                resp.headers_mut()
+                    .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            }
             drop(busy);
             Ok::<_, Infallible>(resp)
         }
@@ -476,7 +542,7 @@ impl BodyLimits {
 
 /// Reads a request body under `limits`: `Content-Length` checked first, then
 /// frame by frame.
-pub async fn read_body(req: Request<Incoming>, limits: &BodyLimits) -> Result<Bytes, BodyError> {
+pub async fn read_body(req: Req, limits: &BodyLimits) -> Result<Bytes, BodyError> {
     use http_body_util::BodyExt;
     let declared = req
         .headers()

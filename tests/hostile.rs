@@ -191,6 +191,8 @@ async fn bodies_up_to_the_limit_are_stored() {
             "{size}: {}",
             String::from_utf8_lossy(&r.body)
         );
+        // A body read to its end keeps the connection.
+        assert!(r.headers.get("connection").is_none(), "{size}");
     }
     let raw = read_all(&b, &p, "inbound.raw", IDLE).await;
     assert_eq!(raw.len(), 3);
@@ -199,11 +201,15 @@ async fn bodies_up_to_the_limit_are_stored() {
     }
     let msgs = read_all(&b, &p, "inbound.messages", IDLE).await;
     assert_eq!(msgs.len(), 3);
-    // One byte over: 413, nothing produced.
+    // One byte over: 413, nothing produced, and the client is told the
+    // connection closes (its body was not read: hyper closes it, and a
+    // client not told would reuse it — the keep-alive race).
     let over = big_text_webhook("wamid.OVER", limit + 1);
+    let r = post_signed(gw.public_addr, "/webhook", &over).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
-        post_signed(gw.public_addr, "/webhook", &over).await.status,
-        StatusCode::PAYLOAD_TOO_LARGE
+        r.headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
     );
     gw.shutdown().await;
 }

@@ -118,14 +118,21 @@ async fn request(
         req = req.header("authorization", format!("Bearer {t}"));
     }
     let req = req.body(Full::new(Bytes::from(body))).expect("request");
+    let blen = body_len(&req);
     let resp = tokio::time::timeout(Duration::from_secs(20), c.request(req))
         .await
         .expect("answered in time")
-        .expect("HTTP exchange");
+        .unwrap_or_else(|e| panic!("HTTP exchange ({method} {url}, {blen} bytes): {e:?}"));
     let status = resp.status();
     let raw = resp.into_body().collect().await.expect("body").to_bytes();
     let json = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     Answer { status, raw, json }
+}
+
+/// The body's length, for the failure message.
+fn body_len(r: &Request<Full<Bytes>>) -> u64 {
+    use hyper::body::Body;
+    r.body().size_hint().exact().unwrap_or(0)
 }
 
 /// POSTs `body` to `{base}/{number}/messages` with the test token.

@@ -6,9 +6,8 @@
 
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::header::AUTHORIZATION;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Response, StatusCode};
 use subtle::ConstantTimeEq;
 
 use crate::config::TenantConfig;
@@ -34,7 +33,7 @@ pub struct Api {
 
 impl Api {
     /// The tenant whose token is presented (compared in constant time against all).
-    pub fn authenticate(&self, req: &Request<Incoming>) -> Option<&TenantConfig> {
+    pub fn authenticate(&self, req: &http::Req) -> Option<&TenantConfig> {
         let h = req.headers().get(AUTHORIZATION)?.as_bytes();
         let token = h.strip_prefix(b"Bearer ")?;
         let mut found = None;
@@ -46,7 +45,7 @@ impl Api {
         found
     }
 
-    pub async fn post_message(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn post_message(&self, req: http::Req) -> Response<Body> {
         let Some(tenant) = self.authenticate(&req) else {
             return http::json_error(
                 StatusCode::UNAUTHORIZED,
@@ -114,7 +113,7 @@ impl Api {
     /// every id linked to the one given.
     pub async fn contact(
         &self,
-        req: Request<Incoming>,
+        req: http::Req,
         phone_number_id: &str,
         user: &str,
     ) -> Response<Body> {

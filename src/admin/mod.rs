@@ -6,9 +6,8 @@ pub mod api;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Response, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::http::{self, Body};
@@ -40,7 +39,7 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, req: http::Req) -> Response<Body> {
         if let Some(rest) = req.uri().path().strip_prefix("/v1/contacts/") {
             let parts: Vec<String> = rest.split('/').map(str::to_string).collect();
             return match parts.as_slice() {

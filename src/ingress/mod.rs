@@ -23,8 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Response, StatusCode};
 use rdkafka::error::KafkaError;
 use subtle::ConstantTimeEq;
 use tokio::sync::{oneshot, Semaphore};
@@ -196,7 +195,7 @@ impl Ingress {
     }
 
     /// Handles one request of the public listener.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, req: http::Req) -> Response<Body> {
         let start = Instant::now();
         let path = req.uri().path();
         let app_name = match path.strip_prefix("/webhook") {
@@ -245,7 +244,7 @@ impl Ingress {
 
     /// Meta's GET handshake: `hub.mode=subscribe` and the app's verify token
     /// (constant-time) → 200 with the challenge as text/plain; else 403.
-    fn handshake(&self, app: &AppConfig, req: &Request<Incoming>) -> Outcome {
+    fn handshake(&self, app: &AppConfig, req: &http::Req) -> Outcome {
         let q = req.uri().query().unwrap_or("");
         let (mut mode, mut token, mut challenge) = (None, None, None);
         for (k, v) in form_urlencoded::parse(q.as_bytes()) {
@@ -277,7 +276,7 @@ impl Ingress {
     async fn read_signed(
         &self,
         app: &AppConfig,
-        req: Request<Incoming>,
+        req: http::Req,
     ) -> Result<(Bytes, Option<Vec<u8>>), Outcome> {
         // Meta sends one signature header; with two, which one was checked
         // would be a matter of order, so neither is trusted.
@@ -319,7 +318,7 @@ impl Ingress {
         Ok((body, signature))
     }
 
-    async fn post(&self, app: &AppConfig, req: Request<Incoming>, start: Instant) -> Outcome {
+    async fn post(&self, app: &AppConfig, req: http::Req, start: Instant) -> Outcome {
         let (body, signature) = match self.read_signed(app, req).await {
             Ok(x) => x,
             Err(refused) => return refused,

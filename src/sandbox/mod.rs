@@ -42,9 +42,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use hyper::header::{HeaderMap, AUTHORIZATION, CONTENT_LENGTH};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Response, StatusCode};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
@@ -549,7 +548,7 @@ fn roll(p: f64) -> bool {
     p > 0.0 && rand::random::<f64>() < p
 }
 
-async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(st: Arc<State>, req: http::Req) -> Response<Body> {
     if req.method() == Method::POST {
         st.attempts.fetch_add(1, Ordering::Relaxed);
     }
@@ -665,7 +664,7 @@ fn answer(send: &RecordedSend, template: bool) -> Value {
 }
 
 /// Reads at most [`MAX_BODY_BYTES`] within [`BODY_READ_TIMEOUT`].
-async fn read_body(req: Request<Incoming>) -> Result<bytes::Bytes, GraphError> {
+async fn read_body(req: http::Req) -> Result<bytes::Bytes, GraphError> {
     let too_large = || {
         GraphError::new(
             100,

@@ -102,14 +102,14 @@ fn spawn_contacts_sync(
         topics.name(TopicId::Windows).to_string(),
         topics.name(TopicId::Users).to_string(),
     );
-    let brokers = cfg.kafka.brokers.clone();
+    let conn = cfg.kafka.connection.clone();
     std::thread::Builder::new()
         .name("contacts-sync".into())
         .spawn(move || {
             let on_ready = Box::new(move || ready.contacts.store(true, Ordering::SeqCst));
-            if let Err(e) = crate::contacts::sync::run(
-                &brokers, &consent, &windows, &users, cache, on_ready, stop,
-            ) {
+            if let Err(e) =
+                crate::contacts::sync::run(&conn, &consent, &windows, &users, cache, on_ready, stop)
+            {
                 tracing::error!(error = %e, "contacts sync stopped; /readyz stays 503");
             }
         })
@@ -205,7 +205,12 @@ impl Gateway {
             contacts_stop.clone(),
         )?;
         let background = vec![
-            tokio::spawn(kafka_pinger(producer.clone(), ready.clone(), rx.clone())),
+            tokio::spawn(kafka_pinger(
+                producer.clone(),
+                cfg.kafka.connection.diagnostics().clone(),
+                ready.clone(),
+                rx.clone(),
+            )),
             tokio::spawn(gauges(
                 [Some(producer.clone()), ingress_producer.clone()],
                 dedupe,
@@ -215,7 +220,7 @@ impl Gateway {
                 rx.clone(),
             )),
         ];
-        tracing::info!(public = %public_addr, internal = %internal_addr, brokers = %cfg.kafka.brokers, "wagate serving");
+        tracing::info!(public = %public_addr, internal = %internal_addr, brokers = %cfg.kafka.connection.brokers(), security_protocol = cfg.kafka.connection.security_protocol(), "wagate serving");
         Ok(Gateway {
             public_addr,
             internal_addr,
@@ -305,8 +310,15 @@ impl Gateway {
     }
 }
 
-/// Keeps `ready.kafka` true while a broker answers metadata requests.
-async fn kafka_pinger(producer: KafkaProducer, ready: Arc<Readiness>, stop: CancellationToken) {
+/// Keeps `ready.kafka` true while a broker answers metadata requests; while
+/// none does, `ready.kafka_problem` is what the clients reported (a TLS or
+/// SASL setting to check).
+async fn kafka_pinger(
+    producer: KafkaProducer,
+    diagnostics: crate::kafka::Diagnostics,
+    ready: Arc<Readiness>,
+    stop: CancellationToken,
+) {
     let mut was = None;
     loop {
         let p = producer.clone();
@@ -315,12 +327,24 @@ async fn kafka_pinger(producer: KafkaProducer, ready: Arc<Readiness>, stop: Canc
             _ = stop.cancelled() => return,
             r = ping => r.unwrap_or(false),
         };
+        let problem = if ok {
+            diagnostics.clear();
+            None
+        } else {
+            diagnostics.recent(Duration::from_secs(300))
+        };
+        *ready.kafka_problem.lock().unwrap() = problem;
         ready.kafka.store(ok, Ordering::Relaxed);
         if was != Some(ok) {
             if ok {
                 tracing::info!("kafka reachable");
             } else {
-                tracing::warn!("kafka unreachable (metadata request failed)");
+                match problem {
+                    Some(p) => {
+                        tracing::warn!("kafka unreachable (metadata request failed): {}", p.hint())
+                    }
+                    None => tracing::warn!("kafka unreachable (metadata request failed)"),
+                }
             }
             was = Some(ok);
         }

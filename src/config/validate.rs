@@ -31,7 +31,7 @@ pub(super) fn validate(
         return Err(invalid("internal_listen", "must differ from listen"));
     }
     let server = server(&raw.server)?;
-    let kafka = kafka(&raw.kafka, server.max_body_bytes)?;
+    let kafka = kafka(&raw.kafka, server.max_body_bytes, env)?;
     let ingress = ingress(&raw.ingress, server.max_body_bytes)?;
     let log = log(&raw.log)?;
     let egress = egress(&raw.egress, env)?;
@@ -119,7 +119,7 @@ fn server(s: &RawServer) -> Result<ServerConfig, ConfigError> {
     })
 }
 
-fn kafka(k: &RawKafka, max_body_bytes: usize) -> Result<KafkaConfig, ConfigError> {
+fn kafka(k: &RawKafka, max_body_bytes: usize, env: &dyn Env) -> Result<KafkaConfig, ConfigError> {
     if k.brokers.trim().is_empty() {
         return Err(invalid(
             "kafka.brokers",
@@ -148,8 +148,9 @@ fn kafka(k: &RawKafka, max_body_bytes: usize) -> Result<KafkaConfig, ConfigError
             ),
         ));
     }
+    let connection = kafka_security::connection(k, env)?;
     Ok(KafkaConfig {
-        brokers: k.brokers.trim().to_string(),
+        connection,
         topic_prefix: k.topic_prefix.clone(),
         linger_ms: k.linger_ms,
         queue_max_messages: positive("kafka.queue_max_messages", k.queue_max_messages)?,

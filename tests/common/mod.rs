@@ -161,7 +161,7 @@ pub async fn get(url: &str) -> Resp {
 
 /// Reads every record of `prefix` + `name` until none arrived for `idle`.
 pub async fn read_all(brokers: &str, prefix: &str, name: &str, idle: Duration) -> Vec<TailRecord> {
-    let brokers = brokers.to_string();
+    let conn = kafka::Connection::plaintext(brokers);
     let topic = format!("{prefix}{name}");
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
@@ -170,7 +170,7 @@ pub async fn read_all(brokers: &str, prefix: &str, name: &str, idle: Duration) -
             max: None,
             idle_timeout: Some(idle),
         };
-        kafka::read_topic(&brokers, &topic, &opts, |r| out.push(r)).expect("read topic");
+        kafka::read_topic(&conn, &topic, &opts, |r| out.push(r)).expect("read topic");
         out
     })
     .await

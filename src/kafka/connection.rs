@@ -409,7 +409,7 @@ impl Connection {
             client_id: client_id.to_string(),
             props: Arc::from(props),
             passthrough_from,
-            diagnostics: Diagnostics::default(),
+            diagnostics: Diagnostics::new(security.protocol.tls()),
         };
         if !conn.props.is_empty() {
             conn.check_clients()?;

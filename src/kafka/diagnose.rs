@@ -135,13 +135,34 @@ struct State {
 #[derive(Clone, Default)]
 pub struct Diagnostics {
     state: Arc<Mutex<State>>,
+    /// The connection uses TLS: a disconnect before the first answer is
+    /// then not a TLS listener spoken to in plaintext.
+    tls: bool,
 }
 
 impl Diagnostics {
+    pub fn new(tls: bool) -> Diagnostics {
+        Diagnostics {
+            tls,
+            ..Diagnostics::default()
+        }
+    }
+
+    /// [`Problem::classify`], plus what only the connection's own settings
+    /// tell: a plaintext connection dropped while asking for the API
+    /// versions (the first request) most likely reached a TLS listener.
+    fn classify(&self, text: &str) -> Option<Problem> {
+        Problem::classify(text).or_else(|| {
+            let t = text.to_ascii_lowercase();
+            (!self.tls && t.contains("disconnected") && t.contains("state apiversion_query"))
+                .then_some(Problem::PlaintextToTls)
+        })
+    }
+
     /// Called by a client context's `error`.
     pub fn on_error(&self, error: &KafkaError, reason: &str) {
         let text = format!("{error}: {reason}");
-        match Problem::classify(&text) {
+        match self.classify(&text) {
             Some(p) => self.report(p, &text),
             None => tracing::error!(target: "librdkafka", "librdkafka: {text}"),
         }
@@ -151,11 +172,10 @@ impl Diagnostics {
     /// problem are forwarded as librdkafka's default context does.
     pub fn on_log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
         use RDKafkaLogLevel as L;
-        if matches!(
-            level,
-            L::Emerg | L::Alert | L::Critical | L::Error | L::Warning
-        ) {
-            if let Some(p) = Problem::classify(msg) {
+        // Connection failures come as "FAIL" lines, at info level for a
+        // plain disconnect.
+        if !matches!(level, L::Debug) {
+            if let Some(p) = self.classify(msg) {
                 self.report(p, msg);
                 return;
             }
@@ -236,6 +256,28 @@ mod tests {
             assert_eq!(Problem::classify(text), Some(want), "{text}");
         }
         assert_eq!(Problem::classify("127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: Connection refused"), None);
+    }
+
+    #[test]
+    fn a_plaintext_disconnect_before_the_first_answer_is_a_tls_listener() {
+        let text = "127.0.0.1:39911/bootstrap: Disconnected: connection reset by peer (after 11ms in state APIVERSION_QUERY)";
+        assert_eq!(Problem::classify(text), None);
+        assert_eq!(
+            Diagnostics::new(false).classify(text),
+            Some(Problem::PlaintextToTls)
+        );
+        assert_eq!(Diagnostics::new(true).classify(text), None);
+        // As librdkafka's log queue hands it over: facility apart, thread first.
+        let d = Diagnostics::new(false);
+        d.on_log(
+            RDKafkaLogLevel::Info,
+            "FAIL",
+            &format!("[thrd:127.0.0.1:39911/bootstrap]: {text}"),
+        );
+        assert_eq!(
+            d.recent(Duration::from_secs(60)),
+            Some(Problem::PlaintextToTls)
+        );
     }
 
     #[test]

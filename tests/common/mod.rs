@@ -7,6 +7,7 @@ pub mod broker;
 pub mod measure;
 pub mod process;
 pub mod requests;
+pub mod secure_broker;
 
 #[allow(unused_imports)]
 pub use broker::{brokers, unique_prefix};

@@ -257,7 +257,14 @@ pub async fn dlq_redrive(
         &filter,
         dry_run,
     )
-    .await?;
+    .await
+    .with_context(|| {
+        format!(
+            "dlq redrive on {}{}",
+            cfg.kafka.connection.brokers(),
+            kafka_hint(&cfg.kafka.connection)
+        )
+    })?;
     println!(
         "scanned {} matched {} redriven {}{}",
         r.scanned,

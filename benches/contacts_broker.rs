@@ -373,7 +373,15 @@ fn timed_bootstrap(
                 let on_caught_up = Box::new(move || {
                     let _ = tx.send((Instant::now(), applied(&m) - base));
                 });
-                sync::run(&brokers, &c, &w, &u, cache, on_caught_up, stop)
+                sync::run(
+                    &wagate::kafka::Connection::plaintext(brokers),
+                    &c,
+                    &w,
+                    &u,
+                    cache,
+                    on_caught_up,
+                    stop,
+                )
             })
             .unwrap()
     };
@@ -458,7 +466,7 @@ fn timed_bootstrap(
 /// beginning.
 fn bare_consumer(brokers: &str, topics: &[&str]) -> rdkafka::consumer::BaseConsumer {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let mut cc = sync::consumer_config(brokers);
+    let mut cc = sync::consumer_config(&wagate::kafka::Connection::plaintext(brokers));
     // No statistics callback here (no context to receive them).
     cc.remove("statistics.interval.ms");
     for kv in extra_consumer_config().split(',').filter(|s| !s.is_empty()) {

@@ -657,7 +657,7 @@ fn check_results(tag: &str, brokers: &str, topic: &str, ids: &HashSet<String>) {
     let mut read = 0usize;
     while by.len() < ids.len() && Instant::now() < end {
         by.clear();
-        read = kafka::read_topic(brokers, topic, &opts, |r| {
+        read = kafka::read_topic(&kafka::Connection::plaintext(brokers), topic, &opts, |r| {
             let v = &r.value;
             let what = match v["outcome"].as_str().unwrap_or("") {
                 "accepted" => "accepted".to_string(),
@@ -709,7 +709,7 @@ fn partition_of_keys(brokers: &str, topic: &str, n: usize) -> HashMap<String, i3
         max: Some(n),
         idle_timeout: Some(Duration::from_secs(3)),
     };
-    kafka::read_topic(brokers, topic, &opts, |r| {
+    kafka::read_topic(&kafka::Connection::plaintext(brokers), topic, &opts, |r| {
         if let Some(k) = r.key {
             out.insert(k, r.partition);
         }
@@ -726,7 +726,7 @@ fn partition_counts(brokers: &str, topic: &str) -> BTreeMap<i32, (usize, i64)> {
         max: None,
         idle_timeout: Some(Duration::from_secs(3)),
     };
-    kafka::read_topic(brokers, topic, &opts, |r| {
+    kafka::read_topic(&kafka::Connection::plaintext(brokers), topic, &opts, |r| {
         let e = out.entry(r.partition).or_default();
         e.0 += 1;
         e.1 = e.1.max(r.offset + 1);

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
+# OpenSSL and libcurl for librdkafka, stunnel4 for tests/kafka_security.rs.
+scripts/ensure-packages.sh
 # Prometheus and promtool (tests/prometheus.rs, scripts/promtool-check.sh).
 scripts/ensure-prometheus.sh
 dir="target/test-env"

@@ -85,7 +85,7 @@ async fn check_topics(cfg: &Config) -> anyhow::Result<()> {
     };
     let (refuse, warn): (Vec<_>, Vec<_>) = problems
         .iter()
-        .partition(|p| p.issue == crate::kafka::Issue::CompactedNotCompacted);
+        .partition(|p| p.issue == crate::kafka::TopicIssue::CompactedNotCompacted);
     for p in warn {
         tracing::warn!(topic = %p.topic, problem = %p.message, "kafka: topic differs from the expected one");
     }
@@ -149,14 +149,14 @@ fn spawn_contacts_sync(
         topics.name(TopicId::Windows).to_string(),
         topics.name(TopicId::Users).to_string(),
     );
-    let brokers = cfg.kafka.brokers.clone();
+    let conn = cfg.kafka.connection.clone();
     std::thread::Builder::new()
         .name("contacts-sync".into())
         .spawn(move || {
             let on_ready = Box::new(move || ready.contacts.store(true, Ordering::SeqCst));
-            if let Err(e) = crate::contacts::sync::run(
-                &brokers, &consent, &windows, &users, cache, on_ready, stop,
-            ) {
+            if let Err(e) =
+                crate::contacts::sync::run(&conn, &consent, &windows, &users, cache, on_ready, stop)
+            {
                 tracing::error!(error = %e, "contacts sync stopped; /readyz stays 503");
             }
         })
@@ -273,7 +273,12 @@ impl Gateway {
             contacts_stop.clone(),
         )?;
         let mut background = vec![
-            tokio::spawn(kafka_pinger(producer.clone(), ready.clone(), rx.clone())),
+            tokio::spawn(kafka_pinger(
+                producer.clone(),
+                cfg.kafka.connection.diagnostics().clone(),
+                ready.clone(),
+                rx.clone(),
+            )),
             tokio::spawn(gauges(
                 all_producers.clone(),
                 dedupe,
@@ -300,7 +305,8 @@ impl Gateway {
             internal = %internal_addr,
             internal_scheme = scheme(cfg.internal_tls.is_some()),
             client_certificates = cfg.internal_tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
-            brokers = %cfg.kafka.brokers,
+            brokers = %cfg.kafka.connection.brokers(),
+            security_protocol = cfg.kafka.connection.security_protocol(),
             "wagate serving"
         );
         Ok(Gateway {
@@ -392,8 +398,15 @@ impl Gateway {
     }
 }
 
-/// Keeps `ready.kafka` true while a broker answers metadata requests.
-async fn kafka_pinger(producer: KafkaProducer, ready: Arc<Readiness>, stop: CancellationToken) {
+/// Keeps `ready.kafka` true while a broker answers metadata requests; while
+/// none does, `ready.kafka_problem` is what the clients reported (a TLS or
+/// SASL setting to check).
+async fn kafka_pinger(
+    producer: KafkaProducer,
+    diagnostics: crate::kafka::Diagnostics,
+    ready: Arc<Readiness>,
+    stop: CancellationToken,
+) {
     let mut was = None;
     loop {
         let p = producer.clone();
@@ -402,12 +415,24 @@ async fn kafka_pinger(producer: KafkaProducer, ready: Arc<Readiness>, stop: Canc
             _ = stop.cancelled() => return,
             r = ping => r.unwrap_or(false),
         };
+        let problem = if ok {
+            diagnostics.clear();
+            None
+        } else {
+            diagnostics.recent(Duration::from_secs(300))
+        };
+        *ready.kafka_problem.lock().unwrap() = problem;
         ready.kafka.store(ok, Ordering::Relaxed);
         if was != Some(ok) {
             if ok {
                 tracing::info!("kafka reachable");
             } else {
-                tracing::warn!("kafka unreachable (metadata request failed)");
+                match problem {
+                    Some(p) => {
+                        tracing::warn!("kafka unreachable (metadata request failed): {}", p.hint())
+                    }
+                    None => tracing::warn!("kafka unreachable (metadata request failed)"),
+                }
             }
             was = Some(ok);
         }

@@ -116,6 +116,15 @@ pub enum TopicsCommand {
     },
 }
 
+/// What the Kafka clients reported while a command failed (a TLS or SASL
+/// problem names the setting to check), for its error message.
+fn kafka_hint(conn: &kafka::Connection) -> String {
+    match conn.diagnostics().recent(Duration::from_secs(120)) {
+        Some(p) => format!(" ({})", p.hint()),
+        None => String::new(),
+    }
+}
+
 /// Loads a config for a tool command: secrets are not needed, so missing
 /// ones fall back to placeholders that are never used.
 fn tool_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -133,10 +142,11 @@ pub fn check_config(path: Option<&PathBuf>) -> anyhow::Result<()> {
         LoadOptions::default(),
     )?;
     println!(
-        "config OK: listen {} internal {} kafka {} prefix {:?} apps [{}] tenants [{}]",
+        "config OK: listen {} internal {} kafka {} ({}) prefix {:?} apps [{}] tenants [{}]",
         cfg.listen,
         cfg.internal_listen,
-        cfg.kafka.brokers,
+        cfg.kafka.connection.brokers(),
+        cfg.kafka.connection.security_protocol(),
         cfg.kafka.topic_prefix,
         cfg.apps
             .iter()
@@ -154,15 +164,17 @@ pub fn check_config(path: Option<&PathBuf>) -> anyhow::Result<()> {
 
 pub async fn topics_create(path: Option<&PathBuf>) -> anyhow::Result<()> {
     let cfg = tool_config(path)?;
+    let conn = &cfg.kafka.connection;
     let res = tokio::time::timeout(Duration::from_secs(30), kafka::create_topics(&cfg.kafka))
         .await
         .with_context(|| {
             format!(
-                "kafka.brokers: no answer from {} within 30s",
-                cfg.kafka.brokers
+                "kafka.brokers: no answer from {} within 30s{}",
+                conn.brokers(),
+                kafka_hint(conn)
             )
         })?
-        .with_context(|| format!("creating topics on {}", cfg.kafka.brokers))?;
+        .with_context(|| format!("creating topics on {}{}", conn.brokers(), kafka_hint(conn)))?;
     for (name, created) in res {
         println!("{name}\t{}", if created { "created" } else { "exists" });
     }
@@ -171,12 +183,14 @@ pub async fn topics_create(path: Option<&PathBuf>) -> anyhow::Result<()> {
 
 pub async fn topics_check(path: Option<&PathBuf>) -> anyhow::Result<()> {
     let cfg = tool_config(path)?;
+    let conn = &cfg.kafka.connection;
     let problems = kafka::check_topics(&cfg.kafka, Duration::from_secs(10))
         .await
         .with_context(|| {
             format!(
-                "kafka.brokers: could not describe the topics on {} within 10s",
-                cfg.kafka.brokers
+                "kafka.brokers: could not describe the topics on {} within 10s{}",
+                conn.brokers(),
+                kafka_hint(conn)
             )
         })?;
     let errors = problems
@@ -228,7 +242,10 @@ pub fn tail(
     path: Option<&PathBuf>,
 ) -> anyhow::Result<()> {
     let cfg = tool_config(path)?;
-    let brokers = brokers.unwrap_or(&cfg.kafka.brokers).to_string();
+    let conn = match brokers {
+        Some(b) => cfg.kafka.connection.with_brokers(b),
+        None => cfg.kafka.connection.clone(),
+    };
     let full = match kafka::TopicId::from_name(topic) {
         Some(t) => kafka::Topics::new(&cfg.kafka.topic_prefix)
             .name(t)
@@ -246,7 +263,7 @@ pub fn tail(
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_err = None;
-    kafka::read_topic(&brokers, &full, &opts, |rec| {
+    kafka::read_topic(&conn, &full, &opts, |rec| {
         if write_err.is_none() {
             let line = serde_json::to_string(&rec).unwrap_or_default();
             if let Err(e) = writeln!(out, "{line}").and_then(|_| out.flush()) {
@@ -254,7 +271,13 @@ pub fn tail(
             }
         }
     })
-    .with_context(|| format!("reading {full} from {brokers}"))?;
+    .with_context(|| {
+        format!(
+            "reading {full} from {}{}",
+            conn.brokers(),
+            kafka_hint(&conn)
+        )
+    })?;
     match write_err {
         Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
@@ -269,13 +292,20 @@ pub async fn dlq_redrive(
     let cfg = tool_config(path)?;
     let producer = kafka::KafkaProducer::new(&cfg.kafka)?;
     let r = wagate::egress::redrive::redrive(
-        &cfg.kafka.brokers,
+        &cfg.kafka.connection,
         &cfg.kafka.topic_prefix,
         &producer,
         &filter,
         dry_run,
     )
-    .await?;
+    .await
+    .with_context(|| {
+        format!(
+            "dlq redrive on {}{}",
+            cfg.kafka.connection.brokers(),
+            kafka_hint(&cfg.kafka.connection)
+        )
+    })?;
     println!(
         "scanned {} matched {} redriven {}{}",
         r.scanned,

@@ -111,7 +111,9 @@ async fn serve(path: Option<std::path::PathBuf>, dev: bool) -> ExitCode {
     let _mock = if dev {
         match wagate::kafka::mock::start(&cfg.kafka.topic_prefix, 3) {
             Ok(m) => {
-                cfg.kafka.brokers = m.bootstrap_servers();
+                // The mock cluster speaks plaintext: the security
+                // settings and the passthrough are not used with --dev.
+                cfg.kafka.connection = wagate::kafka::Connection::plaintext(m.bootstrap_servers());
                 // The mock cluster does not answer DescribeConfigs.
                 cfg.kafka.check_record_limit = false;
                 Some(m)
@@ -163,14 +165,17 @@ async fn serve(path: Option<std::path::PathBuf>, dev: bool) -> ExitCode {
     };
     if dev {
         println!("wagate --dev");
-        println!("  kafka (in-process mock cluster): {}", cfg.kafka.brokers);
+        println!(
+            "  kafka (in-process mock cluster): {}",
+            cfg.kafka.connection.brokers()
+        );
         println!("  webhooks:  http://{}/webhook", gw.public_addr);
         println!("  metrics:   http://{}/metrics", gw.internal_addr);
         println!("  sends:     POST http://{}/v1/messages (Authorization: Bearer $WAGATE_API_TOKEN, else the dev token)", gw.internal_addr);
         println!("  graph api: {} (sandbox)", cfg.graph.base_url);
         println!(
             "  read records: wagate tail inbound.messages --from-beginning --brokers {}",
-            cfg.kafka.brokers
+            cfg.kafka.connection.brokers()
         );
         println!("  secrets: $WAGATE_APP_SECRET / $WAGATE_VERIFY_TOKEN if set, else the development values in the README (never use --dev in production)");
     }

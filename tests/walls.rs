@@ -1,7 +1,8 @@
 //! The architecture's walls, checked on the source (ARCHITECTURE.md): ingress
 //! and egress never import each other; `meta` does no I/O (it imports no
 //! crate that could, and none of wagate's I/O rooms); unsafe code only where
-//! the crate root names it.
+//! the crate root names it; every Kafka client is made from
+//! `kafka::Connection`.
 
 use std::path::{Path, PathBuf};
 
@@ -96,6 +97,24 @@ fn unsafe_code_is_denied_but_where_named() {
             assert!(
                 allowed.contains(&rel.as_str()),
                 "{rel} allows unsafe code but is not one of the named places"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_kafka_client_is_made_from_the_connection() {
+    // A client made from a bare ClientConfig would miss the TLS / SASL
+    // settings and the passthrough (kafka::connection owns both).
+    for (path, text) in sources("src") {
+        if path.ends_with("kafka/connection.rs") {
+            continue;
+        }
+        for l in code(&text) {
+            assert!(
+                !l.contains("ClientConfig::new") && !l.contains("DefaultClientContext"),
+                "{}: a Kafka client outside kafka::Connection: {l}",
+                path.display()
             );
         }
     }

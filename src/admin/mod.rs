@@ -21,6 +21,9 @@ pub struct Readiness {
     pub contacts: AtomicBool,
     /// Shutdown has begun: not ready, whatever else holds.
     pub draining: AtomicBool,
+    /// While Kafka does not answer: the connection problem the clients
+    /// reported (a TLS or SASL setting to check), if any.
+    pub kafka_problem: std::sync::Mutex<Option<crate::kafka::Problem>>,
 }
 
 impl Readiness {
@@ -62,12 +65,15 @@ impl Admin {
                 if r.is_ready() {
                     http::text(StatusCode::OK, "ready")
                 } else {
-                    let why = if r.draining.load(Ordering::Relaxed) {
-                        "shutting down"
+                    let why: std::borrow::Cow<'_, str> = if r.draining.load(Ordering::Relaxed) {
+                        "shutting down".into()
                     } else if !r.kafka.load(Ordering::Relaxed) {
-                        "kafka unreachable"
+                        match *r.kafka_problem.lock().unwrap() {
+                            Some(p) => format!("kafka unreachable: {}", p.hint()).into(),
+                            None => "kafka unreachable".into(),
+                        }
                     } else {
-                        "contacts state catching up"
+                        "contacts state catching up".into()
                     };
                     http::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"))
                 }

@@ -46,6 +46,10 @@ fn collect_leaves(v: &toml::Value, prefix: &str, out: &mut Vec<(String, String)>
             if prefix.is_empty() && (k == "apps" || k == "tenants") {
                 continue;
             }
+            // Property names hold dots: the table is set in the file only.
+            if prefix == "kafka" && k == "librdkafka" {
+                continue;
+            }
             let path = if prefix.is_empty() {
                 k.clone()
             } else {

@@ -38,6 +38,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 }
 
 mod env;
+mod kafka_security;
 mod raw;
 mod secret;
 #[cfg(test)]
@@ -98,7 +99,9 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
-    pub brokers: String,
+    /// Brokers, client id, TLS / SASL and the `[kafka.librdkafka]`
+    /// passthrough: every client of the process is made from it.
+    pub connection: crate::kafka::Connection,
     pub topic_prefix: String,
     pub linger_ms: u64,
     pub queue_max_messages: u64,

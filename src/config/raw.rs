@@ -83,6 +83,32 @@ pub struct RawKafka {
     pub partitions: u64,
     pub replication_factor: u64,
     pub client_id: String,
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub security_protocol: String,
+    /// PEM CA bundle that signed the brokers' certificates (empty: the
+    /// system's CA store).
+    pub ssl_ca_file: String,
+    /// PEM client certificate and key for mutual TLS.
+    pub ssl_certificate_file: String,
+    pub ssl_key_file: String,
+    pub ssl_key_password_env: String,
+    pub ssl_key_password_file: String,
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `OAUTHBEARER`.
+    pub sasl_mechanism: String,
+    pub sasl_username_env: String,
+    pub sasl_username_file: String,
+    pub sasl_password_env: String,
+    pub sasl_password_file: String,
+    /// OAUTHBEARER with OIDC client credentials (librdkafka fetches and
+    /// refreshes the token).
+    pub sasl_oauthbearer_token_endpoint_url: String,
+    pub sasl_oauthbearer_client_id: String,
+    pub sasl_oauthbearer_client_secret_env: String,
+    pub sasl_oauthbearer_client_secret_file: String,
+    pub sasl_oauthbearer_scope: String,
+    /// `[kafka.librdkafka]`: any other librdkafka property, passed to every
+    /// client (not overridable from the environment leaf by leaf).
+    pub librdkafka: BTreeMap<String, String>,
     /// `[kafka.topics.NAME]`, NAME the short name with `_` for `.`
     /// (`inbound_messages`): what `topics create` sets for that topic.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -288,6 +314,24 @@ impl Default for RawKafka {
             replication_factor: 1,
             client_id: "wagate".into(),
             topics: BTreeMap::new(),
+            security_protocol: "plaintext".into(),
+            ssl_ca_file: String::new(),
+            ssl_certificate_file: String::new(),
+            ssl_key_file: String::new(),
+            ssl_key_password_env: "WAGATE_KAFKA_SSL_KEY_PASSWORD".into(),
+            ssl_key_password_file: String::new(),
+            sasl_mechanism: String::new(),
+            sasl_username_env: "WAGATE_KAFKA_SASL_USERNAME".into(),
+            sasl_username_file: String::new(),
+            sasl_password_env: "WAGATE_KAFKA_SASL_PASSWORD".into(),
+            sasl_password_file: String::new(),
+            sasl_oauthbearer_token_endpoint_url: String::new(),
+            sasl_oauthbearer_client_id: String::new(),
+            sasl_oauthbearer_client_secret_env: "WAGATE_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"
+                .into(),
+            sasl_oauthbearer_client_secret_file: String::new(),
+            sasl_oauthbearer_scope: String::new(),
+            librdkafka: BTreeMap::new(),
         }
     }
 }

@@ -21,7 +21,8 @@ fn required() -> BTreeMap<String, String> {
 #[test]
 fn example_config_with_contract_env_is_complete() {
     let c = load(None, &required(), LoadOptions::default()).unwrap();
-    assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+    assert_eq!(c.kafka.connection.brokers(), "127.0.0.1:9092");
+    assert_eq!(c.kafka.connection.security_protocol(), "plaintext");
     assert_eq!(c.kafka.topic_prefix, "wa.");
     assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
     assert_eq!(c.internal_listen.to_string(), "127.0.0.1:9090");
@@ -70,7 +71,7 @@ fn contract_env_overrides() {
         e.insert(k.into(), v.into());
     }
     let c = load(None, &e, LoadOptions::default()).unwrap();
-    assert_eq!(c.kafka.brokers, "10.1.1.1:9092,10.1.1.2:9092");
+    assert_eq!(c.kafka.connection.brokers(), "10.1.1.1:9092,10.1.1.2:9092");
     assert_eq!(c.kafka.topic_prefix, "acme.");
     assert_eq!(c.listen.port(), 18080);
     assert_eq!(c.internal_listen.port(), 19090);
@@ -347,5 +348,159 @@ fn listener_tls_is_off_by_default_and_set_by_the_environment() {
         err.to_string()
             .starts_with("internal_tls.key_file: cannot read"),
         "{err}"
+    );
+}
+
+fn load_kafka(toml_kafka: &str, extra_env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let mut e = required();
+    for (k, v) in extra_env {
+        e.insert(k.to_string(), v.to_string());
+    }
+    load_str(
+        &format!(
+            "[kafka]\n{toml_kafka}\n[apps.default]\nsecret_env = \"WAGATE_APP_SECRET\"\n\
+             verify_token_env = \"WAGATE_VERIFY_TOKEN\"\n"
+        ),
+        "test.toml",
+        &e,
+        LoadOptions::default(),
+    )
+}
+
+fn kafka_err(toml_kafka: &str, extra_env: &[(&str, &str)]) -> String {
+    load_kafka(toml_kafka, extra_env).unwrap_err().to_string()
+}
+
+#[test]
+fn kafka_security_defaults_to_plaintext_without_passthrough() {
+    let c = load(None, &required(), LoadOptions::default()).unwrap();
+    assert_eq!(c.kafka.connection.security_protocol(), "plaintext");
+    let cc = c.kafka.connection.client_config(|_| {});
+    assert_eq!(cc.get("security.protocol"), None);
+    assert_eq!(cc.get("bootstrap.servers"), Some("127.0.0.1:9092"));
+}
+
+#[test]
+fn kafka_security_errors_name_the_key() {
+    let e = kafka_err("security_protocol = \"tls\"", &[]);
+    assert!(e.starts_with("kafka.security_protocol:"), "{e}");
+    // SASL without a mechanism, a mechanism without SASL.
+    let e = kafka_err("security_protocol = \"sasl_ssl\"", &[]);
+    assert!(e.starts_with("kafka.sasl_mechanism:"), "{e}");
+    let e = kafka_err("sasl_mechanism = \"PLAIN\"", &[]);
+    assert!(e.starts_with("kafka.sasl_mechanism:"), "{e}");
+    let e = kafka_err(
+        "security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"GSSAPI\"",
+        &[],
+    );
+    assert!(e.starts_with("kafka.sasl_mechanism:"), "{e}");
+    // Credentials only from the environment or a file.
+    let e = kafka_err(
+        "security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-512\"",
+        &[("WAGATE_KAFKA_SASL_USERNAME", "alice")],
+    );
+    assert!(
+        e.starts_with("kafka.sasl_password:") && e.contains("WAGATE_KAFKA_SASL_PASSWORD"),
+        "{e}"
+    );
+    // Files must exist at start.
+    let e = kafka_err(
+        "security_protocol = \"ssl\"\nssl_ca_file = \"/nonexistent/ca.pem\"",
+        &[],
+    );
+    assert!(
+        e.starts_with("kafka.ssl_ca_file:") && e.contains("/nonexistent/ca.pem"),
+        "{e}"
+    );
+    // A TLS setting without TLS.
+    let e = kafka_err("ssl_ca_file = \"/etc/hostname\"", &[]);
+    assert!(e.starts_with("kafka.ssl_ca_file:"), "{e}");
+    // A certificate without its key.
+    let e = kafka_err(
+        "security_protocol = \"ssl\"\nssl_certificate_file = \"/etc/hostname\"",
+        &[],
+    );
+    assert!(e.starts_with("kafka.ssl_key_file:"), "{e}");
+    // OAUTHBEARER needs the OIDC endpoint, client id and secret.
+    let e = kafka_err(
+        "security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"OAUTHBEARER\"",
+        &[],
+    );
+    assert!(
+        e.starts_with("kafka.sasl_oauthbearer_token_endpoint_url:"),
+        "{e}"
+    );
+    let e = kafka_err(
+        "security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"OAUTHBEARER\"\n\
+         sasl_oauthbearer_token_endpoint_url = \"https://idp.example/token\"\n\
+         sasl_oauthbearer_client_id = \"wagate\"",
+        &[],
+    );
+    assert!(
+        e.starts_with("kafka.sasl_oauthbearer_client_secret:"),
+        "{e}"
+    );
+}
+
+#[test]
+fn kafka_security_from_the_environment_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, "from-file\n").unwrap();
+    let c = load_kafka(
+        "",
+        &[
+            ("WAGATE_KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
+            ("WAGATE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256"),
+            ("WAGATE_KAFKA_SASL_USERNAME", "alice"),
+            ("WAGATE_KAFKA_SASL_PASSWORD_FILE", pw.to_str().unwrap()),
+        ],
+    )
+    .unwrap();
+    let cc = c.kafka.connection.client_config(|_| {});
+    assert_eq!(cc.get("security.protocol"), Some("sasl_plaintext"));
+    assert_eq!(cc.get("sasl.mechanism"), Some("SCRAM-SHA-256"));
+    assert_eq!(cc.get("sasl.username"), Some("alice"));
+    assert_eq!(cc.get("sasl.password"), Some("from-file"));
+    // Never printed.
+    let shown = format!("{:?}", c.kafka);
+    assert!(!shown.contains("from-file"), "{shown}");
+    let c = load_kafka(
+        "security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"OAUTHBEARER\"\n\
+         sasl_oauthbearer_token_endpoint_url = \"https://idp.example/token\"\n\
+         sasl_oauthbearer_client_id = \"wagate\"\nsasl_oauthbearer_scope = \"kafka\"",
+        &[("WAGATE_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET", "cs")],
+    )
+    .unwrap();
+    let cc = c.kafka.connection.client_config(|_| {});
+    assert_eq!(cc.get("sasl.oauthbearer.method"), Some("oidc"));
+    assert_eq!(cc.get("sasl.oauthbearer.client.secret"), Some("cs"));
+    assert_eq!(cc.get("sasl.oauthbearer.scope"), Some("kafka"));
+}
+
+#[test]
+fn librdkafka_passthrough_is_checked_and_applied() {
+    let c = load_kafka(
+        "[kafka.librdkafka]\n\"socket.keepalive.enable\" = \"true\"\n\"reconnect.backoff.max.ms\" = \"2000\"",
+        &[],
+    )
+    .unwrap();
+    let cc = c.kafka.connection.client_config(|_| {});
+    assert_eq!(cc.get("reconnect.backoff.max.ms"), Some("2000"));
+    let e = kafka_err(
+        "[kafka.librdkafka]\n\"enable.idempotence\" = \"false\"",
+        &[],
+    );
+    assert!(
+        e.starts_with("kafka.librdkafka.\"enable.idempotence\": refused:"),
+        "{e}"
+    );
+    let e = kafka_err(
+        "[kafka.librdkafka]\n\"reconnect.backoff.max.mz\" = \"1\"",
+        &[],
+    );
+    assert!(
+        e.starts_with("kafka.librdkafka.\"reconnect.backoff.max.mz\": librdkafka rejects it"),
+        "{e}"
     );
 }

@@ -43,7 +43,7 @@ pub(super) fn validate(
         &raw.internal_tls.key_file,
         &raw.internal_tls.client_ca_file,
     )?;
-    let kafka = kafka(&raw.kafka, server.max_body_bytes)?;
+    let kafka = kafka(&raw.kafka, server.max_body_bytes, env)?;
     let ingress = ingress(&raw.ingress, server.max_body_bytes)?;
     let log = log(&raw.log)?;
     let egress = egress(&raw.egress, env)?;
@@ -175,7 +175,7 @@ fn listener_tls(
     Ok(Some(files))
 }
 
-fn kafka(k: &RawKafka, max_body_bytes: usize) -> Result<KafkaConfig, ConfigError> {
+fn kafka(k: &RawKafka, max_body_bytes: usize, env: &dyn Env) -> Result<KafkaConfig, ConfigError> {
     if k.brokers.trim().is_empty() {
         return Err(invalid(
             "kafka.brokers",
@@ -208,8 +208,9 @@ fn kafka(k: &RawKafka, max_body_bytes: usize) -> Result<KafkaConfig, ConfigError
     let replication_factor =
         positive("kafka.replication_factor", k.replication_factor)?.min(100) as i32;
     let topics = topic_settings(&k.topics, partitions, replication_factor)?;
+    let connection = kafka_security::connection(k, env)?;
     Ok(KafkaConfig {
-        brokers: k.brokers.trim().to_string(),
+        connection,
         topic_prefix: k.topic_prefix.clone(),
         linger_ms: k.linger_ms,
         queue_max_messages: positive("kafka.queue_max_messages", k.queue_max_messages)?,

@@ -183,22 +183,21 @@ fn window_field(v: &[u8]) -> Option<u64> {
 
 /// The contacts consumer's librdkafka settings (the bench's bare consumer
 /// uses them too, so its numbers compare).
-pub fn consumer_config(brokers: &str) -> ClientConfig {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", brokers)
-        .set("group.id", "wagate-contacts")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set(
-            "statistics.interval.ms",
-            crate::kafka::STATISTICS_INTERVAL_MS,
-        )
-        // Short fetch waits: a STOP written by another instance is applied
-        // here within tens of milliseconds, and the bootstrap does not stall
-        // between large fetch responses (see BENCHMARKS.md).
-        .set("fetch.wait.max.ms", "20")
-        .set("fetch.queue.backoff.ms", "10");
-    cc
+pub fn consumer_config(conn: &crate::kafka::Connection) -> ClientConfig {
+    conn.client_config(|cc| {
+        cc.set("group.id", "wagate-contacts")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set(
+                "statistics.interval.ms",
+                crate::kafka::STATISTICS_INTERVAL_MS,
+            )
+            // Short fetch waits: a STOP written by another instance is applied
+            // here within tens of milliseconds, and the bootstrap does not stall
+            // between large fetch responses (see BENCHMARKS.md).
+            .set("fetch.wait.max.ms", "20")
+            .set("fetch.queue.backoff.ms", "10");
+    })
 }
 
 /// How many readers split the topics' partitions between them: one per
@@ -219,7 +218,7 @@ fn readers() -> usize {
 /// interleave. Caught up = every reader has read its partitions up to the
 /// high watermarks it saw at start, then gone idle.
 pub fn run(
-    brokers: &str,
+    conn: &crate::kafka::Connection,
     consent_topic: &str,
     windows_topic: &str,
     users_topic: &str,
@@ -231,9 +230,10 @@ pub fn run(
     let lags = Arc::new(SplitLag::default());
     let consumers = (0..readers)
         .map(|slot| {
-            consumer_config(brokers).create_with_context(ReaderContext {
+            consumer_config(conn).create_with_context(ReaderContext {
                 slot,
                 lags: lags.clone(),
+                diagnostics: conn.diagnostics().clone(),
             })
         })
         .collect::<Result<Vec<BaseConsumer<ReaderContext>>, _>>()?;
@@ -557,6 +557,7 @@ struct SplitLag {
 struct ReaderContext {
     slot: usize,
     lags: Arc<SplitLag>,
+    diagnostics: crate::kafka::Diagnostics,
 }
 
 impl rdkafka::ClientContext for ReaderContext {
@@ -571,6 +572,12 @@ impl rdkafka::ClientContext for ReaderContext {
             let total: i64 = slots.iter().sum();
             metrics::gauge!(m::CONSUMER_LAG, "topic" => topic.to_string()).set(total as f64);
         }
+    }
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, msg: &str) {
+        self.diagnostics.on_log(level, fac, msg);
+    }
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.diagnostics.on_error(&error, reason);
     }
 }
 

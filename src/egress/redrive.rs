@@ -71,7 +71,7 @@ fn matches(v: &Value, f: &Filter, now_ms: u64) -> bool {
 
 /// Runs a redrive. Blocking reads; produces through `producer`.
 pub async fn redrive(
-    brokers: &str,
+    conn: &kafka::Connection,
     prefix: &str,
     producer: &KafkaProducer,
     filter: &Filter,
@@ -80,10 +80,10 @@ pub async fn redrive(
     let topics = kafka::Topics::new(prefix);
     let dlq = topics.name(kafka::TopicId::OutboundDlq).to_string();
     let requests = topics.name(kafka::TopicId::OutboundRequests);
-    let (b, t) = (brokers.to_string(), dlq.clone());
+    let (c, t) = (conn.clone(), dlq.clone());
     let records = tokio::task::spawn_blocking(move || {
         let mut out: Vec<(Option<String>, Value)> = Vec::new();
-        kafka::read_since(&b, &t, 0, |_k, payload| {
+        kafka::read_since(&c, &t, 0, |_k, payload| {
             if let Ok(v) = serde_json::from_slice::<Value>(payload) {
                 out.push((v.get("kind").and_then(Value::as_str).map(str::to_string), v));
             }

@@ -777,7 +777,7 @@ mod tests {
         let mut k = crate::config::load(None, &env, crate::config::LoadOptions { dev: true })
             .unwrap()
             .kafka;
-        k.brokers = "127.0.0.1:1".into();
+        k.connection = k.connection.with_brokers("127.0.0.1:1");
         k.linger_ms = linger_ms;
         KafkaProducer::new(&k).unwrap()
     }

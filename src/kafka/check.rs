@@ -8,10 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{
-    AdminClient, AdminOptions, ConfigResourceResult, OwnedResourceSpecifier, ResourceSpecifier,
+    AdminOptions, ConfigResourceResult, OwnedResourceSpecifier, ResourceSpecifier,
 };
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 
 use super::{TopicId, Topics};
@@ -25,9 +23,9 @@ pub enum Severity {
 }
 
 /// What kind of difference, for the caller's policy (`serve` refuses on
-/// [`Issue::CompactedNotCompacted`] only).
+/// [`TopicIssue::CompactedNotCompacted`] only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Issue {
+pub enum TopicIssue {
     Missing,
     CompactedNotCompacted,
     WrongPolicy,
@@ -38,22 +36,26 @@ pub enum Issue {
 
 /// One difference between a live topic and what wagate expects.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
+pub struct TopicProblem {
     pub topic: String,
-    pub issue: Issue,
+    pub issue: TopicIssue,
     pub message: String,
 }
 
-impl Problem {
+impl TopicProblem {
     pub fn severity(&self) -> Severity {
         match self.issue {
-            Issue::Missing | Issue::CompactedNotCompacted | Issue::WrongPolicy => Severity::Error,
-            Issue::PolicyUnknown | Issue::Partitions | Issue::Retention => Severity::Warning,
+            TopicIssue::Missing | TopicIssue::CompactedNotCompacted | TopicIssue::WrongPolicy => {
+                Severity::Error
+            }
+            TopicIssue::PolicyUnknown | TopicIssue::Partitions | TopicIssue::Retention => {
+                Severity::Warning
+            }
         }
     }
 }
 
-impl std::fmt::Display for Problem {
+impl std::fmt::Display for TopicProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.topic, self.message)
     }
@@ -72,13 +74,8 @@ pub struct Live {
 pub async fn check_topics(
     cfg: &KafkaConfig,
     timeout: Duration,
-) -> Result<Vec<Problem>, KafkaError> {
-    let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", &cfg.brokers)
-            .set("client.id", &cfg.client_id)
-            .create()?,
-    );
+) -> Result<Vec<TopicProblem>, KafkaError> {
+    let admin = Arc::new(super::create::admin(cfg)?);
     let topics = Topics::new(&cfg.topic_prefix);
     // Partition counts from the metadata (a blocking call: off the runtime).
     let meta_admin = admin.clone();
@@ -141,19 +138,19 @@ pub async fn check_topics(
 }
 
 /// The problems of `live` (name → description) against the expected topics.
-pub fn compare(cfg: &KafkaConfig, topics: &Topics, live: &[(String, Live)]) -> Vec<Problem> {
+pub fn compare(cfg: &KafkaConfig, topics: &Topics, live: &[(String, Live)]) -> Vec<TopicProblem> {
     let mut out = Vec::new();
     for t in TopicId::ALL {
         let name = topics.name(t);
         let want = cfg.topic(t);
-        let problem = |issue, message: String| Problem {
+        let problem = |issue, message: String| TopicProblem {
             topic: name.to_string(),
             issue,
             message,
         };
         let Some((_, l)) = live.iter().find(|(n, _)| n == name) else {
             out.push(problem(
-                Issue::Missing,
+                TopicIssue::Missing,
                 "missing: run `wagate topics create`".into(),
             ));
             continue;
@@ -161,11 +158,11 @@ pub fn compare(cfg: &KafkaConfig, topics: &Topics, live: &[(String, Live)]) -> V
         let compact = t.spec().compact;
         match l.cleanup_policy.as_deref() {
             None => out.push(problem(
-                Issue::PolicyUnknown,
+                TopicIssue::PolicyUnknown,
                 "the brokers did not say its cleanup.policy".into(),
             )),
             Some(p) if compact && p.trim() != "compact" => out.push(problem(
-                Issue::CompactedNotCompacted,
+                TopicIssue::CompactedNotCompacted,
                 format!(
                     "cleanup.policy is {p:?}, expected \"compact\": records would be deleted at retention time \
                      (for {} that loses what must be kept until replaced); fix it with \
@@ -174,14 +171,14 @@ pub fn compare(cfg: &KafkaConfig, topics: &Topics, live: &[(String, Live)]) -> V
                 ),
             )),
             Some(p) if !compact && p.trim() != "delete" => out.push(problem(
-                Issue::WrongPolicy,
+                TopicIssue::WrongPolicy,
                 format!("cleanup.policy is {p:?}, expected \"delete\" (retention would never apply)"),
             )),
             Some(_) => {}
         }
         if l.partitions != want.partitions as usize {
             out.push(problem(
-                Issue::Partitions,
+                TopicIssue::Partitions,
                 format!(
                     "{} partitions, configured {} (kafka.topics.{}.partitions or kafka.partitions)",
                     l.partitions,
@@ -193,7 +190,7 @@ pub fn compare(cfg: &KafkaConfig, topics: &Topics, live: &[(String, Live)]) -> V
         if !compact {
             if let Some(ms) = l.retention_ms.filter(|ms| *ms != want.retention_ms) {
                 out.push(problem(
-                    Issue::Retention,
+                    TopicIssue::Retention,
                     format!(
                         "retention.ms is {ms}, configured {} (kafka.topics.{}.retention_ms)",
                         want.retention_ms,
@@ -266,20 +263,36 @@ mod tests {
                 _ => {}
             }
         }
-        let got: Vec<(String, Issue, Severity)> = compare(&c, &topics, &live)
+        let got: Vec<(String, TopicIssue, Severity)> = compare(&c, &topics, &live)
             .into_iter()
             .map(|p| (p.topic.clone(), p.issue, p.severity()))
             .collect();
         let want = [
-            ("wa.inbound.messages", Issue::Partitions, Severity::Warning),
-            ("wa.inbound.messages", Issue::Retention, Severity::Warning),
-            ("wa.inbound.raw", Issue::Missing, Severity::Error),
-            ("wa.outbound.dlq", Issue::WrongPolicy, Severity::Error),
-            ("wa.consent", Issue::CompactedNotCompacted, Severity::Error),
-            ("wa.windows", Issue::PolicyUnknown, Severity::Warning),
-            ("wa.users", Issue::CompactedNotCompacted, Severity::Error),
+            (
+                "wa.inbound.messages",
+                TopicIssue::Partitions,
+                Severity::Warning,
+            ),
+            (
+                "wa.inbound.messages",
+                TopicIssue::Retention,
+                Severity::Warning,
+            ),
+            ("wa.inbound.raw", TopicIssue::Missing, Severity::Error),
+            ("wa.outbound.dlq", TopicIssue::WrongPolicy, Severity::Error),
+            (
+                "wa.consent",
+                TopicIssue::CompactedNotCompacted,
+                Severity::Error,
+            ),
+            ("wa.windows", TopicIssue::PolicyUnknown, Severity::Warning),
+            (
+                "wa.users",
+                TopicIssue::CompactedNotCompacted,
+                Severity::Error,
+            ),
         ];
-        let want: Vec<(String, Issue, Severity)> = want
+        let want: Vec<(String, TopicIssue, Severity)> = want
             .iter()
             .map(|(n, i, s)| (n.to_string(), *i, *s))
             .collect();

@@ -4,21 +4,24 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use super::{TopicId, Topics};
+use super::{ConnContext, TopicId, Topics};
 use crate::config::KafkaConfig;
+
+/// An admin client on the configured connection.
+pub(super) fn admin(cfg: &KafkaConfig) -> Result<AdminClient<ConnContext>, KafkaError> {
+    let conn = &cfg.connection;
+    conn.client_config(|_| {})
+        .create_with_context(ConnContext(conn.diagnostics().clone()))
+}
 
 /// Creates every topic of [`TopicId::ALL`] with its cleanup policy and its
 /// `[kafka.topics.NAME]` settings; topics that exist already are left as
-/// they are (`topics check` says where they differ). Returns (name, created?) pairs.
+/// they are (`topics check` says where they differ). Returns (name,
+/// created?) pairs.
 pub async fn create_topics(cfg: &KafkaConfig) -> Result<Vec<(String, bool)>, KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.brokers)
-        .set("client.id", &cfg.client_id)
-        .create()?;
+    let admin = admin(cfg)?;
     let topics = Topics::new(&cfg.topic_prefix);
     let names: Vec<&str> = TopicId::ALL.iter().map(|t| topics.name(*t)).collect();
     let settings: Vec<(String, Option<String>)> = TopicId::ALL
@@ -113,10 +116,7 @@ pub async fn check_record_limit(
     timeout: Duration,
 ) -> Result<Option<Vec<RecordLimitTooSmall>>, KafkaError> {
     use rdkafka::admin::{ConfigResourceResult, OwnedResourceSpecifier, ResourceSpecifier};
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.brokers)
-        .set("client.id", &cfg.client_id)
-        .create()?;
+    let admin = admin(cfg)?;
     let topics = Topics::new(&cfg.topic_prefix);
     let specs: Vec<ResourceSpecifier<'_>> = INGRESS_TOPICS
         .iter()

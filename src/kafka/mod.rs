@@ -1,5 +1,6 @@
-//! Kafka: the producer, topic names and creation, and a reader for `tail` and
-//! tests.
+//! Kafka: the connection every client is made from (security, passthrough,
+//! diagnostics), the producer, topic names and creation, and a reader for
+//! `tail` and tests.
 //!
 //! Architecture invariant: this module knows bytes, keys and headers, never
 //! Meta's types. Producing is non-blocking: a full librdkafka queue is
@@ -8,15 +9,23 @@
 
 pub(crate) mod batch;
 mod check;
+pub mod connection;
 mod create;
+pub mod diagnose;
 pub mod headers;
 mod producer;
 mod read;
 mod stats;
 pub mod topics;
 
-pub use check::{check_topics, compare as compare_topics, Issue, Live, Problem, Severity};
+pub use check::{
+    check_topics, compare as compare_topics, Live, Severity, TopicIssue, TopicProblem,
+};
+pub use connection::{
+    Connection, ConnectionError, Sasl, SaslMechanism, Security, SecurityProtocol,
+};
 pub use create::{check_record_limit, create_topics, RecordLimitTooSmall, INGRESS_TOPICS};
+pub use diagnose::{ConnContext, Diagnostics, Problem};
 pub use headers::{Kind, RecordHeaders};
 pub use producer::{
     CompletionContext, Delivery, HeaderPair, KafkaProducer, Pending, RecordAck, RecordTag,

@@ -4,11 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
+use super::Diagnostics;
 use crate::config::KafkaConfig;
 
 /// Why a record could not be enqueued.
@@ -50,10 +50,18 @@ pub struct RecordTag {
     pub tag: u32,
 }
 
-/// Routes librdkafka's delivery reports to each record's [`Pending`].
-pub struct CompletionContext;
+/// Routes librdkafka's delivery reports to each record's [`Pending`], and
+/// connection problems to the connection's [`Diagnostics`].
+pub struct CompletionContext(Diagnostics);
 
-impl ClientContext for CompletionContext {}
+impl ClientContext for CompletionContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, msg: &str) {
+        self.0.on_log(level, fac, msg);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.on_error(&error, reason);
+    }
+}
 
 /// Where one record's delivery report goes (librdkafka's opaque: `Send +
 /// Sync`, taken back by value exactly once).
@@ -106,28 +114,31 @@ pub struct KafkaProducer {
 
 impl KafkaProducer {
     pub fn new(cfg: &KafkaConfig) -> Result<KafkaProducer, KafkaError> {
-        let inner: ThreadedProducer<CompletionContext> = ClientConfig::new()
-            .set("bootstrap.servers", &cfg.brokers)
-            .set("client.id", &cfg.client_id)
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", cfg.linger_ms.to_string())
-            .set(
-                "queue.buffering.max.messages",
-                cfg.queue_max_messages.to_string(),
-            )
-            .set("queue.buffering.max.kbytes", "1048576")
-            .set(
-                "message.timeout.ms",
-                cfg.message_timeout.as_millis().to_string(),
-            )
-            .set("compression.type", &cfg.compression)
-            .set("socket.keepalive.enable", "true")
-            // Every body under server.max_body_bytes is storable (librdkafka's
-            // default of 1,000,000 would refuse bodies Meta may send).
-            .set("message.max.bytes", cfg.message_max_bytes.to_string())
-            .create_with_context(CompletionContext)?;
+        let conn = &cfg.connection;
+        let inner: ThreadedProducer<CompletionContext> = conn
+            .client_config(|cc| {
+                cc.set("client.id", &cfg.client_id)
+                    .set("acks", "all")
+                    .set("enable.idempotence", "true")
+                    .set("partitioner", "murmur2_random")
+                    .set("linger.ms", cfg.linger_ms.to_string())
+                    .set(
+                        "queue.buffering.max.messages",
+                        cfg.queue_max_messages.to_string(),
+                    )
+                    .set("queue.buffering.max.kbytes", "1048576")
+                    .set(
+                        "message.timeout.ms",
+                        cfg.message_timeout.as_millis().to_string(),
+                    )
+                    .set("compression.type", &cfg.compression)
+                    .set("socket.keepalive.enable", "true")
+                    // Every body under server.max_body_bytes is storable
+                    // (librdkafka's default of 1,000,000 would refuse
+                    // bodies Meta may send).
+                    .set("message.max.bytes", cfg.message_max_bytes.to_string());
+            })
+            .create_with_context(CompletionContext(conn.diagnostics().clone()))?;
         Ok(KafkaProducer { inner })
     }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
+use super::{ConnContext, Connection};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
@@ -39,17 +39,18 @@ pub struct ReadOptions {
 /// Reads a topic's partitions directly (no consumer group, nothing committed),
 /// calling `each` per record. Blocking: run it on a blocking thread.
 pub fn read_topic(
-    brokers: &str,
+    conn: &Connection,
     topic: &str,
     opts: &ReadOptions,
     mut each: impl FnMut(TailRecord),
 ) -> Result<usize, KafkaError> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "wagate-tail")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()?;
+    let consumer: BaseConsumer<ConnContext> = conn
+        .client_config(|cc| {
+            cc.set("group.id", "wagate-tail")
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "false");
+        })
+        .create_with_context(ConnContext(conn.diagnostics().clone()))?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let parts = md
         .topics()
@@ -97,19 +98,20 @@ pub fn read_topic(
 /// watermarks at the time of the call, calling `each(key, payload)`.
 /// Blocking: run it on a blocking thread.
 pub fn read_since(
-    brokers: &str,
+    conn: &Connection,
     topic: &str,
     since_ms: u64,
     mut each: impl FnMut(Option<&[u8]>, &[u8]),
 ) -> Result<usize, KafkaError> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "wagate-history")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "50")
-        .set("fetch.queue.backoff.ms", "10")
-        .create()?;
+    let consumer: BaseConsumer<ConnContext> = conn
+        .client_config(|cc| {
+            cc.set("group.id", "wagate-history")
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "false")
+                .set("fetch.wait.max.ms", "50")
+                .set("fetch.queue.backoff.ms", "10");
+        })
+        .create_with_context(ConnContext(conn.diagnostics().clone()))?;
     let timeout = Duration::from_secs(10);
     let md = consumer.fetch_metadata(Some(topic), timeout)?;
     let parts = md

@@ -7,6 +7,7 @@ pub mod broker;
 pub mod measure;
 pub mod process;
 pub mod requests;
+pub mod secure_broker;
 pub mod tls;
 
 #[allow(unused_imports)]
@@ -194,7 +195,7 @@ pub async fn get(url: &str) -> Resp {
 
 /// Reads every record of `prefix` + `name` until none arrived for `idle`.
 pub async fn read_all(brokers: &str, prefix: &str, name: &str, idle: Duration) -> Vec<TailRecord> {
-    let brokers = brokers.to_string();
+    let conn = kafka::Connection::plaintext(brokers);
     let topic = format!("{prefix}{name}");
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
@@ -203,7 +204,7 @@ pub async fn read_all(brokers: &str, prefix: &str, name: &str, idle: Duration) -
             max: None,
             idle_timeout: Some(idle),
         };
-        kafka::read_topic(&brokers, &topic, &opts, |r| out.push(r)).expect("read topic");
+        kafka::read_topic(&conn, &topic, &opts, |r| out.push(r)).expect("read topic");
         out
     })
     .await

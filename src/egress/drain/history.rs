@@ -34,7 +34,7 @@ impl Egress {
     /// again and nothing that may have reached Meta is re-sent blindly.
     pub(super) async fn load_history(&self) {
         let since = now_ms().saturating_sub(self.cfg.history_window.as_millis() as u64);
-        let brokers = self.brokers.clone();
+        let conn = self.connection.clone();
         let (results, attempts) = (
             self.topics.name(TopicId::OutboundResults).to_string(),
             self.topics.name(TopicId::OutboundAttempts).to_string(),
@@ -43,7 +43,7 @@ impl Egress {
         let got = tokio::task::spawn_blocking(move || {
             let mut h = History::default();
             let mut read = |topic: &str, results: bool| {
-                kafka::read_since(&brokers, topic, since, |_key, payload| {
+                kafka::read_since(&conn, topic, since, |_key, payload| {
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) {
                         if let Some(id) = v.get("request_id").and_then(|x| x.as_str()) {
                             let redrive =

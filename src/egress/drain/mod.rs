@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -106,7 +105,7 @@ type Lanes = HashMap<String, mpsc::UnboundedSender<Job>>;
 /// The egress plane.
 pub struct Egress {
     cfg: EgressConfig,
-    brokers: String,
+    connection: crate::kafka::Connection,
     topics: Topics,
     producer: KafkaProducer,
     graph: GraphClient,
@@ -132,7 +131,7 @@ impl Egress {
     ) -> Egress {
         Egress {
             cfg: cfg.egress.clone(),
-            brokers: cfg.kafka.brokers.clone(),
+            connection: cfg.kafka.connection.clone(),
             contacts_writer: crate::contacts::writer::ContactsWriter::new(
                 producer.clone(),
                 &topics,

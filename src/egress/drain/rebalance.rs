@@ -10,35 +10,37 @@ impl Egress {
         assigned: Arc<std::sync::atomic::AtomicBool>,
         readers: Arc<Mutex<Readers>>,
     ) -> Result<StreamConsumer<DrainContext>, rdkafka::error::KafkaError> {
-        let mut cc = ClientConfig::new();
-        if let Some(id) = &self.cfg.instance_id {
-            cc.set("group.instance.id", id);
-        }
-        cc.set("bootstrap.servers", &self.brokers)
-            .set("group.id", &self.cfg.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
-            .set("enable.partition.eof", "false")
-            // Prefetch per partition: a reader that waits for buffer room
-            // leaves at most this much fetched ahead of it.
-            .set("queued.min.messages", "2000")
-            .set("queued.max.messages.kbytes", "4096")
-            .set(
-                "statistics.interval.ms",
-                crate::kafka::STATISTICS_INTERVAL_MS,
-            )
-            .create_with_context(DrainContext {
-                assigned,
-                revoked: self.revoked.clone(),
-                splitter: std::sync::OnceLock::new(),
-                readers,
-                tracker: self.tracker.clone(),
-                topic: self.topics.name(TopicId::OutboundRequests).to_string(),
-                revoke_wait: self.cfg.send_timeout + Duration::from_secs(5),
-            })
+        let conn = &self.connection;
+        conn.client_config(|cc| {
+            if let Some(id) = &self.cfg.instance_id {
+                cc.set("group.instance.id", id);
+            }
+            cc.set("group.id", &self.cfg.group_id)
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("session.timeout.ms", "10000")
+                .set("heartbeat.interval.ms", "1000")
+                .set("enable.partition.eof", "false")
+                // Prefetch per partition: a reader that waits for buffer room
+                // leaves at most this much fetched ahead of it.
+                .set("queued.min.messages", "2000")
+                .set("queued.max.messages.kbytes", "4096")
+                .set(
+                    "statistics.interval.ms",
+                    crate::kafka::STATISTICS_INTERVAL_MS,
+                );
+        })
+        .create_with_context(DrainContext {
+            diagnostics: conn.diagnostics().clone(),
+            assigned,
+            revoked: self.revoked.clone(),
+            splitter: std::sync::OnceLock::new(),
+            readers,
+            tracker: self.tracker.clone(),
+            topic: self.topics.name(TopicId::OutboundRequests).to_string(),
+            revoke_wait: self.cfg.send_timeout + Duration::from_secs(5),
+        })
     }
 }
 
@@ -85,6 +87,8 @@ impl Revoked {
 /// the first request not completed. Only then does the rebalance proceed, so
 /// two instances never hold the same request.
 pub(super) struct DrainContext {
+    /// Where connection problems (TLS, SASL) are reported.
+    pub(super) diagnostics: crate::kafka::Diagnostics,
     pub(super) assigned: Arc<std::sync::atomic::AtomicBool>,
     pub(super) revoked: Arc<Revoked>,
     /// Splits each assigned partition into its own queue (set once the
@@ -184,6 +188,12 @@ impl DrainContext {
 impl ClientContext for DrainContext {
     fn stats(&self, statistics: rdkafka::statistics::Statistics) {
         crate::kafka::record_consumer_lag(&statistics);
+    }
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, msg: &str) {
+        self.diagnostics.on_log(level, fac, msg);
+    }
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.diagnostics.on_error(&error, reason);
     }
 }
 

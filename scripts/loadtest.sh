@@ -53,8 +53,8 @@ sent() { sed -n 's/^generator .*(\([0-9]*\) requests sent in all)/\1/p' "$1"; }
 # own CPU per request: it shares the two cores with the server under test.
 TIMEFORMAT='%U %S'
 load() {
-  # shellcheck disable=SC2086 # LOADGEN_ARGS: extra flags, e.g. "--customers 5000"
-  { time $L run --url "$1" --connections "$2" --mix "$3" --duration-secs "$dur" --warmup-secs 1 ${LOADGEN_ARGS:-} \
+  # shellcheck disable=SC2086 # LOADGEN_ARGS: extra flags, e.g. "--customers 5000"; LOAD_EXTRA: --tls-ca
+  { time $L run --url "$1" --connections "$2" --mix "$3" --duration-secs "$dur" --warmup-secs 1 ${LOADGEN_ARGS:-} ${LOAD_EXTRA:-} \
       >"$dir/run.out" 2>"$dir/run.err"; } 2>"$dir/run.time"
   cat "$dir/run.err" >&2; cat "$dir/run.out"
   awk -v n="$(sent "$dir/run.out")" '{printf "loadgen cpu per request: %.1f us\n", ($1 + $2) * 1e6 / n}' "$dir/run.time"
@@ -79,8 +79,38 @@ for c in "${conns[@]}"; do
 done
 kill "${pids[0]}" 2>/dev/null || true
 
-echo "== gateway: wagate serve (acks=all, raw topic on) with Tansu on loopback"
-brokers=$(scripts/tansu.sh start "$dir")
+# KAFKA_TLS=1: the gateway reaches Tansu over TLS, through stunnel (Tansu 0.6
+# serves plaintext only); HTTPS=1: the gateway's public listener speaks
+# HTTPS. Certificates are made here with openssl, for loopback only.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+selfsigned() { # selfsigned NAME: $dir/NAME.pem and $dir/NAME.key for 127.0.0.1
+  openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=127.0.0.1" \
+    -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+    -keyout "$dir/$1.key" -out "$dir/$1.pem" 2>/dev/null
+}
+tls_note="plaintext"
+if [ "${KAFKA_TLS:-0}" = 1 ]; then
+  selfsigned kafka
+  sp=$(free_port)
+  brokers=$(TANSU_ADVERTISED_PORT=$sp scripts/tansu.sh start "$dir")
+  printf 'foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:%s\nconnect = %s\ncert = %s\nkey = %s\n' \
+    "$sp" "$brokers" "$dir/kafka.pem" "$dir/kafka.key" >"$dir/stunnel.conf"
+  stunnel "$dir/stunnel.conf" >"$dir/stunnel.log" 2>&1 &
+  pids+=($!); stp=$!
+  for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$sp") 2>/dev/null && break; sleep 0.1; done
+  brokers="127.0.0.1:$sp"
+  export WAGATE_KAFKA_SECURITY_PROTOCOL=ssl WAGATE_KAFKA_SSL_CA_FILE="$dir/kafka.pem"
+  tls_note="TLS through stunnel"
+else
+  brokers=$(scripts/tansu.sh start "$dir")
+fi
+scheme=http; tls_ca=""
+if [ "${HTTPS:-0}" = 1 ]; then
+  selfsigned listener
+  export WAGATE_SERVER_TLS_CERT_FILE="$dir/listener.pem" WAGATE_SERVER_TLS_KEY_FILE="$dir/listener.key"
+  scheme=https; tls_ca="--tls-ca $dir/listener.pem"
+fi
+echo "== gateway: wagate serve (acks=all, raw topic on) with Tansu on loopback, Kafka $tls_note, listener $scheme"
 export WAGATE_KAFKA_BROKERS="$brokers" WAGATE_TOPIC_PREFIX="lt$(date +%s)." \
        WAGATE_LISTEN=127.0.0.1:18080 WAGATE_INTERNAL_LISTEN=127.0.0.1:19090 \
        WAGATE_EGRESS_ENABLED=false WAGATE_LOG=warn
@@ -93,8 +123,9 @@ for c in "${conns[@]}"; do
   for mix in "${mixes[@]}"; do
     echo "-- gateway connections=$c mix=$mix"
     g0=$(ticks "$gp"); t0=$(ticks "$tp")
-    load "http://127.0.0.1:18080/webhook" "$c" "$mix"
-    cpu_us=; cost "$(sent "$dir/run.out")" "gateway:$gp:$g0" "tansu:$tp:$t0"
+    s0=$([ -n "${stp:-}" ] && ticks "$stp" || echo 0)
+    LOAD_EXTRA="$tls_ca" load "$scheme://127.0.0.1:18080/webhook" "$c" "$mix"
+    cpu_us=; cost "$(sent "$dir/run.out")" "gateway:$gp:$g0" "tansu:$tp:$t0" ${stp:+"stunnel:$stp:$s0"}
     row gateway "$mix" "$c"
   done
 done

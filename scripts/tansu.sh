@@ -24,10 +24,13 @@ start() {
   install
   local port; port=$(free_port)
   local url="tcp://127.0.0.1:${port}"
+  # TANSU_ADVERTISED_PORT: the port clients are told to use (a TLS proxy in
+  # front of Tansu, as scripts/loadtest.sh does with KAFKA_TLS=1).
+  local advertised="tcp://127.0.0.1:${TANSU_ADVERTISED_PORT:-$port}"
   # Memory storage: every test run starts empty.
   tansu broker \
     --listener-url "$url" \
-    --advertised-listener-url "$url" \
+    --advertised-listener-url "$advertised" \
     --storage-engine "memory://tansu/" \
     >"$dir/tansu.log" 2>&1 &
   echo $! >"$dir/tansu.pid"

@@ -14,7 +14,7 @@ conns=("$@"); [ ${#conns[@]} -gt 0 ] || conns=(128 512)
 # MIXES: body mixes (wagate-loadgen --mix), space-separated; pass other
 # load generator flags in LOADGEN_ARGS (not --mix).
 read -r -a mixes <<<"${MIXES:-messages=100 messages=60,statuses=30,batch=10}"
-dir="target/loadtest"; mkdir -p "$dir"
+dir="target/loadtest"; mkdir -p "$dir"; rm -f "$dir"/ca.* "$dir"/*.pem "$dir"/*.key
 summary="$dir/summary.txt"; : >"$summary"
 # WAGATE_BIN / WAGATE_LOADGEN: other binaries (an A/B of two gateway builds
 # under one load generator); the default builds and uses this checkout's.
@@ -83,10 +83,15 @@ kill "${pids[0]}" 2>/dev/null || true
 # serves plaintext only); HTTPS=1: the gateway's public listener speaks
 # HTTPS. Certificates are made here with openssl, for loopback only.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-selfsigned() { # selfsigned NAME: $dir/NAME.pem and $dir/NAME.key for 127.0.0.1
-  openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=127.0.0.1" \
-    -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
-    -keyout "$dir/$1.key" -out "$dir/$1.pem" 2>/dev/null
+selfsigned() { # selfsigned NAME: $dir/NAME.pem (leaf, signed by $dir/ca.pem) and $dir/NAME.key
+  if [ ! -f "$dir/ca.pem" ]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=wagate loadtest CA" \
+      -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+  fi
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$dir/$1.key" -out "$dir/$1.csr" 2>/dev/null
+  printf 'basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$dir/$1.ext"
+  openssl x509 -req -in "$dir/$1.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 1 -extfile "$dir/$1.ext" -out "$dir/$1.pem" 2>/dev/null
 }
 tls_note="plaintext"
 if [ "${KAFKA_TLS:-0}" = 1 ]; then
@@ -99,7 +104,7 @@ if [ "${KAFKA_TLS:-0}" = 1 ]; then
   pids+=($!); stp=$!
   for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$sp") 2>/dev/null && break; sleep 0.1; done
   brokers="127.0.0.1:$sp"
-  export WAGATE_KAFKA_SECURITY_PROTOCOL=ssl WAGATE_KAFKA_SSL_CA_FILE="$dir/kafka.pem"
+  export WAGATE_KAFKA_SECURITY_PROTOCOL=ssl WAGATE_KAFKA_SSL_CA_FILE="$dir/ca.pem"
   tls_note="TLS through stunnel"
 else
   brokers=$(scripts/tansu.sh start "$dir")
@@ -108,7 +113,7 @@ scheme=http; tls_ca=""
 if [ "${HTTPS:-0}" = 1 ]; then
   selfsigned listener
   export WAGATE_SERVER_TLS_CERT_FILE="$dir/listener.pem" WAGATE_SERVER_TLS_KEY_FILE="$dir/listener.key"
-  scheme=https; tls_ca="--tls-ca $dir/listener.pem"
+  scheme=https; tls_ca="--tls-ca $dir/ca.pem"
 fi
 echo "== gateway: wagate serve (acks=all, raw topic on) with Tansu on loopback, Kafka $tls_note, listener $scheme"
 export WAGATE_KAFKA_BROKERS="$brokers" WAGATE_TOPIC_PREFIX="lt$(date +%s)." \
@@ -116,9 +121,9 @@ export WAGATE_KAFKA_BROKERS="$brokers" WAGATE_TOPIC_PREFIX="lt$(date +%s)." \
        WAGATE_EGRESS_ENABLED=false WAGATE_LOG=warn
 $W topics create >/dev/null
 $W serve >"$dir/gateway.log" 2>&1 &
-pids+=($!)
+pids+=($!); gp=$!
 for _ in $(seq 100); do curl -sf http://127.0.0.1:19090/readyz >/dev/null 2>&1 && break; sleep 0.1; done
-gp="${pids[1]}"; tp=$(cat "$dir/tansu.pid")
+tp=$(cat "$dir/tansu.pid")
 for c in "${conns[@]}"; do
   for mix in "${mixes[@]}"; do
     echo "-- gateway connections=$c mix=$mix"

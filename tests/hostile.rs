@@ -27,17 +27,7 @@ async fn metric(gw: &wagate::app::Gateway, name: &str, labels: &[(&str, &str)]) 
     let text = get(&format!("http://{}/metrics", gw.internal_addr))
         .await
         .body;
-    let text = String::from_utf8_lossy(&text).into_owned();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    metric_in(&String::from_utf8_lossy(&text), name, labels)
 }
 
 /// Does `name{labels}` appear in the exposition at all?

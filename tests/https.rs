@@ -66,7 +66,7 @@ fn public_tls(cert: &std::path::Path, key: &std::path::Path) -> Vec<(&'static st
 }
 
 fn metric(gw: &wagate::app::Gateway, name: &str, labels: &[(&str, &str)]) -> f64 {
-    t::metric_in(&gw.metrics.render(), name, labels)
+    common::metric_in(&gw.metrics.render(), name, labels)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

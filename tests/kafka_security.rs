@@ -18,7 +18,7 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use common::secure_broker::{SecureBroker, SecureOptions, TestCa};
-use common::{post_signed, text_webhook, try_request, unique_prefix};
+use common::{free_port, post_signed, text_webhook, try_request, unique_prefix};
 
 const NUMBER: &str = "109876543210987";
 
@@ -65,14 +65,6 @@ fn read_back(brokers: &str, props: &[(&str, &str)], topic: &str) -> Result<Vec<S
         }
     }
     Ok(ids)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// GET `/readyz` until `pred(status, body)` holds (30 s at most); returns

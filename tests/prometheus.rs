@@ -34,14 +34,6 @@ fn tool(name: &str) -> PathBuf {
         })
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Percent-encodes a query-string value.
 fn encode(s: &str) -> String {
     s.bytes()

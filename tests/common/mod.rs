@@ -425,3 +425,27 @@ pub async fn wait_for(url: &str, pred: impl Fn(&Resp) -> bool) -> Resp {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `name{labels…}` in a Prometheus exposition (every `k="v"` given must be
+/// on the line), or 0 when absent.
+pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A free loopback port (free when asked; bind it soon).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

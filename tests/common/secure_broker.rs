@@ -18,6 +18,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
+use super::free_port;
 use super::process::KillOnDrop;
 
 /// A certificate authority made by the test.
@@ -77,14 +78,6 @@ pub struct SecureBroker {
     pub ca: TestCa,
     tansu: KillOnDrop,
     stunnel: KillOnDrop,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_port(port: u16, what: &str, log: &Path) {

@@ -172,18 +172,3 @@ pub async fn presented_leaf(addr: SocketAddr, ca_pem: &str) -> CertificateDer<'s
         .expect("handshake");
     tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone()
 }
-
-/// `name{labels…}` in a Prometheus exposition (every `k="v"` given must be
-/// on the line), or 0 when absent.
-pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}

@@ -20,6 +20,7 @@ use crate::contacts::{Contacts, MemoryContacts};
 use crate::egress::drain::Egress;
 use crate::http::{self, Limits};
 use crate::ingress::dedupe::Dedupe;
+use crate::ingress::shared::IdShare;
 use crate::ingress::{Ingress, IngressProducers};
 use crate::kafka::{KafkaProducer, TopicId, Topics};
 use crate::metrics as m;
@@ -37,6 +38,10 @@ pub struct Gateway {
     /// Cancelled after egress has drained: the contacts readers stop last.
     contacts_stop: CancellationToken,
     contacts_thread: Option<std::thread::JoinHandle<()>>,
+    /// The fleet's dedupe: the id sharer (ends with `contacts_stop`, after
+    /// the listeners drained) and the `inbound.ids` reader.
+    sharer: Option<JoinHandle<()>>,
+    dedupe_thread: Option<std::thread::JoinHandle<()>>,
     egress: Option<JoinHandle<()>>,
     servers: Vec<JoinHandle<bool>>,
     background: Vec<JoinHandle<()>>,
@@ -162,6 +167,32 @@ fn spawn_contacts_sync(
         })
 }
 
+/// The fleet's dedupe: reads `inbound.ids` back into `dedupe` (readiness
+/// once caught up), then follows it, on a thread of its own.
+fn spawn_dedupe_tail(
+    cfg: &Config,
+    topics: &Topics,
+    dedupe: Arc<Dedupe>,
+    own_key: [u8; 16],
+    ready: Arc<Readiness>,
+    stop: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let opts = crate::ingress::shared::TailOptions {
+        topic: topics.name(TopicId::InboundIds).to_string(),
+        own_key,
+        propagation: cfg.ingress.dedupe_propagation,
+    };
+    let conn = cfg.kafka.connection.clone();
+    std::thread::Builder::new()
+        .name("dedupe-tail".into())
+        .spawn(move || {
+            let on_ready = Box::new(move || ready.dedupe.store(true, Ordering::SeqCst));
+            if let Err(e) = crate::ingress::shared::tail(&conn, &opts, &dedupe, on_ready, &stop) {
+                tracing::error!(error = %e, "reading inbound.ids stopped; /readyz stays 503");
+            }
+        })
+}
+
 /// A listener's TLS from its validated files (None: plain HTTP), its
 /// counters published at 0.
 fn listener_tls(
@@ -191,14 +222,34 @@ impl Gateway {
         let contacts = Arc::new(MemoryContacts::new());
         // Every topic name, resolved once from the prefix.
         let topics = Topics::new(&cfg.kafka.topic_prefix);
-        let ingress = Arc::new(Ingress::new(
+        let share = cfg.ingress.dedupe_shared.then(|| {
+            // Id records want the short batching window: a POST waits for
+            // its ids before its 200.
+            let p = ingress_producers
+                .quiet
+                .clone()
+                .unwrap_or_else(|| ingress_producers.busy.clone());
+            IdShare::new(
+                p,
+                topics.name(TopicId::InboundIds).to_string(),
+                crate::ingress::shared::instance_key(),
+            )
+        });
+        let mut ingress = Ingress::new(
             &cfg,
             topics.clone(),
             ingress_producers,
             dedupe.clone(),
             Some(contacts.clone() as Arc<dyn Contacts>),
-        ));
+        );
+        if let Some(s) = &share {
+            ingress = ingress.with_share(s.clone());
+        }
+        let ingress = Arc::new(ingress);
         let ready = Arc::new(Readiness::default());
+        if share.is_none() {
+            ready.dedupe.store(true, Ordering::SeqCst);
+        }
         let admin = Arc::new(Admin {
             metrics: metrics.clone(),
             ready: ready.clone(),
@@ -272,6 +323,20 @@ impl Gateway {
             ready.clone(),
             contacts_stop.clone(),
         )?;
+        let (sharer, dedupe_thread) = match &share {
+            Some(s) => (
+                Some(tokio::spawn(s.clone().run(contacts_stop.clone()))),
+                Some(spawn_dedupe_tail(
+                    &cfg,
+                    &topics,
+                    dedupe.clone(),
+                    *s.key(),
+                    ready.clone(),
+                    contacts_stop.clone(),
+                )?),
+            ),
+            None => (None, None),
+        };
         let mut background = vec![
             tokio::spawn(kafka_pinger(
                 producer.clone(),
@@ -318,6 +383,8 @@ impl Gateway {
             shutdown,
             contacts_stop,
             contacts_thread: Some(contacts_thread),
+            sharer,
+            dedupe_thread,
             egress,
             servers,
             background,
@@ -369,7 +436,13 @@ impl Gateway {
         self.contacts_stop.cancel();
         // The sync thread notices within one poll (100 ms); its consumer is
         // closed before this returns (and before `--dev` stops its broker).
-        if let Some(t) = self.contacts_thread {
+        if let Some(s) = self.sharer {
+            let _ = tokio::time::timeout(Duration::from_secs(1), s).await;
+        }
+        for t in [self.contacts_thread, self.dedupe_thread]
+            .into_iter()
+            .flatten()
+        {
             let joined = tokio::task::spawn_blocking(move || t.join());
             let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
         }
@@ -466,14 +539,14 @@ async fn gauges(
             _ = tick.tick() => {}
         }
         n += 1;
-        if n % 10 == 0 {
-            dedupe.sweep();
-        }
+        // A shard a second: each is swept about once a minute.
+        dedupe.sweep_one(n as usize);
         let depth: i32 = producers.iter().map(|p| p.queue_depth()).sum();
         metrics::gauge!(m::KAFKA_PRODUCER_QUEUE_DEPTH).set(depth as f64);
         let st = dedupe.stats();
         metrics::gauge!(m::DEDUPE_ENTRIES).set(st.entries as f64);
         metrics::gauge!(m::DEDUPE_MEMORY_BYTES).set(st.approx_bytes as f64);
+        metrics::gauge!(m::DEDUPE_LEARNED_ENTRIES).set(st.learned as f64);
         metrics::counter!(m::DEDUPE_EVICTED_EARLY).absolute(dedupe.evicted_early());
         metrics::gauge!(m::READY).set(if ready.is_ready() { 1.0 } else { 0.0 });
         metrics::gauge!(m::CONTACTS_ENTRIES).set(contacts.len() as f64);

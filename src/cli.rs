@@ -1,4 +1,4 @@
-//! Command line: `serve`, `check-config`, `topics create`, `sign`, `tail`.
+//! Command line: `serve`, `check-config`, `topics create|check`, `sign`, `dlq`, `replay`, `tail`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -53,6 +53,39 @@ pub enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Re-derive events from the bodies kept on inbound.raw (received in
+    /// [from, to)) with today's fan-out, into the configured prefix (the
+    /// fleet's dedupe drops what is stored) or --target-prefix. Records keep
+    /// their received_at_ms and carry wagate-replay: 1. Exits non-zero if
+    /// any record was not acknowledged.
+    Replay {
+        /// Bodies received at or after this time (ms since the epoch).
+        #[arg(long)]
+        from_ms: Option<u64>,
+        /// Bodies received before this time (ms since the epoch).
+        #[arg(long)]
+        to_ms: Option<u64>,
+        /// Only bodies of this Meta app.
+        #[arg(long)]
+        app: Option<String>,
+        /// Write into the topics of this prefix (created if missing)
+        /// instead of the configured one.
+        #[arg(long)]
+        target_prefix: Option<String>,
+        /// Count what would be produced, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also derive the contacts records (consent, windows, links),
+        /// against the target's contacts state.
+        #[arg(long)]
+        contacts: bool,
+        /// Also write the summary as Prometheus text to this file (for a
+        /// node exporter's textfile collector).
+        #[arg(long)]
+        metrics_file: Option<PathBuf>,
+        #[arg(long, env = "WAGATE_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Print a topic's records as JSON lines (key, headers, value).
     Tail {
@@ -313,5 +346,47 @@ pub async fn dlq_redrive(
         r.redriven,
         if dry_run { " (dry run)" } else { "" }
     );
+    Ok(())
+}
+
+pub async fn replay(
+    opts: wagate::replay::ReplayOptions,
+    metrics_file: Option<&PathBuf>,
+    path: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    let cfg = tool_config(path)?;
+    let conn = cfg.kafka.connection.clone();
+    let target = opts
+        .target_prefix
+        .clone()
+        .unwrap_or_else(|| cfg.kafka.topic_prefix.clone());
+    eprintln!(
+        "replay: {}inbound.raw → prefix {target:?}{}{}{}",
+        cfg.kafka.topic_prefix,
+        opts.app
+            .as_deref()
+            .map(|a| format!(", app {a}"))
+            .unwrap_or_default(),
+        if opts.contacts { ", with contacts" } else { "" },
+        if opts.dry_run { " (dry run)" } else { "" },
+    );
+    let summary = wagate::replay::run(&cfg, &opts, |s| eprintln!("replay: {}", s.line()))
+        .await
+        .with_context(|| format!("replay on {}{}", conn.brokers(), kafka_hint(&conn)))?;
+    println!(
+        "{}{}",
+        summary.line(),
+        if opts.dry_run { " (dry run)" } else { "" }
+    );
+    if let Some(f) = metrics_file {
+        std::fs::write(f, summary.prometheus())
+            .with_context(|| format!("--metrics-file {}", f.display()))?;
+    }
+    if summary.failed() > 0 {
+        bail!(
+            "{} records were not acknowledged: run the same replay again (dedupe drops what was stored)",
+            summary.failed()
+        );
+    }
     Ok(())
 }

@@ -18,5 +18,6 @@ pub mod kafka;
 pub mod meta;
 pub mod metrics;
 pub mod ratelimit;
+pub mod replay;
 pub mod sandbox;
 pub mod tls;

@@ -56,6 +56,27 @@ fn main() -> ExitCode {
             dry_run,
             config.as_ref(),
         )),
+        Command::Replay {
+            from_ms,
+            to_ms,
+            app,
+            target_prefix,
+            dry_run,
+            contacts,
+            metrics_file,
+            config,
+        } => rt.block_on(cli::replay(
+            wagate::replay::ReplayOptions {
+                from_ms,
+                to_ms,
+                app,
+                target_prefix,
+                dry_run,
+                contacts,
+            },
+            metrics_file.as_ref(),
+            config.as_ref(),
+        )),
         Command::Tail {
             topic,
             from_beginning,

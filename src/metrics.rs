@@ -24,6 +24,16 @@ pub const KAFKA_PRODUCE_ERRORS: &str = "wagate_kafka_produce_errors_total";
 pub const DEDUPE_ENTRIES: &str = "wagate_dedupe_entries";
 pub const DEDUPE_MEMORY_BYTES: &str = "wagate_dedupe_memory_bytes";
 pub const DEDUPE_EVICTED_EARLY: &str = "wagate_dedupe_evicted_early_total";
+pub const DEDUPE_LEARNED_ENTRIES: &str = "wagate_dedupe_learned_entries";
+pub const DEDUPE_SHARED_HITS: &str = "wagate_dedupe_shared_hits_total";
+pub const DEDUPE_SHARED_RECORDS: &str = "wagate_dedupe_shared_records_total";
+pub const DEDUPE_SHARED_IDS: &str = "wagate_dedupe_shared_ids_total";
+pub const DEDUPE_SHARE_FAILURES: &str = "wagate_dedupe_share_failures_total";
+pub const DEDUPE_LEARNED: &str = "wagate_dedupe_learned_total";
+pub const DEDUPE_LATE_DUPLICATES: &str = "wagate_dedupe_late_duplicates_total";
+pub const DEDUPE_PROPAGATION_SECONDS: &str = "wagate_dedupe_propagation_seconds";
+pub const DEDUPE_BOOTSTRAP_REMAINING: &str = "wagate_dedupe_bootstrap_remaining";
+pub const DEDUPE_BOOTSTRAP_SECONDS: &str = "wagate_dedupe_bootstrap_seconds";
 pub const HTTP_CONNECTIONS: &str = "wagate_http_connections";
 pub const HTTP_CONNECTIONS_REJECTED: &str = "wagate_http_connections_rejected_total";
 pub const READY: &str = "wagate_ready";
@@ -418,6 +428,45 @@ fn describe() {
     describe_counter!(
         DEDUPE_EVICTED_EARLY,
         "Event ids evicted before their window ended (dedupe_max_entries reached)."
+    );
+    describe_gauge!(
+        DEDUPE_LEARNED_ENTRIES,
+        "Of the dedupe set's ids, those learned from other instances (inbound.ids)."
+    );
+    describe_counter!(
+        DEDUPE_SHARED_HITS,
+        "Redelivered events dropped because another instance (or an earlier process) stored them."
+    );
+    describe_counter!(
+        DEDUPE_SHARED_RECORDS,
+        "Id records written to inbound.ids (one per group commit)."
+    );
+    describe_counter!(DEDUPE_SHARED_IDS, "Event ids written to inbound.ids.");
+    describe_counter!(
+        DEDUPE_SHARE_FAILURES,
+        "Id records Kafka did not acknowledge (their ids are known to this instance only)."
+    );
+    describe_counter!(
+        DEDUPE_LEARNED,
+        "Event ids learned from other instances' records on inbound.ids."
+    );
+    describe_counter!(
+        DEDUPE_LATE_DUPLICATES,
+        "Events this instance stored that another instance stored too (deliveries closer together than the propagation delay), seen after the bootstrap."
+    );
+    describe_histogram!(
+        DEDUPE_PROPAGATION_SECONDS,
+        Unit::Seconds,
+        "From an id record's timestamp to its reading here, for other instances' records."
+    );
+    describe_gauge!(
+        DEDUPE_BOOTSTRAP_REMAINING,
+        "inbound.ids records still to read before the dedupe window is back (0 once caught up)."
+    );
+    describe_gauge!(
+        DEDUPE_BOOTSTRAP_SECONDS,
+        Unit::Seconds,
+        "How long reading the dedupe window back took at start."
     );
     describe_gauge!(HTTP_CONNECTIONS, "Open HTTP connections by listener.");
     describe_counter!(

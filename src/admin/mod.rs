@@ -19,6 +19,8 @@ pub struct Readiness {
     pub kafka: AtomicBool,
     /// The contacts state has caught up with its topics.
     pub contacts: AtomicBool,
+    /// The dedupe window is read back from `inbound.ids` (or not shared).
+    pub dedupe: AtomicBool,
     /// Shutdown has begun: not ready, whatever else holds.
     pub draining: AtomicBool,
     /// While Kafka does not answer: the connection problem the clients
@@ -30,6 +32,7 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         self.kafka.load(Ordering::Relaxed)
             && self.contacts.load(Ordering::Relaxed)
+            && self.dedupe.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
     }
 }
@@ -72,8 +75,10 @@ impl Admin {
                             Some(p) => format!("kafka unreachable: {}", p.hint()).into(),
                             None => "kafka unreachable".into(),
                         }
-                    } else {
+                    } else if !r.contacts.load(Ordering::Relaxed) {
                         "contacts state catching up".into()
+                    } else {
+                        "dedupe window being read back from inbound.ids".into()
                     };
                     http::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"))
                 }

@@ -119,7 +119,7 @@ pub struct KafkaConfig {
     /// (off for `--dev`: the mock cluster cannot say).
     pub check_record_limit: bool,
     /// What `topics create` sets per topic, in [`TopicId::ALL`] order.
-    pub topics: [TopicSettings; 11],
+    pub topics: [TopicSettings; crate::kafka::topics::TOPIC_COUNT],
 }
 
 impl KafkaConfig {
@@ -155,6 +155,9 @@ pub struct IngressConfig {
     pub raw_enabled: bool,
     pub dedupe_window: Duration,
     pub dedupe_max_entries: usize,
+    /// Ids shared through `inbound.ids` (DESIGN §12).
+    pub dedupe_shared: bool,
+    pub dedupe_propagation: Duration,
     pub max_in_flight: usize,
     /// The ingress producer's batching window when busy (its own producer
     /// when it differs from `kafka.linger_ms`).

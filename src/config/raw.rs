@@ -140,6 +140,12 @@ pub struct RawIngress {
     pub raw_enabled: bool,
     pub dedupe_window_secs: u64,
     pub dedupe_max_entries: u64,
+    /// Share stored event ids with the other instances through Kafka
+    /// (`inbound.ids`), so guarantee 2 holds across the fleet and restarts.
+    pub dedupe_shared: bool,
+    /// The documented bound on how long an id takes to reach the other
+    /// instances; sets how often they fetch (DESIGN §12).
+    pub dedupe_propagation_ms: u64,
     pub max_in_flight: u64,
     pub linger_ms: u64,
     /// The batching window while fewer than `busy_in_flight` POSTs are in
@@ -343,7 +349,9 @@ impl Default for RawIngress {
             retry_after_secs: 5,
             raw_enabled: true,
             dedupe_window_secs: 24 * 3600,
-            dedupe_max_entries: 2_000_000,
+            dedupe_max_entries: 10_000_000,
+            dedupe_shared: true,
+            dedupe_propagation_ms: 250,
             max_in_flight: 4_096,
             linger_ms: 20,
             quiet_linger_ms: 1,

@@ -45,6 +45,18 @@ pub(super) fn validate(
     )?;
     let kafka = kafka(&raw.kafka, server.max_body_bytes, env)?;
     let ingress = ingress(&raw.ingress, server.max_body_bytes)?;
+    let ids_retention = kafka.topic(TopicId::InboundIds).retention_ms;
+    if ingress.dedupe_shared
+        && ids_retention != -1
+        && (ids_retention as u128) < ingress.dedupe_window.as_millis()
+    {
+        return Err(invalid(
+            "ingress.dedupe_window_secs",
+            format!(
+                "longer than the retention of inbound.ids ({ids_retention} ms): the ids would be gone before their window ends; raise kafka.topics.inbound_ids.retention_ms"
+            ),
+        ));
+    }
     let log = log(&raw.log)?;
     let egress = egress(&raw.egress, env)?;
     let apps = apps(&raw.apps, env, opts)?;
@@ -234,7 +246,7 @@ fn topic_settings(
     raw: &BTreeMap<String, RawTopic>,
     partitions: i32,
     replication_factor: i32,
-) -> Result<[TopicSettings; 11], ConfigError> {
+) -> Result<[TopicSettings; crate::kafka::topics::TOPIC_COUNT], ConfigError> {
     if let Some(name) = raw
         .keys()
         .find(|n| !TopicId::ALL.iter().any(|t| topic_key(*t) == **n))
@@ -250,7 +262,7 @@ fn topic_settings(
         replication_factor,
         retention_ms: -1,
         min_insync_replicas: None,
-    }; 11];
+    }; crate::kafka::topics::TOPIC_COUNT];
     for (t, slot) in TopicId::ALL.iter().zip(out.iter_mut()) {
         let spec = t.spec();
         slot.retention_ms = spec.retention_ms;
@@ -330,6 +342,17 @@ fn ingress(i: &RawIngress, max_body_bytes: usize) -> Result<IngressConfig, Confi
             i.dedupe_window_secs,
         )?),
         dedupe_max_entries: positive("ingress.dedupe_max_entries", i.dedupe_max_entries)? as usize,
+        dedupe_shared: i.dedupe_shared,
+        dedupe_propagation: {
+            let ms = positive("ingress.dedupe_propagation_ms", i.dedupe_propagation_ms)?;
+            if !(20..=60_000).contains(&ms) {
+                return Err(invalid(
+                    "ingress.dedupe_propagation_ms",
+                    "between 20 and 60000 (milliseconds)",
+                ));
+            }
+            Duration::from_millis(ms)
+        },
         max_in_flight: positive("ingress.max_in_flight", i.max_in_flight)? as usize,
         linger_ms: i.linger_ms,
         quiet_linger_ms: i.quiet_linger_ms,

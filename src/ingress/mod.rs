@@ -16,6 +16,7 @@
 //! delivery of the same event). Ingress never imports egress.
 
 pub mod dedupe;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -40,6 +41,7 @@ use crate::meta::signature;
 use crate::meta::webhook::{self, Class, Event};
 use crate::metrics::{self as m, WebhookOutcome};
 use dedupe::{Batch, Claim, Dedupe, IdHash};
+use shared::IdShare;
 
 /// Ingress's producers: a POST's records go to `quiet` (a short batching
 /// window) while fewer than `busy_in_flight` POSTs are in flight, else to
@@ -79,6 +81,8 @@ pub struct Ingress {
     max_in_flight: usize,
     topics: Topics,
     dedupe: Arc<Dedupe>,
+    /// The fleet's dedupe: stored ids go to `inbound.ids` before the 200.
+    share: Option<Arc<IdShare>>,
     raw_enabled: bool,
     ack_timeout: Duration,
     retry_after_secs: u64,
@@ -98,6 +102,7 @@ pub struct Ingress {
 struct Hot {
     events: m::EventCounters,
     duplicates: metrics::Counter,
+    shared_hits: metrics::Counter,
     in_flight: metrics::Gauge,
     ack_seconds: metrics::Histogram,
     produce_seconds: metrics::Histogram,
@@ -159,6 +164,7 @@ impl Ingress {
             max_in_flight: cfg.ingress.max_in_flight,
             topics,
             dedupe,
+            share: None,
             raw_enabled: cfg.ingress.raw_enabled,
             ack_timeout: cfg.ingress.ack_timeout,
             retry_after_secs: cfg.ingress.retry_after_secs,
@@ -173,11 +179,18 @@ impl Ingress {
         }
     }
 
+    /// Shares stored ids with the fleet through `share` (`inbound.ids`).
+    pub fn with_share(mut self, share: Arc<IdShare>) -> Ingress {
+        self.share = Some(share);
+        self
+    }
+
     fn hot(&self) -> &Arc<Hot> {
         self.hot.get_or_init(|| {
             Arc::new(Hot {
                 events: Default::default(),
                 duplicates: metrics::counter!(m::WEBHOOK_DUPLICATES),
+                shared_hits: metrics::counter!(m::DEDUPE_SHARED_HITS),
                 in_flight: metrics::gauge!(m::WEBHOOK_IN_FLIGHT),
                 ack_seconds: metrics::histogram!(m::WEBHOOK_ACK_SECONDS),
                 produce_seconds: metrics::histogram!(m::KAFKA_PRODUCE_SECONDS),
@@ -552,6 +565,8 @@ impl<'a> Round<'a> {
             remaining: AtomicUsize::new(1),
             all_ok: AtomicBool::new(true),
             dedupe: ingress.dedupe.clone(),
+            share: ingress.share.clone(),
+            stored: Mutex::new(Vec::new()),
             batch: batch.clone(),
             tx: Mutex::new(Some(tx)),
             enqueued: Instant::now(),
@@ -622,7 +637,13 @@ impl<'a> Round<'a> {
                         .with(|hs| self.send(topic, rec.key.as_bytes(), &rec.value, hs, h.0, tag));
                 }
             },
-            Claim::Duplicate => self.ingress.hot().duplicates.increment(1),
+            Claim::Duplicate { learned } => {
+                let hot = self.ingress.hot();
+                hot.duplicates.increment(1);
+                if learned {
+                    hot.shared_hits.increment(1);
+                }
+            }
             Claim::InFlight(other) => self.waits.push((out, other)),
         }
     }
@@ -676,6 +697,10 @@ struct PostAck {
     remaining: AtomicUsize,
     all_ok: AtomicBool,
     dedupe: Arc<Dedupe>,
+    /// With the fleet's dedupe: the ids acknowledged so far, shared once
+    /// the round is complete; the handler is answered when they are.
+    share: Option<Arc<IdShare>>,
+    stored: Mutex<Vec<u64>>,
     batch: Arc<Batch>,
     tx: Mutex<Option<oneshot::Sender<bool>>>,
     enqueued: Instant,
@@ -697,6 +722,12 @@ impl PostAck {
             Ok(()) => {
                 if event {
                     self.dedupe.commit(&[IdHash(id)]);
+                    if self.share.is_some() {
+                        self.stored
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(id);
+                    }
                     // Counted once acknowledged, so the counter means "stored".
                     self.hot.events.get(tag as usize).increment(1);
                 }
@@ -718,8 +749,27 @@ impl PostAck {
                 .produce_seconds
                 .record(self.enqueued.elapsed().as_secs_f64());
             self.batch.finish(ok);
-            if let Some(tx) = self.tx.lock().ok().and_then(|mut g| g.take()) {
-                let _ = tx.send(ok);
+            let tx = self.tx.lock().ok().and_then(|mut g| g.take());
+            let stored = match &self.share {
+                Some(_) => {
+                    std::mem::take(&mut *self.stored.lock().unwrap_or_else(|e| e.into_inner()))
+                }
+                None => Vec::new(),
+            };
+            match (&self.share, stored.is_empty()) {
+                // Every record stored: the handler is answered once their ids
+                // are on inbound.ids (a 200 then means the fleet knows them).
+                (Some(share), false) if ok => share.submit(&stored, tx),
+                (share, _) => {
+                    // Some record failed (503): what was stored is shared
+                    // still, so Meta's retry is deduplicated anywhere.
+                    if let (Some(share), false) = (share, stored.is_empty()) {
+                        share.submit(&stored, None);
+                    }
+                    if let Some(tx) = tx {
+                        let _ = tx.send(ok);
+                    }
+                }
             }
         }
     }

@@ -174,7 +174,22 @@ pub async fn run(
     let conn = cfg.kafka.connection.clone();
     let mut kcfg = cfg.kafka.clone();
     kcfg.topic_prefix = target_prefix.clone();
-    if !opts.dry_run && target_prefix != cfg.kafka.topic_prefix {
+    let names: Vec<String> = TopicId::ALL
+        .iter()
+        .map(|t| target.name(*t).to_string())
+        .collect();
+    let c = conn.clone();
+    let missing = tokio::task::spawn_blocking(move || missing_topics(&c, &names)).await??;
+    // A dry run into a prefix without topics starts from an empty window.
+    let ids_missing = missing
+        .iter()
+        .any(|n| n == target.name(TopicId::InboundIds));
+    if !missing.is_empty() && !opts.dry_run {
+        anyhow::ensure!(
+            target_prefix != cfg.kafka.topic_prefix,
+            "topics of the configured prefix are missing ({}): run `wagate topics create`",
+            missing.join(", ")
+        );
         crate::kafka::create_topics(&kcfg)
             .await
             .with_context(|| format!("creating the topics of prefix {target_prefix:?}"))?;
@@ -190,6 +205,7 @@ pub async fn run(
     let key = shared::instance_key();
     let ids_topic = target.name(TopicId::InboundIds).to_string();
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let skip_tail = opts.dry_run && ids_missing;
     let tail = {
         let (conn, dedupe, stop) = (conn.clone(), dedupe.clone(), stop.clone());
         let o = shared::TailOptions {
@@ -198,6 +214,10 @@ pub async fn run(
             propagation: cfg.ingress.dedupe_propagation,
         };
         std::thread::spawn(move || {
+            if skip_tail {
+                let _ = tx.send(());
+                return Ok(());
+            }
             shared::tail(
                 &conn,
                 &o,
@@ -470,6 +490,30 @@ pub async fn run(
     Ok(summary)
 }
 
+/// Which of `names` the cluster does not have.
+fn missing_topics(
+    conn: &crate::kafka::Connection,
+    names: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let consumer: BaseConsumer<crate::kafka::ConnContext> = conn
+        .client_config(|cc| {
+            cc.set("group.id", "wagate-replay");
+        })
+        .create_with_context(crate::kafka::ConnContext(conn.diagnostics().clone()))?;
+    let md = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+    let have: std::collections::HashSet<&str> = md
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.name())
+        .collect();
+    Ok(names
+        .iter()
+        .filter(|n| !have.contains(n.as_str()))
+        .cloned()
+        .collect())
+}
+
 /// One raw record to re-derive.
 struct RawBody {
     body: Vec<u8>,
@@ -514,7 +558,12 @@ fn read_raw(
         consumer.offsets_for_times(tpl, timeout).ok()
     };
     let starts = from_ms.and_then(lookup);
-    let ends = to_ms.and_then(|t| lookup(t.saturating_add(TO_SLACK_MS)));
+    // Only a past time is looked up (Tansu 0.6 answers offset 0, not -1,
+    // for a time after its last record); the receipt header decides anyway.
+    let ends = to_ms
+        .map(|t| t.saturating_add(TO_SLACK_MS))
+        .filter(|t| *t < crate::clock::now_ms())
+        .and_then(lookup);
     let found = |tpl: &Option<TopicPartitionList>, p: i32, low: i64, high: i64| -> Option<i64> {
         tpl.as_ref()
             .and_then(|f| f.find_partition(topic, p))
@@ -528,7 +577,11 @@ fn read_raw(
     for p in 0..parts {
         let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
         let start = found(&starts, p, low, high).unwrap_or(low);
-        let end = found(&ends, p, low, high).unwrap_or(high);
+        // An end before the start is an answer not to trust: read to the end.
+        let end = found(&ends, p, low, high)
+            .filter(|e| *e > start)
+            .unwrap_or(high);
+        tracing::debug!(partition = p, low, high, start, end, "replay: raw range");
         if end > start {
             remaining.insert(p, end);
             assign.add_partition_offset(topic, p, Offset::Offset(start))?;

@@ -88,9 +88,17 @@ async fn check_topics(cfg: &Config) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let (refuse, warn): (Vec<_>, Vec<_>) = problems
-        .iter()
-        .partition(|p| p.issue == crate::kafka::TopicIssue::CompactedNotCompacted);
+    // A compacted topic with a delete policy loses state at retention time;
+    // without `inbound.ids` the fleet's dedupe cannot start.
+    let ids = Topics::new(&cfg.kafka.topic_prefix)
+        .name(TopicId::InboundIds)
+        .to_string();
+    let (refuse, warn): (Vec<_>, Vec<_>) = problems.iter().partition(|p| {
+        p.issue == crate::kafka::TopicIssue::CompactedNotCompacted
+            || (cfg.ingress.dedupe_shared
+                && p.issue == crate::kafka::TopicIssue::Missing
+                && p.topic == ids)
+    });
     for p in warn {
         tracing::warn!(topic = %p.topic, problem = %p.message, "kafka: topic differs from the expected one");
     }

@@ -116,26 +116,29 @@ if [ "${HTTPS:-0}" = 1 ]; then
   scheme=https; tls_ca="--tls-ca $dir/ca.pem"
 fi
 echo "== gateway: wagate serve (acks=all, raw topic on) with Tansu on loopback, Kafka $tls_note, listener $scheme"
+# LT_PORT / LT_INTERNAL_PORT: the gateway's ports (another gateway may hold
+# the defaults).
+pub_port=${LT_PORT:-18080}; int_port=${LT_INTERNAL_PORT:-19090}
 export WAGATE_KAFKA_BROKERS="$brokers" WAGATE_TOPIC_PREFIX="lt$(date +%s)." \
-       WAGATE_LISTEN=127.0.0.1:18080 WAGATE_INTERNAL_LISTEN=127.0.0.1:19090 \
+       WAGATE_LISTEN=127.0.0.1:$pub_port WAGATE_INTERNAL_LISTEN=127.0.0.1:$int_port \
        WAGATE_EGRESS_ENABLED=false WAGATE_LOG=warn
 $W topics create >/dev/null
 $W serve >"$dir/gateway.log" 2>&1 &
 pids+=($!); gp=$!
-for _ in $(seq 100); do curl -sf http://127.0.0.1:19090/readyz >/dev/null 2>&1 && break; sleep 0.1; done
+for _ in $(seq 100); do curl -sf http://127.0.0.1:$int_port/readyz >/dev/null 2>&1 && break; sleep 0.1; done
 tp=$(cat "$dir/tansu.pid")
 for c in "${conns[@]}"; do
   for mix in "${mixes[@]}"; do
     echo "-- gateway connections=$c mix=$mix"
     g0=$(ticks "$gp"); t0=$(ticks "$tp")
     s0=$([ -n "${stp:-}" ] && ticks "$stp" || echo 0)
-    LOAD_EXTRA="$tls_ca" load "$scheme://127.0.0.1:18080/webhook" "$c" "$mix"
+    LOAD_EXTRA="$tls_ca" load "$scheme://127.0.0.1:$pub_port/webhook" "$c" "$mix"
     cpu_us=; cost "$(sent "$dir/run.out")" "gateway:$gp:$g0" "tansu:$tp:$t0" ${stp:+"stunnel:$stp:$s0"}
     row gateway "$mix" "$c"
   done
 done
 echo "-- gateway metrics"
-curl -s http://127.0.0.1:19090/metrics | grep -E '^wagate_(webhook_requests_total|webhook_events_total|webhook_duplicates_total|kafka_produce_errors_total|ingress_produce_rounds_total)' || true
+curl -s http://127.0.0.1:$int_port/metrics | grep -E '^wagate_(webhook_requests_total|webhook_events_total|webhook_duplicates_total|kafka_produce_errors_total|ingress_produce_rounds_total|dedupe_shared_records_total|dedupe_shared_ids_total)' || true
 echo "== summary (CPU: the server's own, µs per webhook; gateway/bare: the ratio in this run)"
 printf '%-8s %-36s %5s %10s %8s %8s %8s\n' system mix conns webhooks/s p50_ms p99_ms cpu_us
 cat "$summary"

@@ -137,7 +137,12 @@ fn bench_dedupe(c: &mut Criterion) {
         })
     });
     c.bench_function("dedupe_claim_duplicate", |bch| {
-        bch.iter(|| matches!(d.claim(black_box("wamid.pre4242"), &b), Claim::Duplicate { .. }))
+        bch.iter(|| {
+            matches!(
+                d.claim(black_box("wamid.pre4242"), &b),
+                Claim::Duplicate { .. }
+            )
+        })
     });
 }
 

@@ -151,30 +151,31 @@ impl IdShare {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut value = Vec::new();
         loop {
-            let taken = {
-                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                if !q.pending {
-                    None
-                } else if q.ids.len() <= MAX_IDS_PER_RECORD {
-                    Some(std::mem::take(&mut *q))
-                } else {
-                    // A record at most MAX_IDS_PER_RECORD ids; the waiters
-                    // are answered with the last record of the drain.
-                    let ids: Vec<u64> = q.ids.drain(..MAX_IDS_PER_RECORD).collect();
-                    Some(Queue {
-                        ids,
-                        ..Queue::default()
-                    })
-                }
-            };
-            let Some(batch) = taken else {
+            // Wait for something to share, then for a free slot: what
+            // arrives meanwhile joins the same record.
+            let pending = self.queue.lock().unwrap_or_else(|e| e.into_inner()).pending;
+            if !pending {
                 tokio::select! {
                     _ = self.wake.notified() => continue,
                     _ = stop.cancelled() => return,
                 }
-            };
+            }
             let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
                 return;
+            };
+            let batch = {
+                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if q.ids.len() <= MAX_IDS_PER_RECORD {
+                    std::mem::take(&mut *q)
+                } else {
+                    // A record at most MAX_IDS_PER_RECORD ids; the waiters
+                    // are answered with the last record of the drain.
+                    let ids: Vec<u64> = q.ids.drain(..MAX_IDS_PER_RECORD).collect();
+                    Queue {
+                        ids,
+                        ..Queue::default()
+                    }
+                }
             };
             if batch.ids.is_empty() {
                 for w in batch.waiters {

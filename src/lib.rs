@@ -17,6 +17,7 @@ pub mod ingress;
 pub mod kafka;
 pub mod meta;
 pub mod metrics;
+pub mod numbers;
 pub mod ratelimit;
 pub mod sandbox;
 pub mod tls;

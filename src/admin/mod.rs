@@ -19,6 +19,8 @@ pub struct Readiness {
     pub kafka: AtomicBool,
     /// The contacts state has caught up with its topics.
     pub contacts: AtomicBool,
+    /// The number state has caught up with `wa.numbers`.
+    pub numbers: AtomicBool,
     /// Shutdown has begun: not ready, whatever else holds.
     pub draining: AtomicBool,
     /// While Kafka does not answer: the connection problem the clients
@@ -30,6 +32,7 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         self.kafka.load(Ordering::Relaxed)
             && self.contacts.load(Ordering::Relaxed)
+            && self.numbers.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
     }
 }

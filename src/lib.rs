@@ -11,6 +11,7 @@ pub mod app;
 pub mod clock;
 pub mod config;
 pub mod contacts;
+pub mod doctor;
 pub mod egress;
 pub mod http;
 pub mod ingress;

@@ -168,6 +168,10 @@ pub struct Numbers {
     config_waba: HashMap<String, String>,
     /// `wa.numbers` was read up to its end once.
     caught_up: std::sync::atomic::AtomicBool,
+    /// Numbers egress sends for that the Graph poller should read too.
+    wanted: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Wakes the Graph poller when a number is first wanted.
+    pub(crate) wake: tokio::sync::Notify,
 }
 
 impl Numbers {
@@ -181,6 +185,20 @@ impl Numbers {
                 .collect(),
             ..Numbers::default()
         }
+    }
+
+    /// Egress sends for `id`: read its fields from the Graph API soon if
+    /// nothing is known of it (and at every refresh after).
+    pub fn want(&self, id: &str) {
+        let new = self.wanted.lock().unwrap().insert(id.to_string());
+        if new && self.get(id).is_none() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Numbers egress sends for.
+    pub fn wanted(&self) -> Vec<String> {
+        self.wanted.lock().unwrap().iter().cloned().collect()
     }
 
     pub fn is_caught_up(&self) -> bool {

@@ -228,6 +228,7 @@ pub async fn poll_graph(
         let mut ids: std::collections::BTreeSet<String> =
             cfg.egress.numbers.keys().cloned().collect();
         ids.extend(numbers.all().into_iter().map(|s| s.phone_number_id));
+        ids.extend(numbers.wanted());
         for id in ids {
             let Some(token) = token_for(&cfg, &id) else {
                 continue;
@@ -252,6 +253,8 @@ pub async fn poll_graph(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(refresh) => {}
+            // A number egress just began to send for: read it now.
+            _ = numbers.wake.notified() => {}
         }
     }
 }

@@ -207,16 +207,16 @@ pub(super) async fn handle(st: &State, req: http::Req) -> Result<Response<Body>,
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Ok(http::text(status, "Internal Server Error"));
     }
+    let app_call = matches!(route, Route::DebugToken | Route::AppSubscriptions(_));
+    if app_call && is_app_token(st, req.headers()) {
+        // An app token (`{app_id}|{app_secret}`) authorises app calls.
+    } else if let Err(e) = st.authorize(req.headers(), req.uri().query()) {
+        return Ok(e.response());
+    }
     if let Route::DebugToken = route {
-        // The app token authorises the call; `input_token` is described.
-        if let Err(e) = st.authorize(req.headers(), req.uri().query()) {
-            return Ok(e.response());
-        }
+        // `input_token` is the token described.
         let input = query.get("input_token").cloned().unwrap_or_default();
         return Ok(debug_token(st, &input));
-    }
-    if let Err(e) = st.authorize(req.headers(), req.uri().query()) {
-        return Ok(e.response());
     }
     let app_id = st.cfg.app_id.clone();
     let mut acc = lock(&st.accounts);
@@ -320,6 +320,16 @@ pub(super) async fn handle(st: &State, req: http::Req) -> Result<Response<Body>,
         StatusCode::OK,
         serde_json::to_vec(&answer).unwrap_or_default(),
     ))
+}
+
+/// `Authorization: Bearer {app_id}|…`: an app access token of the sandbox's app.
+fn is_app_token(st: &State, headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("Bearer "))
+        .and_then(|t| t.split_once('|'))
+        .is_some_and(|(app, secret)| app == st.cfg.app_id && !secret.is_empty())
 }
 
 enum Route {

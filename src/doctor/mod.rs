@@ -410,7 +410,7 @@ async fn token_check(
         return check(
             Status::Warn,
             name,
-            format!("valid, but expires in {} h", (expires - now) / 3600),
+            format!("valid, but expires in {} min", (expires - now) / 60),
             Some("use a System User token that never expires".into()),
         );
     }

@@ -39,7 +39,7 @@ impl std::fmt::Display for GraphFailure {
                 code,
                 message,
             } => write!(f, "Graph API error {code} (HTTP {http_status}): {message}"),
-            GraphFailure::Transport(why) => write!(f, "Graph API unreachable: {why}"),
+            GraphFailure::Transport(why) => write!(f, "Graph API call failed: {why}"),
         }
     }
 }

@@ -22,9 +22,15 @@ struct Setup {
     config: tempfile::NamedTempFile,
     /// `server.public_url`.
     public: String,
+    brokers: String,
+    prefix: String,
 }
 
 async fn setup(tag: &str) -> Setup {
+    setup_with(tag, &[]).await
+}
+
+async fn setup_with(tag: &str, extra: &[(&str, &str)]) -> Setup {
     let brokers = common::brokers();
     let prefix = common::unique_prefix(tag);
     let port = common::free_port();
@@ -41,15 +47,12 @@ async fn setup(tag: &str) -> Setup {
     sb.update_number(NUMBER, |n| n.waba_id = WABA.into());
     let listen = format!("127.0.0.1:{port}");
     let url = sb.base_url();
-    let gw = common::start(
-        &brokers,
-        &prefix,
-        &[
-            ("WAGATE_LISTEN", listen.as_str()),
-            ("WAGATE_GRAPH_BASE_URL", url.as_str()),
-        ],
-    )
-    .await;
+    let mut env = vec![
+        ("WAGATE_LISTEN", listen.as_str()),
+        ("WAGATE_GRAPH_BASE_URL", url.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    let gw = common::start(&brokers, &prefix, &env).await;
     let toml = format!(
         r#"
 listen = "127.0.0.1:0"
@@ -77,6 +80,8 @@ waba_id = "{WABA}"
         gw,
         config,
         public: format!("http://127.0.0.1:{port}"),
+        brokers,
+        prefix,
     }
 }
 
@@ -233,5 +238,70 @@ async fn a_bad_token_and_a_failing_graph_api_fail() {
     assert!(r
         .line(&format!("fail number {NUMBER}"))
         .contains("HTTP 500"));
+    s.gw.shutdown().await;
+}
+
+/// Writes a template to `{prefix}templates` in the registry's documented
+/// format (key `{waba_id}:{name}:{language}`, Meta's object + `updated_at_ms`),
+/// creating the topic if this build does not.
+async fn put_template(s: &Setup, name: &str, lang: &str, status: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let topic = format!("{}templates", s.prefix);
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &s.brokers)
+        .create()
+        .unwrap();
+    let _ = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+                .set("cleanup.policy", "compact")],
+            &AdminOptions::new(),
+        )
+        .await;
+    let cfg = common::config(&s.brokers, &s.prefix, &[]);
+    let p = wagate::kafka::KafkaProducer::new(&cfg.kafka).unwrap();
+    let v = serde_json::json!({"name": name, "language": lang, "status": status,
+        "category": "UTILITY", "id": "1", "updated_at_ms": wagate::clock::now_ms()});
+    p.send(
+        &topic,
+        format!("{WABA}:{name}:{lang}").as_bytes(),
+        &serde_json::to_vec(&v).unwrap(),
+        &[],
+    )
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn templates_of_queued_requests_are_checked_against_the_registry() {
+    // Egress off: the requests stay queued.
+    let s = setup_with("doc-tpl", &[("WAGATE_EGRESS_ENABLED", "false")]).await;
+    let r = doctor(&s, TOKEN, &[]).await;
+    assert!(r.line("skip templates").contains("no template registry"));
+    put_template(&s, "order_shipped", "en_US", "PAUSED").await;
+    common::produce_requests(
+        &s.brokers,
+        &s.prefix,
+        &[
+            common::template("q1", NUMBER, "+5511900000001"),
+            common::template("q2", NUMBER, "+5511900000002"),
+        ],
+    )
+    .await;
+    let r = doctor(&s, TOKEN, &[]).await;
+    assert_eq!(r.code, 1);
+    let l = r.line("fail templates");
+    assert!(
+        l.contains("order_shipped (en_US)") && l.contains("PAUSED (2 queued)"),
+        "{l}"
+    );
+    put_template(&s, "order_shipped", "en_US", "APPROVED").await;
+    let r = doctor(&s, TOKEN, &[]).await;
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(r
+        .line("ok   templates")
+        .contains("2 queued template requests use 1 templates"));
     s.gw.shutdown().await;
 }

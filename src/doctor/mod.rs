@@ -274,16 +274,13 @@ pub async fn run(cfg: &Config, opts: &Options, each: &mut dyn FnMut(&Check)) -> 
         }
     }
 
-    // Templates referenced by queued requests: the registry is another part.
-    emit(
-        check(
-            Status::Skip,
-            "templates",
-            "templates referenced by queued requests are not checked by this build (it has no template registry, wa.templates)",
-            None,
-        ),
-        &mut out,
-    );
+    // Templates referenced by queued requests, against the registry.
+    let c = if opts.no_kafka {
+        check(Status::Skip, "templates", "no Kafka to look in", None)
+    } else {
+        template_check(cfg, &learnt).await
+    };
+    emit(c, &mut out);
 
     // End to end.
     let c = match &public {
@@ -596,6 +593,183 @@ async fn number_checks(api: &GraphApi, id: &str, token: &str, public: Option<&st
     };
     out.push(c);
     out
+}
+
+/// A template send still waiting for its result.
+struct Queued {
+    number: String,
+    name: String,
+    language: String,
+}
+
+/// Template sends on `wa.outbound.requests` within `egress.history_window`
+/// that have no result on `wa.outbound.results` yet.
+fn queued_templates(cfg: &Config) -> Result<Vec<Queued>, String> {
+    let conn = &cfg.kafka.connection;
+    let p = &cfg.kafka.topic_prefix;
+    let since = crate::clock::now_ms().saturating_sub(cfg.egress.history_window.as_millis() as u64);
+    let mut done = std::collections::HashSet::new();
+    crate::kafka::read_since(conn, &format!("{p}outbound.results"), since, |_, v| {
+        if let Ok(r) = serde_json::from_slice::<Value>(v) {
+            if let Some(id) = r["request_id"].as_str() {
+                done.insert(id.to_string());
+            }
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    crate::kafka::read_since(conn, &format!("{p}outbound.requests"), since, |_, v| {
+        let Ok(r) = serde_json::from_slice::<Value>(v) else {
+            return;
+        };
+        let t = &r["message"]["template"];
+        let (Some(id), Some(number), Some(name)) = (
+            r["request_id"].as_str(),
+            r["phone_number_id"].as_str(),
+            t["name"].as_str(),
+        ) else {
+            return;
+        };
+        if r["message"]["type"] != "template" || done.contains(id) {
+            return;
+        }
+        out.push(Queued {
+            number: number.to_string(),
+            name: name.to_string(),
+            language: t["language"]["code"].as_str().unwrap_or("").to_string(),
+        });
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Templates referenced by queued requests that the registry
+/// (`wa.templates`, key `{waba_id}:{name}:{language}`, value Meta's
+/// template object) does not know or that are not `APPROVED`.
+async fn template_check(cfg: &Config, learnt: &[NumberState]) -> Check {
+    let name = "templates";
+    let registry = {
+        let conn = cfg.kafka.connection.clone();
+        let topic = format!("{}templates", cfg.kafka.topic_prefix);
+        tokio::task::spawn_blocking(move || {
+            let mut by: std::collections::HashMap<String, Value> = Default::default();
+            let opts = crate::kafka::ReadOptions {
+                from_beginning: true,
+                max: Some(1_000_000),
+                idle_timeout: Some(Duration::from_secs(2)),
+            };
+            crate::kafka::read_topic(&conn, &topic, &opts, |r| {
+                let Some(k) = r.key.clone() else { return };
+                match r.payload.as_deref().map(serde_json::from_slice::<Value>) {
+                    Some(Ok(v)) => {
+                        by.insert(k, v);
+                    }
+                    None => {
+                        by.remove(&k);
+                    }
+                    Some(Err(_)) => {}
+                }
+            })
+            .map(|_| by)
+        })
+        .await
+    };
+    let registry = match registry {
+        Ok(Ok(r)) if !r.is_empty() => r,
+        _ => {
+            return check(
+                Status::Skip,
+                name,
+                format!(
+                    "no template registry to compare with ({}templates is missing or empty)",
+                    cfg.kafka.topic_prefix
+                ),
+                None,
+            )
+        }
+    };
+    let c = cfg.clone();
+    let queued = match tokio::task::spawn_blocking(move || queued_templates(&c)).await {
+        Ok(Ok(q)) => q,
+        Ok(Err(e)) => {
+            return check(
+                Status::Warn,
+                name,
+                format!("cannot read the queued requests: {e}"),
+                None,
+            )
+        }
+        Err(e) => return check(Status::Warn, name, e.to_string(), None),
+    };
+    let waba_of = |n: &str| {
+        cfg.egress
+            .numbers
+            .get(n)
+            .and_then(|c| c.waba_id.clone())
+            .or_else(|| {
+                learnt
+                    .iter()
+                    .find(|s| s.phone_number_id == n)?
+                    .waba_id
+                    .clone()
+            })
+    };
+    let mut counts: std::collections::BTreeMap<(String, String, String), usize> =
+        Default::default();
+    let mut no_waba = 0;
+    for q in &queued {
+        match waba_of(&q.number) {
+            Some(w) => {
+                *counts
+                    .entry((w, q.name.clone(), q.language.clone()))
+                    .or_default() += 1
+            }
+            None => no_waba += 1,
+        }
+    }
+    let mut bad = Vec::new();
+    for ((waba, tname, lang), n) in &counts {
+        match registry.get(&format!("{waba}:{tname}:{lang}")) {
+            None => bad.push(format!(
+                "{tname} ({lang}) of WABA {waba} is unknown ({n} queued)"
+            )),
+            Some(t) => {
+                let status = t["status"].as_str().unwrap_or("");
+                if status != "APPROVED" {
+                    bad.push(format!(
+                        "{tname} ({lang}) of WABA {waba} is {status} ({n} queued)"
+                    ));
+                }
+            }
+        }
+    }
+    if !bad.is_empty() {
+        return check(
+            Status::Fail,
+            name,
+            format!("queued requests use templates Meta will refuse: {}", bad.join("; ")),
+            Some("fix or replace the templates in WhatsApp Manager, or expire the requests (expires_at_ms)".into()),
+        );
+    }
+    let unknown = if no_waba > 0 {
+        format!(", {no_waba} of numbers whose WABA is unknown (not checked)")
+    } else {
+        String::new()
+    };
+    check(
+        if no_waba > 0 {
+            Status::Warn
+        } else {
+            Status::Ok
+        },
+        name,
+        format!(
+            "{} queued template requests use {} templates, all APPROVED{unknown}",
+            queued.len() - no_waba,
+            counts.len()
+        ),
+        None,
+    )
 }
 
 /// Reads `wa.numbers` (bounded).

@@ -1,7 +1,8 @@
 //! `wagate doctor`: what silently breaks webhooks and sends, checked one
 //! line at a time (DESIGN §14): the access token, each WABA's
 //! `subscribed_apps`, callback overrides at app / WABA / number level, each
-//! number's registration, name, quality and throughput, and an end-to-end
+//! number's registration, name, quality and throughput, the templates
+//! queued requests name (against `wa.templates`), and an end-to-end
 //! self-test through the public URL. `--fix` subscribes the app where it
 //! is not subscribed and says what it changed.
 //!

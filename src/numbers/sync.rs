@@ -224,11 +224,21 @@ pub async fn poll_graph(
         }
     }
     let api = GraphApi::new(&cfg.graph.base_url, Duration::from_secs(10));
+    let mut next_full = tokio::time::Instant::now();
     loop {
-        let mut ids: std::collections::BTreeSet<String> =
-            cfg.egress.numbers.keys().cloned().collect();
-        ids.extend(numbers.all().into_iter().map(|s| s.phone_number_id));
-        ids.extend(numbers.wanted());
+        // Every number at start and each refresh; between them only the
+        // numbers egress began to send for that nothing is known of.
+        let full = tokio::time::Instant::now() >= next_full;
+        let mut ids: std::collections::BTreeSet<String> = numbers
+            .wanted()
+            .into_iter()
+            .filter(|id| full || numbers.get(id).is_none())
+            .collect();
+        if full {
+            ids.extend(cfg.egress.numbers.keys().cloned());
+            ids.extend(numbers.all().into_iter().map(|s| s.phone_number_id));
+            next_full = tokio::time::Instant::now() + refresh;
+        }
         for id in ids {
             let Some(token) = token_for(&cfg, &id) else {
                 continue;
@@ -252,9 +262,12 @@ pub async fn poll_graph(
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(refresh) => {}
-            // A number egress just began to send for: read it now.
-            _ = numbers.wake.notified() => {}
+            _ = tokio::time::sleep_until(next_full) => {}
+            // A number egress just began to send for: read it (with the
+            // others that start meanwhile) now.
+            _ = numbers.wake.notified() => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
     }
 }

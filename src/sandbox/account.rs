@@ -16,7 +16,12 @@
 //!   expires_at, scopes, …}` of a token the sandbox accepts (`is_valid:
 //!   false` for any other);
 //! - controls for tests ([`Sandbox::upgrade_throughput`],
-//!   [`Sandbox::set_waba_restricted`], …) that change a number or WABA and
+//!   [`Sandbox::set_waba_restricted`], …), also over HTTP (with a token the
+//!   sandbox accepts): `POST /_sandbox/numbers/{id}/throughput_upgrade`,
+//!   `POST /_sandbox/wabas/{waba_id}/restriction` (`{"restricted":true,
+//!   "for_secs":…}`), `POST /_sandbox/numbers/{id}` (`{"quality_rating":…,
+//!   "throughput_level":…, "messaging_limit":…, "name_status":…, "status":…,
+//!   "waba_id":…}`, no webhook); the first two change a number or WABA and
 //!   post the matching webhook (`phone_number_quality_update` with
 //!   `THROUGHPUT_UPGRADE`, `account_update`) to the status webhook URL,
 //!   signed like the status webhooks;
@@ -201,6 +206,15 @@ pub(super) async fn handle(st: &State, req: http::Req) -> Result<Response<Body>,
         (Method::GET, [id, "subscriptions"]) if versioned && is_id(id) => {
             Route::AppSubscriptions(id.to_string())
         }
+        (Method::POST, ["_sandbox", "numbers", id, "throughput_upgrade"]) if is_id(id) => {
+            Route::ControlUpgrade(id.to_string())
+        }
+        (Method::POST, ["_sandbox", "numbers", id]) if is_id(id) => {
+            Route::ControlNumber(id.to_string())
+        }
+        (Method::POST, ["_sandbox", "wabas", id, "restriction"]) if is_id(id) => {
+            Route::ControlRestriction(id.to_string())
+        }
         _ => return Err(req),
     };
     if let Some(code) = lock(&st.accounts).fail_with {
@@ -213,6 +227,46 @@ pub(super) async fn handle(st: &State, req: http::Req) -> Result<Response<Body>,
     } else if let Err(e) = st.authorize(req.headers(), req.uri().query()) {
         return Ok(e.response());
     }
+    match &route {
+        Route::ControlUpgrade(id) => {
+            let delivered = st.upgrade_throughput(id).await;
+            return Ok(control_answer(delivered));
+        }
+        Route::ControlNumber(_) | Route::ControlRestriction(_) => {
+            let body: Value = match super::read_body(req).await {
+                Ok(b) => serde_json::from_slice(&b).unwrap_or(Value::Null),
+                Err(e) => return Ok(e.response()),
+            };
+            if !body.is_object() {
+                return Ok(GraphError::new(100, "The body must be a JSON object.").response());
+            }
+            if let Route::ControlRestriction(waba) = &route {
+                let restricted = body["restricted"].as_bool().unwrap_or(true);
+                let for_secs = body["for_secs"].as_u64().unwrap_or(3 * 86_400);
+                let delivered = st.set_waba_restricted(waba, restricted, for_secs).await;
+                return Ok(control_answer(delivered));
+            }
+            if let Route::ControlNumber(id) = &route {
+                let mut acc = lock(&st.accounts);
+                let n = acc.number(id);
+                let s = |k: &str| body[k].as_str().map(str::to_string);
+                for (k, slot) in [
+                    ("throughput_level", &mut n.throughput_level),
+                    ("quality_rating", &mut n.quality_rating),
+                    ("messaging_limit", &mut n.messaging_limit),
+                    ("name_status", &mut n.name_status),
+                    ("status", &mut n.status),
+                    ("waba_id", &mut n.waba_id),
+                ] {
+                    if let Some(v) = s(k) {
+                        *slot = v;
+                    }
+                }
+            }
+            return Ok(control_answer(true));
+        }
+        _ => {}
+    }
     if let Route::DebugToken = route {
         // `input_token` is the token described.
         let input = query.get("input_token").cloned().unwrap_or_default();
@@ -221,7 +275,10 @@ pub(super) async fn handle(st: &State, req: http::Req) -> Result<Response<Body>,
     let app_id = st.cfg.app_id.clone();
     let mut acc = lock(&st.accounts);
     let answer = match route {
-        Route::DebugToken => unreachable!("answered above"),
+        Route::DebugToken
+        | Route::ControlUpgrade(_)
+        | Route::ControlNumber(_)
+        | Route::ControlRestriction(_) => unreachable!("answered above"),
         Route::Number(id) => {
             let callback = st.app_callback(&acc);
             let n = acc.number(&id).clone();
@@ -339,6 +396,18 @@ enum Route {
     Subscribe(String),
     Unsubscribe(String),
     AppSubscriptions(String),
+    ControlUpgrade(String),
+    ControlNumber(String),
+    ControlRestriction(String),
+}
+
+/// A control's answer: whether the webhook it posted was answered 200.
+fn control_answer(delivered: bool) -> Response<Body> {
+    http::json(
+        StatusCode::OK,
+        serde_json::to_vec(&json!({"success": true, "webhook_delivered": delivered}))
+            .unwrap_or_default(),
+    )
 }
 
 fn debug_token(st: &State, input: &str) -> Response<Body> {
@@ -380,6 +449,67 @@ fn management_body(waba: &str, field: &str, value: Value) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+impl State {
+    /// Meta's throughput upgrade: the number goes `HIGH` (the sandbox takes
+    /// `high_throughput` sends per second from it at once) and a
+    /// `phone_number_quality_update` with `THROUGHPUT_UPGRADE` is posted.
+    /// Returns whether the webhook was answered 200.
+    pub async fn upgrade_throughput(&self, id: &str) -> bool {
+        let (waba, limit) = {
+            let mut acc = lock(&self.accounts);
+            let n = acc.number(id);
+            n.throughput_level = "HIGH".into();
+            n.messaging_limit = "TIER_UNLIMITED".into();
+            (n.waba_id.clone(), n.messaging_limit.clone())
+        };
+        let value = json!({
+            "display_phone_number": super::status::display_phone_number(id),
+            "event": "THROUGHPUT_UPGRADE",
+            "max_daily_conversations_per_business": limit,
+        });
+        self.post_webhook(management_body(&waba, "phone_number_quality_update", value))
+            .await
+    }
+
+    /// Restricts a WABA (`account_update` `ACCOUNT_RESTRICTION` with a
+    /// `restriction_info` expiring in `for_secs`) or lifts it (the same
+    /// event with an empty `restriction_info`); its numbers' sends are
+    /// answered #131031 meanwhile. Returns whether the webhook was answered 200.
+    pub async fn set_waba_restricted(&self, waba: &str, restricted: bool, for_secs: u64) -> bool {
+        let app_id = self.cfg.app_id.clone();
+        lock(&self.accounts).waba(waba, &app_id).restricted = restricted;
+        let info = if restricted {
+            json!([{
+                "restriction_type": "RESTRICTED_BIZ_INITIATED_MESSAGING",
+                "expiration": unix_ms() / 1000 + for_secs,
+                "remediation": "Review your messaging practices and ensure compliance with WhatsApp policies.",
+            }])
+        } else {
+            json!([])
+        };
+        let value = json!({"event": "ACCOUNT_RESTRICTION", "restriction_info": info});
+        self.post_webhook(management_body(waba, "account_update", value))
+            .await
+    }
+
+    /// Posts one signed management webhook to the status webhook URL.
+    async fn post_webhook(&self, body: Vec<u8>) -> bool {
+        let Some(w) = self.cfg.status_webhook.clone() else {
+            tracing::warn!("sandbox: no webhook URL configured; account webhook not sent");
+            return false;
+        };
+        let Ok(uri) = super::status::check_config(&w) else {
+            return false;
+        };
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(connector);
+        super::status::post(&client, &uri, &w.app_secret, body).await
+    }
+}
+
 impl Sandbox {
     fn accounts(&self) -> std::sync::MutexGuard<'_, Accounts> {
         lock(&self.state.accounts)
@@ -400,20 +530,7 @@ impl Sandbox {
     /// `phone_number_quality_update` with `THROUGHPUT_UPGRADE` is posted.
     /// Returns whether the webhook was answered 200.
     pub async fn upgrade_throughput(&self, id: &str) -> bool {
-        let (waba, limit) = {
-            let mut acc = self.accounts();
-            let n = acc.number(id);
-            n.throughput_level = "HIGH".into();
-            n.messaging_limit = "TIER_UNLIMITED".into();
-            (n.waba_id.clone(), n.messaging_limit.clone())
-        };
-        let value = json!({
-            "display_phone_number": super::status::display_phone_number(id),
-            "event": "THROUGHPUT_UPGRADE",
-            "max_daily_conversations_per_business": limit,
-        });
-        self.post_webhook(management_body(&waba, "phone_number_quality_update", value))
-            .await
+        self.state.upgrade_throughput(id).await
     }
 
     /// Restricts a WABA (`account_update` `ACCOUNT_RESTRICTION` with a
@@ -421,19 +538,8 @@ impl Sandbox {
     /// event with an empty `restriction_info`); its numbers' sends are
     /// answered #131031 meanwhile. Returns whether the webhook was answered 200.
     pub async fn set_waba_restricted(&self, waba: &str, restricted: bool, for_secs: u64) -> bool {
-        let app_id = self.state.cfg.app_id.clone();
-        self.accounts().waba(waba, &app_id).restricted = restricted;
-        let info = if restricted {
-            json!([{
-                "restriction_type": "RESTRICTED_BIZ_INITIATED_MESSAGING",
-                "expiration": unix_ms() / 1000 + for_secs,
-                "remediation": "Review your messaging practices and ensure compliance with WhatsApp policies.",
-            }])
-        } else {
-            json!([])
-        };
-        let value = json!({"event": "ACCOUNT_RESTRICTION", "restriction_info": info});
-        self.post_webhook(management_body(waba, "account_update", value))
+        self.state
+            .set_waba_restricted(waba, restricted, for_secs)
             .await
     }
 
@@ -481,22 +587,5 @@ impl Sandbox {
     /// HTTP status (`None`: normal answers).
     pub fn fail_account_requests(&self, status: Option<u16>) {
         self.accounts().fail_with = status;
-    }
-
-    /// Posts one signed management webhook to the status webhook URL.
-    async fn post_webhook(&self, body: Vec<u8>) -> bool {
-        let Some(w) = self.state.cfg.status_webhook.clone() else {
-            tracing::warn!("sandbox: no webhook URL configured; account webhook not sent");
-            return false;
-        };
-        let Ok(uri) = super::status::check_config(&w) else {
-            return false;
-        };
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(connector);
-        super::status::post(&client, &uri, &w.app_secret, body).await
     }
 }

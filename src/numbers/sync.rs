@@ -59,8 +59,7 @@ pub fn tail(
         .client_config(|cc| {
             cc.set("group.id", "wagate-numbers-tail")
                 .set("enable.auto.commit", "false")
-                .set("enable.partition.eof", "false")
-                .set("fetch.wait.max.ms", "50");
+                .set("enable.partition.eof", "false");
         })
         .create_with_context(ConnContext(conn.diagnostics().clone()))?;
     let timeout = Duration::from_secs(10);
@@ -153,8 +152,7 @@ pub fn events(
                 .set("enable.auto.commit", "true")
                 .set("auto.commit.interval.ms", "1000")
                 .set("auto.offset.reset", "earliest")
-                .set("enable.partition.eof", "false")
-                .set("fetch.wait.max.ms", "50");
+                .set("enable.partition.eof", "false");
         })
         .create_with_context(ConnContext(conn.diagnostics().clone()))?;
     consumer.subscribe(&[events_topic])?;

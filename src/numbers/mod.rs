@@ -481,6 +481,37 @@ impl Numbers {
                     out.extend(self.store(&mut states, s));
                 }
             }
+            "business_capability_update" => {
+                // The portfolio's messaging limit changed (CLOUD_API §4.5):
+                // every known number of the WABA takes it.
+                let (Some(waba), Some(limit)) =
+                    (waba, str_of(&value, "max_daily_conversations_per_business"))
+                else {
+                    return out;
+                };
+                let ids: Vec<String> = states
+                    .values()
+                    .filter(|s| {
+                        self.config_waba
+                            .get(&s.phone_number_id)
+                            .or(s.waba_id.as_ref())
+                            == Some(&waba)
+                    })
+                    .map(|s| s.phone_number_id.clone())
+                    .collect();
+                for id in ids {
+                    let mut s = states[&id].clone();
+                    if at < s.webhook_at_ms {
+                        continue;
+                    }
+                    s.messaging_limit = Some(limit.clone());
+                    s.last_event = Some(kind.to_string());
+                    s.source = "webhook".into();
+                    s.webhook_at_ms = at;
+                    s.updated_at_ms = at.max(s.updated_at_ms + 1);
+                    out.extend(self.store(&mut states, s));
+                }
+            }
             _ => {
                 // Any other event naming a number teaches its WABA.
                 if let (Some(id), Some(waba)) = (named, waba) {
@@ -565,6 +596,10 @@ mod tests {
             "value":{"event":"ACCOUNT_RESTRICTION","restriction_info":[]}});
         assert_eq!(n.apply_event(&lift).len(), 1);
         assert!(n.held("111", 5000).is_none());
+        let cap = json!({"kind":"business_capability_update","waba_id":"900","received_at_ms":5500,
+            "value":{"max_daily_conversations_per_business":"TIER_10K"}});
+        assert_eq!(n.apply_event(&cap).len(), 1);
+        assert_eq!(n.messaging_limit(&["111".into()]), Some(10_000));
         // A Graph read keeps the level Meta reports (and no restriction).
         let g2 = json!({"throughput":{"level":"HIGH"},"status":"BANNED"});
         n.apply_graph("111", &g2, 6000).unwrap();

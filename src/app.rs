@@ -42,6 +42,9 @@ pub struct Gateway {
     /// the listeners drained) and the `inbound.ids` reader.
     sharer: Option<JoinHandle<()>>,
     dedupe_thread: Option<std::thread::JoinHandle<()>>,
+    /// What wagate learns about each business number (`wa.numbers`).
+    pub numbers: Arc<crate::numbers::Numbers>,
+    numbers_threads: Vec<std::thread::JoinHandle<()>>,
     egress: Option<JoinHandle<()>>,
     servers: Vec<JoinHandle<bool>>,
     background: Vec<JoinHandle<()>>,
@@ -307,13 +310,17 @@ impl Gateway {
                 rx.clone(),
             )),
         ];
+        let numbers = Arc::new(crate::numbers::Numbers::new(&cfg));
         let egress_plane = cfg.egress.enabled.then(|| {
-            Arc::new(Egress::new(
-                &cfg,
-                topics.clone(),
-                producer.clone(),
-                contacts.clone() as Arc<dyn Contacts>,
-            ))
+            Arc::new(
+                Egress::new(
+                    &cfg,
+                    topics.clone(),
+                    producer.clone(),
+                    contacts.clone() as Arc<dyn Contacts>,
+                )
+                .with_numbers(numbers.clone()),
+            )
         });
         let egress = egress_plane.clone().map(|e| {
             let stop = rx.clone();
@@ -345,6 +352,17 @@ impl Gateway {
             ),
             None => (None, None),
         };
+        let numbers_ready = ready.clone();
+        let (numbers_threads, numbers_tasks) = crate::numbers::sync::spawn(
+            &cfg,
+            &topics,
+            producer.clone(),
+            numbers.clone(),
+            egress_plane.clone(),
+            Box::new(move || numbers_ready.numbers.store(true, Ordering::SeqCst)),
+            contacts_stop.clone(),
+            rx.clone(),
+        )?;
         let mut background = vec![
             tokio::spawn(kafka_pinger(
                 producer.clone(),
@@ -361,6 +379,7 @@ impl Gateway {
                 rx.clone(),
             )),
         ];
+        background.extend(numbers_tasks);
         for (name, tls) in [("public", public_tls), ("internal", internal_tls)] {
             if let Some(tls) = tls {
                 background.push(tokio::spawn(crate::tls::watch(
@@ -393,6 +412,8 @@ impl Gateway {
             contacts_thread: Some(contacts_thread),
             sharer,
             dedupe_thread,
+            numbers,
+            numbers_threads,
             egress,
             servers,
             background,
@@ -451,6 +472,10 @@ impl Gateway {
             .into_iter()
             .flatten()
         {
+            let joined = tokio::task::spawn_blocking(move || t.join());
+            let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
+        }
+        for t in self.numbers_threads {
             let joined = tokio::task::spawn_blocking(move || t.join());
             let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
         }

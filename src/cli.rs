@@ -87,6 +87,10 @@ pub enum Command {
         #[arg(long, env = "WAGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Check what silently breaks webhooks and sends (token, subscribed_apps,
+    /// callback overrides, numbers, an end-to-end self-test); exit 0 only
+    /// without a `fail`.
+    Doctor(DoctorArgs),
     /// Print a topic's records as JSON lines (key, headers, value).
     Tail {
         /// Topic: a full name, or a short one such as `inbound.messages`
@@ -107,6 +111,28 @@ pub enum Command {
         #[arg(long, env = "WAGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+}
+
+/// `wagate doctor`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct DoctorArgs {
+    #[arg(long, env = "WAGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Subscribe the app to every WABA it is not subscribed to, and say so.
+    #[arg(long)]
+    pub fix: bool,
+    /// Use the development secrets of `serve --dev` (with the URLs it prints).
+    #[arg(long)]
+    pub dev: bool,
+    /// The Graph API to check (default: graph.base_url), e.g. the sandbox of `serve --dev`.
+    #[arg(long)]
+    pub graph_url: Option<String>,
+    /// Bootstrap servers (default: kafka.brokers).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// The URL Meta calls (default: server.public_url).
+    #[arg(long)]
+    pub public_url: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -389,4 +415,64 @@ pub async fn replay(
         );
     }
     Ok(())
+}
+
+/// `wagate doctor`: prints one line per check; exit 0 without a `fail`,
+/// 1 with one, 2 on a config error.
+pub async fn doctor(a: DoctorArgs) -> std::process::ExitCode {
+    let mut cfg = match config::load(a.config.as_deref(), &ProcessEnv, LoadOptions { dev: a.dev }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if let Some(u) = a.graph_url {
+        cfg.graph.base_url = u.trim_end_matches('/').to_string();
+    }
+    if let Some(b) = a.brokers {
+        cfg.kafka.connection = cfg.kafka.connection.with_brokers(b);
+    }
+    if let Some(u) = a.public_url {
+        cfg.public_url = Some(u.trim_end_matches('/').to_string());
+    }
+    let mut extra_wabas = Vec::new();
+    if a.dev {
+        // `serve --dev`'s sandbox: its app, its WABA, its public listener.
+        use wagate::sandbox::account;
+        for app in cfg.apps.iter_mut().filter(|a| a.app_id.is_none()) {
+            app.app_id = Some(account::APP_ID.to_string());
+        }
+        if cfg.public_url.is_none() {
+            let mut l = cfg.listen;
+            if l.ip().is_unspecified() {
+                l.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            cfg.public_url = Some(format!("http://{l}"));
+        }
+        if cfg.egress.numbers.values().all(|n| n.waba_id.is_none()) {
+            extra_wabas.push(account::WABA_ID.to_string());
+        }
+    }
+    let opts = wagate::doctor::Options {
+        fix: a.fix,
+        no_kafka: false,
+        extra_wabas,
+    };
+    let checks = wagate::doctor::run(&cfg, &opts, &mut |c| println!("{c}")).await;
+    let count = |s| checks.iter().filter(|c| c.status == s).count();
+    use wagate::doctor::Status;
+    let fails = count(Status::Fail);
+    println!(
+        "{} checks: {} ok, {} warn, {fails} fail, {} skipped",
+        checks.len(),
+        count(Status::Ok),
+        count(Status::Warn),
+        count(Status::Skip)
+    );
+    if fails > 0 {
+        std::process::ExitCode::from(1)
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
 }

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Serve { config, dev } => return rt.block_on(serve(config, dev)),
         Command::CheckConfig { config } => cli::check_config(config.as_ref()),
+        Command::Doctor(a) => return rt.block_on(cli::doctor(a)),
         Command::Topics {
             command: TopicsCommand::Create { config },
         } => rt.block_on(cli::topics_create(config.as_ref())),
@@ -194,6 +195,11 @@ async fn serve(path: Option<std::path::PathBuf>, dev: bool) -> ExitCode {
         println!("  metrics:   http://{}/metrics", gw.internal_addr);
         println!("  sends:     POST http://{}/v1/messages (Authorization: Bearer $WAGATE_API_TOKEN, else the dev token)", gw.internal_addr);
         println!("  graph api: {} (sandbox)", cfg.graph.base_url);
+        println!(
+            "  check the setup: wagate doctor --dev --graph-url {} --brokers {}",
+            cfg.graph.base_url,
+            cfg.kafka.connection.brokers()
+        );
         println!(
             "  read records: wagate tail inbound.messages --from-beginning --brokers {}",
             cfg.kafka.connection.brokers()

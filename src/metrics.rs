@@ -54,6 +54,9 @@ pub const CONTACTS_BOOTSTRAP_REMAINING: &str = "wagate_contacts_bootstrap_remain
 pub const CONTACTS_BOOTSTRAP_SECONDS: &str = "wagate_contacts_bootstrap_seconds";
 pub const CONSUMER_LAG: &str = "wagate_consumer_lag";
 pub const BUILD_INFO: &str = "wagate_build_info";
+pub const NUMBERS: &str = "wagate_numbers";
+pub const NUMBERS_RESTRICTED: &str = "wagate_numbers_restricted";
+pub const EGRESS_RESTRICTED_HELD: &str = "wagate_egress_restricted_held";
 
 /// Buckets for latency histograms, in seconds (0.5 ms … 10 s).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -368,6 +371,9 @@ fn zero() {
         metrics::counter!(name, "reason" => block.code()).absolute(0);
     }
     metrics::counter!(EGRESS_BLOCKED, "reason" => "tier_limit").absolute(0);
+    metrics::counter!(EGRESS_BLOCKED, "reason" => "number_restricted").absolute(0);
+    metrics::gauge!(NUMBERS_RESTRICTED).set(0.0);
+    metrics::gauge!(EGRESS_RESTRICTED_HELD).set(0.0);
 }
 
 fn describe() {
@@ -512,7 +518,7 @@ fn describe() {
     );
     describe_counter!(
         EGRESS_BLOCKED,
-        "Sends ended by another gateway rule before Meta: expired, tier_limit."
+        "Sends ended by another gateway rule before Meta: expired, tier_limit, number_restricted."
     );
     describe_gauge!(
         CONTACTS_ENTRIES,
@@ -536,4 +542,16 @@ fn describe() {
         "Records behind the high watermark on the partitions this instance consumes, by topic."
     );
     describe_gauge!(BUILD_INFO, "Build information.");
+    describe_gauge!(
+        NUMBERS,
+        "Business numbers known (wa.numbers), by Meta's quality rating and throughput level."
+    );
+    describe_gauge!(
+        NUMBERS_RESTRICTED,
+        "Business numbers Meta restricted (account_update, or a Graph status such as BANNED): their lanes hold."
+    );
+    describe_gauge!(
+        EGRESS_RESTRICTED_HELD,
+        "Send requests held in the lanes of restricted numbers."
+    );
 }

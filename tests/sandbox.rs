@@ -1301,3 +1301,157 @@ async fn fixed_errors_follow_the_user_and_know_the_new_codes() {
     assert_eq!(sb.sends().len(), 1);
     sb.shutdown().await;
 }
+
+/// The account endpoints (src/sandbox/account.rs) over HTTP: number fields,
+/// `subscribed_apps`, app subscriptions, `debug_token`, the HTTP controls,
+/// a restricted WABA's sends answered 131031, the rate following the level,
+/// and 5xx injection.
+#[tokio::test]
+async fn account_endpoints_and_controls() {
+    use wagate::sandbox::account::{APP_ID, WABA_ID};
+    let mut cfg = config();
+    cfg.default_throughput = 5;
+    cfg.high_throughput = 50;
+    let sb = start(cfg).await;
+    let c = client();
+    let base = sb.base_url();
+    let get = |path: String, token: Option<&'static str>| {
+        let c = c.clone();
+        async move { request(&c, "GET", &path, token, Vec::new()).await }
+    };
+    let a = get(
+        format!("{base}/{NUMBER}?fields=throughput,quality_rating,whatsapp_business_manager_messaging_limit,name_status,status,display_phone_number,webhook_configuration"),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.raw)
+    );
+    assert_eq!(a.json["throughput"]["level"], "STANDARD");
+    assert_eq!(a.json["quality_rating"], "GREEN");
+    assert_eq!(
+        a.json["whatsapp_business_manager_messaging_limit"],
+        "TIER_2K"
+    );
+    assert_eq!(a.json["name_status"], "APPROVED");
+    assert_eq!(a.json["status"], "CONNECTED");
+    assert!(
+        a.json.get("verified_name").is_none(),
+        "only the fields asked"
+    );
+    assert_meta_error(
+        &get(format!("{base}/{NUMBER}?fields=status"), None).await,
+        StatusCode::UNAUTHORIZED,
+        190,
+    );
+
+    // subscribed_apps: subscribed by default; DELETE, GET, POST.
+    let path = format!("{base}/{WABA_ID}/subscribed_apps");
+    let a = get(path.clone(), Some(TOKEN)).await;
+    assert_eq!(
+        a.json["data"][0]["whatsapp_business_api_data"]["id"],
+        APP_ID
+    );
+    request(&c, "DELETE", &path, Some(TOKEN), Vec::new()).await;
+    assert_eq!(get(path.clone(), Some(TOKEN)).await.json["data"], json!([]));
+    let a = request(&c, "POST", &path, Some(TOKEN), Vec::new()).await;
+    assert_eq!(a.json["success"], true);
+    assert!(sb.is_subscribed(WABA_ID));
+
+    // debug_token with the app token; app subscriptions.
+    let app_token: &'static str = Box::leak(format!("{APP_ID}|secret").into_boxed_str());
+    let a = get(
+        format!("{base}/debug_token?input_token={TOKEN}"),
+        Some(app_token),
+    )
+    .await;
+    assert_eq!(a.json["data"]["is_valid"], true, "{}", a.json);
+    assert_eq!(a.json["data"]["scopes"][1], "whatsapp_business_management");
+    let a = get(
+        format!("{base}/debug_token?input_token=nope"),
+        Some(app_token),
+    )
+    .await;
+    assert_eq!(a.json["data"]["is_valid"], false);
+    let a = get(format!("{base}/{APP_ID}/subscriptions"), Some(app_token)).await;
+    assert_eq!(a.json["data"][0]["object"], "whatsapp_business_account");
+
+    // STANDARD: 5/s; the HTTP control upgrades the number: 50/s.
+    let burst = |n: usize| {
+        let c = c.clone();
+        let sb = &sb;
+        async move {
+            let mut limited = 0;
+            for i in 0..n {
+                let a = send(&c, sb, NUMBER, &template_to(&format!("+55119{i:07}"))).await;
+                limited += usize::from(a.status != StatusCode::OK);
+            }
+            limited
+        }
+    };
+    assert!(burst(20).await >= 10, "over 5/s: 130429");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let a = request(
+        &c,
+        "POST",
+        &format!(
+            "http://{}/_sandbox/numbers/{NUMBER}/throughput_upgrade",
+            sb.addr()
+        ),
+        Some(TOKEN),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(a.json["success"], true, "{}", a.json);
+    assert_eq!(
+        a.json["webhook_delivered"], false,
+        "no webhook URL configured"
+    );
+    assert_eq!(sb.number_info(NUMBER).throughput_level, "HIGH");
+    assert_eq!(burst(20).await, 0, "20 in a second fit 50/s");
+
+    // A restricted WABA: 131031 until lifted.
+    let ctl = format!("http://{}/_sandbox/wabas/{WABA_ID}/restriction", sb.addr());
+    request(
+        &c,
+        "POST",
+        &ctl,
+        Some(TOKEN),
+        br#"{"restricted":true}"#.to_vec(),
+    )
+    .await;
+    assert_meta_error(
+        &send(&c, &sb, NUMBER, &template_to("+5511911111111")).await,
+        StatusCode::FORBIDDEN,
+        131031,
+    );
+    request(
+        &c,
+        "POST",
+        &ctl,
+        Some(TOKEN),
+        br#"{"restricted":false}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(
+        send(&c, &sb, NUMBER, &template_to("+5511911111112"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    // 5xx injection on the account endpoints only.
+    sb.fail_account_requests(Some(503));
+    let a = get(format!("{base}/{NUMBER}?fields=status"), Some(TOKEN)).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        send(&c, &sb, NUMBER, &template_to("+5511911111113"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    sb.shutdown().await;
+}

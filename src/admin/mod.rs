@@ -21,6 +21,8 @@ pub struct Readiness {
     pub contacts: AtomicBool,
     /// The dedupe window is read back from `inbound.ids` (or not shared).
     pub dedupe: AtomicBool,
+    /// The number state has caught up with `wa.numbers`.
+    pub numbers: AtomicBool,
     /// Shutdown has begun: not ready, whatever else holds.
     pub draining: AtomicBool,
     /// While Kafka does not answer: the connection problem the clients
@@ -33,6 +35,7 @@ impl Readiness {
         self.kafka.load(Ordering::Relaxed)
             && self.contacts.load(Ordering::Relaxed)
             && self.dedupe.load(Ordering::Relaxed)
+            && self.numbers.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
     }
 }
@@ -77,8 +80,10 @@ impl Admin {
                         }
                     } else if !r.contacts.load(Ordering::Relaxed) {
                         "contacts state catching up".into()
-                    } else {
+                    } else if !r.dedupe.load(Ordering::Relaxed) {
                         "dedupe window being read back from inbound.ids".into()
+                    } else {
+                        "number state catching up with numbers".into()
                     };
                     http::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"))
                 }

@@ -58,6 +58,8 @@ pub struct AppConfig {
     /// One or two secrets (current first); a body signed by either verifies.
     pub secrets: Vec<Secret>,
     pub verify_token: Secret,
+    /// Meta's id of the app (`apps.NAME.app_id`), if configured.
+    pub app_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +95,9 @@ pub struct Config {
     pub graph: GraphConfig,
     pub contacts: ContactsConfig,
     pub log: LogConfig,
+    pub numbers: NumbersConfig,
+    /// `server.public_url` without a trailing `/`, if set.
+    pub public_url: Option<String>,
     pub apps: Vec<AppConfig>,
     pub tenants: Vec<TenantConfig>,
 }
@@ -119,7 +124,7 @@ pub struct KafkaConfig {
     /// (off for `--dev`: the mock cluster cannot say).
     pub check_record_limit: bool,
     /// What `topics create` sets per topic, in [`TopicId::ALL`] order.
-    pub topics: [TopicSettings; crate::kafka::topics::TOPIC_COUNT],
+    pub topics: [TopicSettings; TopicId::COUNT],
 }
 
 impl KafkaConfig {
@@ -202,6 +207,15 @@ pub struct PortfolioConfig {
 pub struct NumberConfig {
     pub throughput: Option<u32>,
     pub access_token: Option<Secret>,
+    pub waba_id: Option<String>,
+}
+
+/// `[numbers]`, validated.
+#[derive(Debug, Clone)]
+pub struct NumbersConfig {
+    /// `None`: the Graph API is not polled.
+    pub refresh: Option<Duration>,
+    pub high_throughput: u32,
 }
 
 #[derive(Debug, Clone)]

@@ -21,6 +21,8 @@ pub struct RawConfig {
     pub graph: RawGraph,
     pub contacts: RawContacts,
     pub log: RawLog,
+    /// What wagate learns about each business number (`wa.numbers`).
+    pub numbers: RawNumbers,
     /// Meta apps by name; the bare `/webhook` route uses `default`.
     pub apps: BTreeMap<String, RawApp>,
     /// API tenants by name.
@@ -47,6 +49,8 @@ pub struct RawServer {
     pub min_body_bytes_per_sec: u64,
     /// TLS of the public listener (none: plain HTTP).
     pub tls: RawServerTls,
+    /// The URL Meta calls (e.g. `https://wa.example.com`), for `wagate doctor`.
+    pub public_url: String,
 }
 
 /// `[server.tls]`: both files set → the public listener speaks HTTPS.
@@ -231,6 +235,8 @@ pub struct RawNumber {
     pub throughput: u64,
     pub access_token_env: String,
     pub access_token_file: String,
+    /// The number's WhatsApp Business Account id.
+    pub waba_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -260,6 +266,8 @@ pub struct RawApp {
     pub previous_secret_file: String,
     pub verify_token_env: String,
     pub verify_token_file: String,
+    /// The app's id (for `wagate doctor`: `subscribed_apps`, `debug_token`).
+    pub app_id: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -284,6 +292,7 @@ impl Default for RawConfig {
             graph: RawGraph::default(),
             contacts: RawContacts::default(),
             log: RawLog::default(),
+            numbers: RawNumbers::default(),
             apps: BTreeMap::new(),
             tenants: BTreeMap::new(),
         }
@@ -303,6 +312,7 @@ impl Default for RawServer {
             h2_max_concurrent_streams: 32,
             min_body_bytes_per_sec: 4096,
             tls: RawServerTls::default(),
+            public_url: String::new(),
         }
     }
 }
@@ -401,6 +411,26 @@ impl Default for RawLog {
         RawLog {
             format: "text".into(),
             level: "info".into(),
+        }
+    }
+}
+
+/// `[numbers]`: number state learnt from the Graph API and webhooks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawNumbers {
+    /// Read each number's fields from the Graph API at start and this often (0: never).
+    pub refresh_secs: u64,
+    /// Messages/s of a number at Meta's `HIGH` throughput level (at
+    /// `STANDARD`: `egress.default_throughput`).
+    pub high_throughput: u64,
+}
+
+impl Default for RawNumbers {
+    fn default() -> Self {
+        RawNumbers {
+            refresh_secs: 900,
+            high_throughput: 1000,
         }
     }
 }

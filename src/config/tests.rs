@@ -504,3 +504,47 @@ fn librdkafka_passthrough_is_checked_and_applied() {
         "{e}"
     );
 }
+
+#[test]
+fn number_state_keys_and_their_errors() {
+    let c = load(None, &required(), LoadOptions::default()).unwrap();
+    assert_eq!(c.numbers.refresh, Some(Duration::from_secs(900)));
+    assert_eq!(c.numbers.high_throughput, 1000);
+    assert_eq!(c.public_url, None);
+    assert_eq!(c.app("default").unwrap().app_id, None);
+    let mut e = required();
+    e.insert("WAGATE_NUMBERS_REFRESH_SECS".into(), "0".into());
+    e.insert("WAGATE_NUMBERS_HIGH_THROUGHPUT".into(), "500".into());
+    e.insert(
+        "WAGATE_SERVER_PUBLIC_URL".into(),
+        "https://wa.example.com/".into(),
+    );
+    let c = load(None, &e, LoadOptions::default()).unwrap();
+    assert_eq!(c.numbers.refresh, None);
+    assert_eq!(c.numbers.high_throughput, 500);
+    assert_eq!(c.public_url.as_deref(), Some("https://wa.example.com"));
+    e.insert("WAGATE_SERVER_PUBLIC_URL".into(), "wa.example.com".into());
+    let err = load(None, &e, LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("server.public_url"), "{err}");
+
+    let text = format!(
+        "{EXAMPLE_TOML}\n[egress.numbers.\"111\"]\nwaba_id = \"222\"\n[egress.portfolios.acme]\nnumbers = [\"111\"]\n"
+    )
+    .replace(
+        "verify_token_env = \"WAGATE_VERIFY_TOKEN\"",
+        "verify_token_env = \"WAGATE_VERIFY_TOKEN\"\napp_id = \"333\"",
+    );
+    let c = load_str(&text, "x.toml", &required(), LoadOptions::default()).unwrap();
+    assert_eq!(c.egress.numbers["111"].waba_id.as_deref(), Some("222"));
+    assert_eq!(c.egress.portfolios[0].limit, 0, "no limit: follow Meta's");
+    assert_eq!(c.app("default").unwrap().app_id.as_deref(), Some("333"));
+    let bad = text.replace("waba_id = \"222\"", "waba_id = \"x22\"");
+    let err = load_str(&bad, "x.toml", &required(), LoadOptions::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("egress.numbers.111.waba_id"),
+        "{err}"
+    );
+    let bad = text.replace("app_id = \"333\"", "app_id = \"app\"");
+    let err = load_str(&bad, "x.toml", &required(), LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("apps.default.app_id"), "{err}");
+}

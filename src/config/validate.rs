@@ -63,6 +63,8 @@ pub(super) fn validate(
     let tenants = tenants(&raw.tenants, env, opts)?;
     let graph = graph(&raw.graph, env, opts)?;
     let contacts = contacts_config(&raw.contacts)?;
+    let numbers = numbers(&raw.numbers)?;
+    let public_url = public_url(&raw.server.public_url)?;
     let ServerConfig {
         max_body_bytes,
         header_read_timeout,
@@ -94,9 +96,34 @@ pub(super) fn validate(
         graph,
         contacts,
         log,
+        numbers,
+        public_url,
         apps,
         tenants,
     })
+}
+
+/// `[numbers]`.
+fn numbers(n: &RawNumbers) -> Result<NumbersConfig, ConfigError> {
+    Ok(NumbersConfig {
+        refresh: (n.refresh_secs > 0).then(|| Duration::from_secs(n.refresh_secs.max(10))),
+        high_throughput: positive("numbers.high_throughput", n.high_throughput)?
+            .min(u32::MAX as u64) as u32,
+    })
+}
+
+/// `server.public_url`: empty, or an http(s) URL without query.
+fn public_url(u: &str) -> Result<Option<String>, ConfigError> {
+    if u.is_empty() {
+        return Ok(None);
+    }
+    if !(u.starts_with("https://") || u.starts_with("http://")) || u.contains(['?', '#', ' ']) {
+        return Err(invalid(
+            "server.public_url",
+            format!("expected an http(s) URL such as https://wa.example.com, got {u:?}"),
+        ));
+    }
+    Ok(Some(u.trim_end_matches('/').to_string()))
 }
 
 /// `[server]`, typed (flattened into [`Config`]).
@@ -246,7 +273,7 @@ fn topic_settings(
     raw: &BTreeMap<String, RawTopic>,
     partitions: i32,
     replication_factor: i32,
-) -> Result<[TopicSettings; crate::kafka::topics::TOPIC_COUNT], ConfigError> {
+) -> Result<[TopicSettings; TopicId::COUNT], ConfigError> {
     if let Some(name) = raw
         .keys()
         .find(|n| !TopicId::ALL.iter().any(|t| topic_key(*t) == **n))
@@ -262,7 +289,7 @@ fn topic_settings(
         replication_factor,
         retention_ms: -1,
         min_insync_replicas: None,
-    }; crate::kafka::topics::TOPIC_COUNT];
+    }; TopicId::COUNT];
     for (t, slot) in TopicId::ALL.iter().zip(out.iter_mut()) {
         let spec = t.spec();
         slot.retention_ms = spec.retention_ms;
@@ -400,6 +427,7 @@ fn egress(e: &RawEgress, env: &dyn Env) -> Result<EgressConfig, ConfigError> {
             NumberConfig {
                 throughput: (n.throughput > 0).then(|| n.throughput.min(u32::MAX as u64) as u32),
                 access_token: secret(&key, &n.access_token_env, &n.access_token_file, env)?,
+                waba_id: graph_id(&format!("egress.numbers.{id}.waba_id"), &n.waba_id)?,
             },
         );
     }
@@ -426,17 +454,22 @@ fn egress(e: &RawEgress, env: &dyn Env) -> Result<EgressConfig, ConfigError> {
     })
 }
 
+/// A Graph object id (WABA, app): empty (unknown) or digits.
+fn graph_id(key: &str, v: &str) -> Result<Option<String>, ConfigError> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    if v.len() > 32 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(key, format!("{v:?} is not a Graph id (digits)")));
+    }
+    Ok(Some(v.to_string()))
+}
+
 fn portfolios(raw: &BTreeMap<String, RawPortfolio>) -> Result<Vec<PortfolioConfig>, ConfigError> {
     let mut portfolios = Vec::new();
     let mut portfolio_of: BTreeMap<&str, &str> = BTreeMap::new();
     for (name, p) in raw {
         let key = format!("egress.portfolios.{name}");
-        if p.limit == 0 {
-            return Err(invalid(
-                format!("{key}.limit"),
-                "the tier: distinct users per 24 h, e.g. 250, 2000, 10000, 100000",
-            ));
-        }
         if p.numbers.is_empty() {
             return Err(invalid(
                 format!("{key}.numbers"),
@@ -518,6 +551,7 @@ fn apps(
             name: name.clone(),
             secrets,
             verify_token,
+            app_id: graph_id(&format!("apps.{name}.app_id"), &a.app_id)?,
         });
     }
     Ok(apps)

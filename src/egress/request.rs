@@ -244,6 +244,8 @@ pub enum GatewayCode {
     UnknownNumber,
     Expired,
     NotSent,
+    /// Meta restricted the number (`account_update`): held, not sent.
+    NumberRestricted,
 }
 
 impl GatewayCode {
@@ -259,6 +261,7 @@ impl GatewayCode {
             GatewayCode::UnknownNumber => "unknown_number",
             GatewayCode::Expired => "expired",
             GatewayCode::NotSent => "not_sent",
+            GatewayCode::NumberRestricted => "number_restricted",
         }
     }
 }

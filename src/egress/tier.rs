@@ -19,7 +19,11 @@ pub const WINDOW_MS: u64 = 24 * 3600 * 1000;
 #[derive(Debug)]
 pub struct Portfolio {
     pub name: String,
-    pub limit: usize,
+    /// The tier in force (adjustable: Meta's messaging limit, when the
+    /// config leaves `limit` at 0); `usize::MAX` while unknown.
+    limit: std::sync::atomic::AtomicUsize,
+    /// The config set no limit: it follows Meta's messaging limit.
+    pub follows_meta: bool,
     inner: Mutex<Counted>,
 }
 
@@ -59,11 +63,27 @@ pub enum Admit {
 }
 
 impl Portfolio {
+    /// `limit` 0: follow Meta's messaging limit (none until it is known).
     pub fn new(name: &str, limit: usize) -> Portfolio {
         Portfolio {
             name: name.to_string(),
-            limit,
+            limit: std::sync::atomic::AtomicUsize::new(if limit == 0 { usize::MAX } else { limit }),
+            follows_meta: limit == 0,
             inner: Mutex::new(Counted::default()),
+        }
+    }
+
+    /// The tier in force.
+    pub fn limit(&self) -> usize {
+        self.limit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets the tier from Meta's messaging limit (`usize::MAX`: unlimited
+    /// or unknown); ignored when the config set the limit.
+    pub fn set_meta_limit(&self, limit: usize) {
+        if self.follows_meta {
+            self.limit
+                .store(limit.max(1), std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -79,7 +99,7 @@ impl Portfolio {
         let mut c = self.inner.lock().unwrap();
         c.expire(now_ms);
         let known = c.latest.contains_key(&user);
-        if !known && c.latest.len() >= self.limit {
+        if !known && c.latest.len() >= self.limit() {
             return Admit::Full;
         }
         c.latest.insert(user, now_ms);
@@ -144,6 +164,18 @@ impl Tiers {
     pub fn is_empty(&self) -> bool {
         self.by_number.is_empty()
     }
+
+    /// Every portfolio with its numbers (each once).
+    pub fn portfolios(&self) -> Vec<(Arc<Portfolio>, Vec<String>)> {
+        let mut out: Vec<(Arc<Portfolio>, Vec<String>)> = Vec::new();
+        for (n, p) in &self.by_number {
+            match out.iter_mut().find(|(q, _)| Arc::ptr_eq(p, q)) {
+                Some((_, ns)) => ns.push(n.clone()),
+                None => out.push((p.clone(), vec![n.clone()])),
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -188,6 +220,18 @@ mod tests {
         assert_eq!(p.admit(4, now), Admit::Full);
         // User 3 (10 h) expires at 34 h, user 2 (20 h) at 44 h.
         assert_eq!(p.admit(4, 34 * H), Admit::New);
+    }
+
+    #[test]
+    fn a_portfolio_without_a_limit_follows_meta() {
+        let p = Portfolio::new("acme", 0);
+        assert_eq!(p.limit(), usize::MAX, "unknown: never blocks");
+        p.set_meta_limit(1);
+        assert_eq!(p.admit(1, 0), Admit::New);
+        assert_eq!(p.admit(2, 0), Admit::Full);
+        let fixed = Portfolio::new("fixed", 5);
+        fixed.set_meta_limit(1);
+        assert_eq!(fixed.limit(), 5, "the config wins");
     }
 
     #[test]

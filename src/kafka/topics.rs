@@ -23,15 +23,18 @@ pub enum TopicId {
     /// Internal: the event ids each instance stored, shared by the fleet's
     /// dedupe (DESIGN §12); short retention, read back at start.
     InboundIds,
+    /// What wagate learns about each business number (DESIGN §14),
+    /// compacted, keyed by phone_number_id.
+    Numbers,
 }
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
-/// How many topics there are.
-pub const TOPIC_COUNT: usize = 12;
-
 impl TopicId {
-    pub const ALL: [TopicId; TOPIC_COUNT] = [
+    /// How many topics there are.
+    pub const COUNT: usize = 13;
+
+    pub const ALL: [TopicId; TopicId::COUNT] = [
         TopicId::InboundMessages,
         TopicId::InboundStatuses,
         TopicId::InboundEvents,
@@ -44,6 +47,7 @@ impl TopicId {
         TopicId::Windows,
         TopicId::Users,
         TopicId::InboundIds,
+        TopicId::Numbers,
     ];
 
     /// The name without the prefix (`inbound.messages`).
@@ -66,6 +70,7 @@ impl TopicId {
             TopicId::Windows => TopicSpec::compact("windows"),
             TopicId::Users => TopicSpec::compact("users"),
             TopicId::InboundIds => TopicSpec::delete("inbound.ids", 2 * DAY_MS),
+            TopicId::Numbers => TopicSpec::compact("numbers"),
         }
     }
 
@@ -102,10 +107,10 @@ impl TopicSpec {
 }
 
 /// Every topic's spec, in [`TopicId::ALL`] order.
-pub const TOPICS: [TopicSpec; TOPIC_COUNT] = {
-    let mut out = [TopicId::InboundMessages.spec(); TOPIC_COUNT];
+pub const TOPICS: [TopicSpec; TopicId::COUNT] = {
+    let mut out = [TopicId::InboundMessages.spec(); TopicId::COUNT];
     let mut i = 0;
-    while i < TOPIC_COUNT {
+    while i < TopicId::COUNT {
         out[i] = TopicId::ALL[i].spec();
         i += 1;
     }
@@ -116,7 +121,7 @@ pub const TOPICS: [TopicSpec; TOPIC_COUNT] = {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
     prefix: String,
-    names: [String; TOPIC_COUNT],
+    names: [String; TopicId::COUNT],
 }
 
 impl Topics {

@@ -30,7 +30,9 @@ use governor::{Quota, RateLimiter};
 /// for its token right before writing the HTTP request, so that the spacing
 /// Meta sees is the spacing the limiter enforces.
 pub struct Throughput {
-    configured: u32,
+    /// The rate the number may use (adjustable at run time: Meta's
+    /// throughput level, see `numbers`).
+    configured: std::sync::atomic::AtomicU32,
     margin: Option<Duration>,
     inner: std::sync::Mutex<Inner>,
 }
@@ -103,7 +105,7 @@ impl Throughput {
     /// (`None`: only its completion bounds that; strict whatever the jitter).
     pub fn with_margin(rate: u32, margin: Option<Duration>) -> Throughput {
         Throughput {
-            configured: rate.max(1),
+            configured: std::sync::atomic::AtomicU32::new(rate.max(1)),
             margin,
             inner: std::sync::Mutex::new(Inner {
                 current: rate.max(1),
@@ -126,7 +128,24 @@ impl Throughput {
 
     /// The configured rate.
     pub fn configured(&self) -> u32 {
-        self.configured
+        self.configured.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Changes the configured rate at once (a throughput upgrade, or a
+    /// downgrade); a rate cut by 130429 below the new rate recovers from
+    /// there as usual. No-op when unchanged.
+    pub fn set_configured(&self, rate: u32) {
+        let rate = rate.max(1);
+        let old = self
+            .configured
+            .swap(rate, std::sync::atomic::Ordering::Relaxed);
+        if old == rate {
+            return;
+        }
+        let current = self.rate();
+        if current == old || current > rate {
+            self.set(rate);
+        }
     }
 
     /// A ticket to send now, else how long to wait.
@@ -185,9 +204,10 @@ impl Throughput {
     /// Restores a quarter of the lost rate (called periodically while healthy).
     pub fn recover(&self) {
         let current = self.rate();
-        if current < self.configured {
-            let step = ((self.configured - current) / 4).max(1);
-            self.set((current + step).min(self.configured));
+        let configured = self.configured();
+        if current < configured {
+            let step = ((configured - current) / 4).max(1);
+            self.set((current + step).min(configured));
         }
     }
 
@@ -319,6 +339,18 @@ mod tests {
         let one = Throughput::new(1);
         one.cut();
         assert_eq!(one.rate(), 1);
+    }
+
+    #[test]
+    fn the_configured_rate_changes_at_run_time() {
+        let t = Throughput::new(80);
+        t.set_configured(1000);
+        assert_eq!((t.rate(), t.configured()), (1000, 1000));
+        t.cut();
+        t.set_configured(2000);
+        assert_eq!(t.rate(), 500, "a cut rate recovers from where it is");
+        t.set_configured(80);
+        assert_eq!((t.rate(), t.configured()), (80, 80));
     }
 
     #[test]

@@ -29,6 +29,7 @@
 //! request bodies, tables of limiter state, the phones known behind BSUIDs,
 //! the record of sends, and the status webhook queue.
 
+pub mod account;
 pub mod error;
 pub mod identity;
 pub mod limits;
@@ -192,6 +193,11 @@ pub struct SandboxConfig {
     /// [`Sandbox::inbound_body`] gives them no `from`/`wa_id`. Their BSUIDs
     /// always resolve to their phones.
     pub username_users: Vec<String>,
+    /// Accepted sends per second of a number at Meta's `HIGH` throughput
+    /// level (see [`account`]); `default_throughput` is the `STANDARD` one.
+    pub high_throughput: u32,
+    /// The sandbox app's id (`subscribed_apps`, `debug_token`).
+    pub app_id: String,
 }
 
 impl Default for SandboxConfig {
@@ -212,6 +218,8 @@ impl Default for SandboxConfig {
             api_version: "v23.0".into(),
             authentication_templates: vec!["otp".into(), "auth_code".into()],
             username_users: Vec::new(),
+            high_throughput: 1000,
+            app_id: account::APP_ID.into(),
         }
     }
 }
@@ -313,6 +321,7 @@ struct State {
     webhooks: Option<mpsc::Sender<status::Queued>>,
     webhook_counters: Arc<status::Counters>,
     stop: CancellationToken,
+    accounts: Mutex<account::Accounts>,
 }
 
 /// A running sandbox. Dropping it stops the server too; [`Sandbox::shutdown`]
@@ -378,6 +387,7 @@ impl Sandbox {
             webhooks,
             webhook_counters: counters,
             stop: stop_rx.clone(),
+            accounts: Mutex::new(account::Accounts::default()),
             cfg,
         });
         let limits = Limits {
@@ -549,6 +559,10 @@ fn roll(p: f64) -> bool {
 }
 
 async fn handle(st: Arc<State>, req: http::Req) -> Response<Body> {
+    let req = match account::handle(&st, req).await {
+        Ok(answer) => return answer,
+        Err(req) => req,
+    };
     if req.method() == Method::POST {
         st.attempts.fetch_add(1, Ordering::Relaxed);
     }
@@ -606,6 +620,9 @@ async fn handle(st: Arc<State>, req: http::Req) -> Response<Body> {
     let user = st.resolve(&fields);
     if let Some(code) = st.fixed_error(&number, &user) {
         return GraphError::of(code).response();
+    }
+    if st.restricted(&number) {
+        return GraphError::of(131031).response();
     }
     let inj = &st.cfg.error_rates;
     if roll(inj.timeout) {
@@ -722,16 +739,20 @@ impl State {
             .with_title("An active access token must be used")
             .with_subcode(Some(467)));
         }
-        let known = self.cfg.access_tokens.is_empty()
-            || self.cfg.access_tokens.iter().fold(false, |ok, t| {
-                ok | bool::from(t.as_bytes().ct_eq(token.as_bytes()))
-            });
-        if !known {
+        if !self.token_known(&token) {
             return Err(GraphError::new(190, "Invalid OAuth access token.")
                 .with_title("Invalid OAuth access token - Cannot parse access token")
                 .with_subcode(Some(467)));
         }
         Ok(())
+    }
+
+    /// Whether the sandbox accepts `token` (constant-time per token).
+    fn token_known(&self, token: &str) -> bool {
+        self.cfg.access_tokens.is_empty()
+            || self.cfg.access_tokens.iter().fold(false, |ok, t| {
+                ok | bool::from(t.as_bytes().ct_eq(token.as_bytes()))
+            })
     }
 
     /// The user a send addresses; a send by phone teaches the sandbox that
@@ -797,12 +818,7 @@ impl State {
         user: Resolved,
         body: Value,
     ) -> Result<RecordedSend, GraphError> {
-        let quota = self
-            .cfg
-            .throughput_overrides
-            .get(&number)
-            .copied()
-            .unwrap_or(self.cfg.default_throughput);
+        let quota = self.quota_of(&number);
         let mut gate = lock(&self.gate);
         // Taken under the lock: arrival times are monotonic across sends.
         let now = Instant::now();

@@ -171,7 +171,7 @@ pub async fn run(
 }
 
 /// POSTs one signed body, retrying anything but a 200 with backoff.
-async fn post(
+pub(super) async fn post(
     client: &Client<HttpConnector, Full<Bytes>>,
     uri: &Uri,
     secret: &str,

@@ -128,12 +128,8 @@ impl Egress {
         };
         let lane = lanes.entry(number.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            let rate = self
-                .cfg
-                .numbers
-                .get(&number)
-                .and_then(|n| n.throughput)
-                .unwrap_or(self.cfg.default_throughput);
+            self.numbers.want(&number);
+            let rate = self.numbers.rate(&number, &self.cfg, self.high_throughput);
             let lane = Lane::new(number.clone(), token, rate, &self.cfg);
             tokio::spawn(lane.run(self.clone(), rx));
             tx

@@ -120,6 +120,11 @@ pub struct Egress {
     history: Mutex<History>,
     oldest: Mutex<HashMap<String, Instant>>,
     buffered: Arc<Semaphore>,
+    /// Number state learnt from Meta: throughput level, restrictions, limits.
+    numbers: Arc<crate::numbers::Numbers>,
+    high_throughput: u32,
+    /// Requests held per restricted number.
+    restricted_held: Mutex<HashMap<String, usize>>,
 }
 
 impl Egress {
@@ -153,6 +158,37 @@ impl Egress {
             history: Mutex::new(History::default()),
             oldest: Mutex::new(HashMap::new()),
             buffered: Arc::new(Semaphore::new(cfg.egress.max_buffered)),
+            numbers: Arc::new(crate::numbers::Numbers::default()),
+            high_throughput: cfg.numbers.high_throughput,
+            restricted_held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Follows this number state (see `numbers`): lanes' throughput,
+    /// restrictions and the portfolios' tiers.
+    pub fn with_numbers(mut self, numbers: Arc<crate::numbers::Numbers>) -> Egress {
+        self.numbers = numbers;
+        self
+    }
+
+    /// Requests held now in the lanes of restricted numbers.
+    pub fn restricted_held(&self) -> usize {
+        self.restricted_held.lock().unwrap().values().sum()
+    }
+
+    /// Portfolios without a configured limit take Meta's messaging limit.
+    fn follow_tiers(&self, seen: &mut u64) {
+        let g = self.numbers.generation();
+        if g == *seen {
+            return;
+        }
+        *seen = g;
+        for (p, numbers) in self.tiers.portfolios() {
+            if p.follows_meta {
+                if let Some(limit) = self.numbers.messaging_limit(&numbers) {
+                    p.set_meta_limit(limit);
+                }
+            }
         }
     }
 
@@ -191,10 +227,14 @@ impl Egress {
         let mut prune_tick = tokio::time::interval(Duration::from_secs(60));
         prune_tick.tick().await;
         tracing::info!(topic = %self.topics.name(TopicId::OutboundRequests), group = %self.cfg.group_id, "egress draining");
+        let mut tiers_seen = u64::MAX;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = commit_tick.tick() => self.commit(&consumer),
+                _ = commit_tick.tick() => {
+                    self.commit(&consumer);
+                    self.follow_tiers(&mut tiers_seen);
+                }
                 _ = prune_tick.tick() => {
                     let me = self.clone();
                     tokio::task::spawn_blocking(move || me.pair.retain_recent());

@@ -40,6 +40,11 @@ pub(super) struct Lane {
     closed: bool,
     /// The revocation generation last applied to the queue.
     revoked_seen: u64,
+    /// The `numbers` generation last applied (rate, restriction).
+    numbers_seen: u64,
+    /// Why Meta does not let the number send now (a restriction): the lane
+    /// holds its requests.
+    held: Option<String>,
 }
 
 impl Lane {
@@ -57,7 +62,80 @@ impl Lane {
             circuit: Circuit::default(),
             closed: false,
             revoked_seen: 0,
+            numbers_seen: u64::MAX,
+            held: None,
         }
+    }
+
+    /// Applies what `numbers` says of this number: Meta's throughput level
+    /// (at once, e.g. after `THROUGHPUT_UPGRADE`) and a restriction (looked
+    /// at on every turn while held: it may expire).
+    fn follow_numbers(&mut self, eg: &Egress) {
+        let g = eg.numbers.generation();
+        if g == self.numbers_seen && self.held.is_none() {
+            return;
+        }
+        if g != self.numbers_seen {
+            self.numbers_seen = g;
+            let rate = eg.numbers.rate(&self.number, &eg.cfg, eg.high_throughput);
+            if rate != self.throughput.configured() {
+                tracing::info!(phone_number_id = %self.number, rate, "number throughput changed");
+                self.throughput.set_configured(rate);
+            }
+        }
+        let held = eg.numbers.held(&self.number, now_ms());
+        if held.is_some() != self.held.is_some() {
+            match &held {
+                Some(why) => {
+                    tracing::warn!(phone_number_id = %self.number, why = %why, "number restricted: its lane holds")
+                }
+                None => {
+                    tracing::info!(phone_number_id = %self.number, "number restriction lifted: its lane resumes")
+                }
+            }
+        }
+        self.held = held;
+        let mut h = eg.restricted_held.lock().unwrap();
+        if self.held.is_some() {
+            h.insert(self.number.clone(), self.queue.len());
+        } else {
+            h.remove(&self.number);
+        }
+    }
+
+    /// While the number is restricted: nothing is sent; a request ends
+    /// when it expires, or `blocked: number_restricted` once it waited
+    /// `egress.circuit_hold_max_ms`.
+    fn pick_held(&mut self, eg: &Egress, why: &str) -> Pick {
+        let now = Instant::now();
+        let now_ms = now_ms();
+        let hold_max = eg.cfg.circuit_hold_max;
+        let ends = |j: &Job| {
+            j.req.expires_at_ms.is_some_and(|e| now_ms >= e) || j.enqueued.elapsed() >= hold_max
+        };
+        if let Some(i) = self.queue.iter().position(ends) {
+            let job = self.queue.remove(i).expect("index from the scan");
+            if job.req.expires_at_ms.is_some_and(|e| now_ms >= e) {
+                let err = job.last_error.clone().unwrap_or_else(|| {
+                    ResultError::gateway(GatewayCode::Expired, policy::Block::Expired.title(), None)
+                });
+                return Pick::End(job, Verdict::Expired(err));
+            }
+            metrics::counter!(m::EGRESS_BLOCKED, "reason" => "number_restricted").increment(1);
+            let err = ResultError::gateway(
+                GatewayCode::NumberRestricted,
+                "Meta restricted the business number: wagate held the send instead of failing it at Meta",
+                Some(why.to_string()),
+            );
+            return Pick::End(job, Verdict::Blocked(err));
+        }
+        let next = self
+            .queue
+            .iter()
+            .map(|j| j.enqueued + hold_max)
+            .min()
+            .unwrap_or(now + Duration::from_secs(1));
+        Pick::WaitUntil(next.min(now + Duration::from_secs(1)))
     }
 
     /// Runs the lane until its sender is dropped and everything queued or
@@ -66,6 +144,7 @@ impl Lane {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         loop {
             self.apply_revocations(&eg);
+            self.follow_numbers(&eg);
             while let Ok(done) = done_rx.try_recv() {
                 self.completed(&eg, done);
             }
@@ -79,6 +158,7 @@ impl Lane {
             eg.publish_oldest(&self.number, &self.queue);
             if self.closed && self.queue.is_empty() && self.in_flight.is_empty() {
                 eg.oldest.lock().unwrap().remove(&self.number);
+                eg.restricted_held.lock().unwrap().remove(&self.number);
                 return;
             }
             let wake = match self.pick(&eg) {
@@ -192,6 +272,9 @@ impl Lane {
     /// (expired, circuit, policy, tier), delayed (pair rate), handed over
     /// (revoked) or sent.
     fn pick(&mut self, eg: &Egress) -> Pick {
+        if let Some(why) = self.held.clone() {
+            return self.pick_held(eg, &why);
+        }
         let now = Instant::now();
         let mut wake = now + Duration::from_secs(1);
         if let Some(t) = self.hold_until.filter(|t| *t > now) {
@@ -271,7 +354,8 @@ impl Lane {
             metrics::counter!(m::EGRESS_BLOCKED, "reason" => "tier_limit").increment(1);
             let details = format!(
                 "portfolio {} reached {} users in 24 h",
-                portfolio.name, portfolio.limit
+                portfolio.name,
+                portfolio.limit()
             );
             let err = ResultError::gateway(
                 GatewayCode::TierLimit,

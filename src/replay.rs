@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
@@ -495,11 +495,7 @@ fn missing_topics(
     conn: &crate::kafka::Connection,
     names: &[String],
 ) -> anyhow::Result<Vec<String>> {
-    let consumer: BaseConsumer<crate::kafka::ConnContext> = conn
-        .client_config(|cc| {
-            cc.set("group.id", "wagate-replay");
-        })
-        .create_with_context(crate::kafka::ConnContext(conn.diagnostics().clone()))?;
+    let consumer = crate::kafka::reader(conn, "wagate-replay", |_| {})?;
     let md = consumer.fetch_metadata(None, Duration::from_secs(10))?;
     let have: std::collections::HashSet<&str> = md
         .topics()
@@ -533,58 +529,23 @@ fn read_raw(
     out: &tokio::sync::mpsc::Sender<RawBody>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let consumer: BaseConsumer<crate::kafka::ConnContext> = conn
-        .client_config(|cc| {
-            cc.set("group.id", "wagate-replay")
-                .set("enable.auto.commit", "false")
-                .set("enable.partition.eof", "false")
-                .set("fetch.wait.max.ms", "50");
-        })
-        .create_with_context(crate::kafka::ConnContext(conn.diagnostics().clone()))?;
+    let consumer = crate::kafka::reader(conn, "wagate-replay", |cc| {
+        cc.set("fetch.wait.max.ms", "50");
+    })?;
     let timeout = Duration::from_secs(10);
-    let md = consumer.fetch_metadata(Some(topic), timeout)?;
-    let parts = md
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0) as i32;
-    anyhow::ensure!(parts > 0, "{topic}: no such topic");
-    let lookup = |ms: u64| -> Option<TopicPartitionList> {
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..parts {
-            tpl.add_partition_offset(topic, p, Offset::Offset(ms as i64))
-                .ok()?;
-        }
-        consumer.offsets_for_times(tpl, timeout).ok()
-    };
-    let starts = from_ms.and_then(lookup);
-    // Only a past time is looked up (Tansu 0.6 answers offset 0, not -1,
-    // for a time after its last record); the receipt header decides anyway.
-    let ends = to_ms
-        .map(|t| t.saturating_add(TO_SLACK_MS))
-        .filter(|t| *t < crate::clock::now_ms())
-        .and_then(lookup);
-    let found = |tpl: &Option<TopicPartitionList>, p: i32, low: i64, high: i64| -> Option<i64> {
-        tpl.as_ref()
-            .and_then(|f| f.find_partition(topic, p))
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) if o >= low => Some(o.min(high)),
-                _ => None,
-            })
-    };
     let mut assign = TopicPartitionList::new();
     let mut remaining = std::collections::HashMap::new();
-    for p in 0..parts {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-        let start = found(&starts, p, low, high).unwrap_or(low);
-        // An end before the start is an answer not to trust: read to the end.
-        let end = found(&ends, p, low, high)
-            .filter(|e| *e > start)
-            .unwrap_or(high);
-        tracing::debug!(partition = p, low, high, start, end, "replay: raw range");
-        if end > start {
-            remaining.insert(p, end);
-            assign.add_partition_offset(topic, p, Offset::Offset(start))?;
+    let until = to_ms.map(|t| t.saturating_add(TO_SLACK_MS));
+    for r in crate::kafka::ranges(&consumer, topic, from_ms, until, timeout)? {
+        tracing::debug!(
+            partition = r.partition,
+            start = r.start,
+            end = r.end,
+            "replay: raw range"
+        );
+        if r.end > r.start {
+            remaining.insert(r.partition, r.end);
+            assign.add_partition_offset(topic, r.partition, Offset::Offset(r.start))?;
         }
     }
     if remaining.is_empty() {

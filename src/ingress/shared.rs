@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -267,55 +267,24 @@ pub fn tail(
     stop: &CancellationToken,
 ) -> Result<(), KafkaError> {
     let wait_ms = (opts.propagation.as_millis() as u64 / 10).clamp(5, 100);
-    let consumer: BaseConsumer<crate::kafka::ConnContext> = conn
-        .client_config(|cc| {
-            cc.set("group.id", "wagate-dedupe")
-                .set("enable.auto.commit", "false")
-                .set("enable.partition.eof", "false")
-                .set("fetch.wait.max.ms", wait_ms.to_string())
-                .set("fetch.queue.backoff.ms", "5");
-        })
-        .create_with_context(crate::kafka::ConnContext(conn.diagnostics().clone()))?;
+    let consumer = crate::kafka::reader(conn, "wagate-dedupe", |cc| {
+        cc.set("fetch.wait.max.ms", wait_ms.to_string())
+            .set("fetch.queue.backoff.ms", "5");
+    })?;
     let timeout = Duration::from_secs(10);
     let topic = opts.topic.as_str();
-    let md = consumer.fetch_metadata(Some(topic), timeout)?;
-    let parts = md
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0) as i32;
-    if parts == 0 {
-        return Err(KafkaError::MetadataFetch(
-            rdkafka::error::RDKafkaErrorCode::UnknownTopicOrPartition,
-        ));
-    }
     let since_ms = crate::clock::now_ms().saturating_sub(u64::from(dedupe.window_secs()) * 1000);
     let started = Instant::now();
-    // Where the window starts in each partition, and where "caught up" is.
-    let mut by_time = TopicPartitionList::new();
-    for p in 0..parts {
-        by_time.add_partition_offset(topic, p, Offset::Offset(since_ms as i64))?;
-    }
-    // A broker that cannot look offsets up by time (librdkafka's mock
-    // cluster answers -1) is read from its low watermark; ids older than the
-    // window are then skipped by `learn`.
-    let found = consumer.offsets_for_times(by_time, timeout).ok();
+    // Where the window starts in each partition, and where "caught up" is
+    // (without a time index, from the oldest record: ids older than the
+    // window are then skipped by `learn`).
     let mut assign = TopicPartitionList::new();
     let mut behind: HashMap<i32, i64> = HashMap::new();
-    for p in 0..parts {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-        let start = found
-            .as_ref()
-            .and_then(|f| f.find_partition(topic, p))
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) if o >= low => Some(o.min(high)),
-                _ => None,
-            })
-            .unwrap_or(low);
-        if high > start {
-            behind.insert(p, high);
+    for r in crate::kafka::ranges(&consumer, topic, Some(since_ms), None, timeout)? {
+        if r.end > r.start {
+            behind.insert(r.partition, r.end);
         }
-        assign.add_partition_offset(topic, p, Offset::Offset(start))?;
+        assign.add_partition_offset(topic, r.partition, Offset::Offset(r.start))?;
     }
     consumer.assign(&assign)?;
     let remaining = |behind: &HashMap<i32, i64>, at: &HashMap<i32, i64>| -> i64 {

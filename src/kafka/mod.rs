@@ -31,7 +31,7 @@ pub use producer::{
     CompletionContext, Delivery, HeaderPair, KafkaProducer, Pending, RecordAck, RecordTag,
     SendError,
 };
-pub use read::{read_since, read_topic, ReadOptions, TailRecord};
+pub use read::{ranges, read_since, read_topic, reader, Range, ReadOptions, TailRecord};
 pub use stats::{consumer_lag_by_topic, record_consumer_lag, LagContext, STATISTICS_INTERVAL_MS};
 pub use topics::{TopicId, TopicSpec, Topics, TOPICS};
 

@@ -94,6 +94,92 @@ pub fn read_topic(
     Ok(n)
 }
 
+/// A consumer that reads partitions it is assigned, without a group's
+/// offsets (nothing committed, no end-of-partition events), with `extra`
+/// settings on top.
+pub fn reader(
+    conn: &Connection,
+    group_id: &str,
+    extra: impl FnOnce(&mut rdkafka::ClientConfig),
+) -> Result<BaseConsumer<ConnContext>, KafkaError> {
+    conn.client_config(|cc| {
+        cc.set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false");
+        extra(cc);
+    })
+    .create_with_context(ConnContext(conn.diagnostics().clone()))
+}
+
+/// What to read of one partition: `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub partition: i32,
+    pub start: i64,
+    pub end: i64,
+}
+
+/// Each partition of `topic` from the first record at or after `since_ms`
+/// (None: the oldest) to the first at or after `until_ms` (None, or a time
+/// not yet past: the high watermark now). A broker that cannot look offsets
+/// up by time (librdkafka's mock cluster answers -1), or answers an end
+/// before the start (Tansu 0.6 answers 0 for a time after its last record),
+/// gets the watermarks: callers filter by time when it matters. An unknown
+/// topic is an error.
+pub fn ranges<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
+    timeout: Duration,
+) -> Result<Vec<Range>, KafkaError> {
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let parts = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0) as i32;
+    if parts == 0 {
+        return Err(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ));
+    }
+    let lookup = |ms: u64| -> Option<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..parts {
+            tpl.add_partition_offset(topic, p, Offset::Offset(ms as i64))
+                .ok()?;
+        }
+        consumer.offsets_for_times(tpl, timeout).ok()
+    };
+    let starts = since_ms.and_then(lookup);
+    let ends = until_ms
+        .filter(|t| *t < crate::clock::now_ms())
+        .and_then(lookup);
+    let found = |tpl: &Option<TopicPartitionList>, p: i32, low: i64, high: i64| {
+        tpl.as_ref()
+            .and_then(|f| f.find_partition(topic, p))
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) if o >= low => Some(o.min(high)),
+                _ => None,
+            })
+    };
+    let mut out = Vec::with_capacity(parts as usize);
+    for p in 0..parts {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        let start = found(&starts, p, low, high).unwrap_or(low);
+        let end = found(&ends, p, low, high)
+            .filter(|e| *e > start)
+            .unwrap_or(high);
+        out.push(Range {
+            partition: p,
+            start,
+            end,
+        });
+    }
+    Ok(out)
+}
+
 /// Reads every record of `topic` written since `since_ms` up to the high
 /// watermarks at the time of the call, calling `each(key, payload)`.
 /// Blocking: run it on a blocking thread.
@@ -103,55 +189,18 @@ pub fn read_since(
     since_ms: u64,
     mut each: impl FnMut(Option<&[u8]>, &[u8]),
 ) -> Result<usize, KafkaError> {
-    let consumer: BaseConsumer<ConnContext> = conn
-        .client_config(|cc| {
-            cc.set("group.id", "wagate-history")
-                .set("enable.auto.commit", "false")
-                .set("enable.partition.eof", "false")
-                .set("fetch.wait.max.ms", "50")
-                .set("fetch.queue.backoff.ms", "10");
-        })
-        .create_with_context(ConnContext(conn.diagnostics().clone()))?;
+    let consumer = reader(conn, "wagate-history", |cc| {
+        cc.set("fetch.wait.max.ms", "50")
+            .set("fetch.queue.backoff.ms", "10");
+    })?;
     let timeout = Duration::from_secs(10);
-    let md = consumer.fetch_metadata(Some(topic), timeout)?;
-    let parts = md
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0) as i32;
     let mut ends = std::collections::HashMap::new();
     let mut tpl = TopicPartitionList::new();
-    for p in 0..parts {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-        if high > low {
-            ends.insert(p, high);
-            tpl.add_partition_offset(topic, p, Offset::Offset(since_ms as i64))?;
+    for r in ranges(&consumer, topic, Some(since_ms), None, timeout)? {
+        if r.end > r.start {
+            ends.insert(r.partition, r.end);
+            tpl.add_partition_offset(topic, r.partition, Offset::Offset(r.start))?;
         }
-    }
-    if ends.is_empty() {
-        return Ok(0);
-    }
-    // Where each partition's records since `since_ms` start. A broker that
-    // cannot look offsets up by time (librdkafka's mock cluster answers -1)
-    // gets read from its low watermark, filtered by timestamp below.
-    let found = consumer.offsets_for_times(tpl, timeout).ok();
-    let mut tpl = TopicPartitionList::new();
-    let parts_with_data: Vec<(i32, i64)> = ends.iter().map(|(p, h)| (*p, *h)).collect();
-    for (p, high) in parts_with_data {
-        let low = consumer.fetch_watermarks(topic, p, timeout)?.0;
-        let start = found
-            .as_ref()
-            .and_then(|f| f.find_partition(topic, p))
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) if o >= low => Some(o),
-                _ => None,
-            })
-            .unwrap_or(low);
-        if start >= high {
-            ends.remove(&p);
-            continue;
-        }
-        tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
     }
     if ends.is_empty() {
         return Ok(0);

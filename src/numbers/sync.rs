@@ -55,28 +55,22 @@ pub fn tail(
     stop: &CancellationToken,
 ) -> Result<(), rdkafka::error::KafkaError> {
     let mut on_caught_up = Some(on_caught_up);
-    let consumer: BaseConsumer<ConnContext> = conn
-        .client_config(|cc| {
-            cc.set("group.id", "wagate-numbers-tail")
-                .set("enable.auto.commit", "false")
-                .set("enable.partition.eof", "false");
-        })
-        .create_with_context(ConnContext(conn.diagnostics().clone()))?;
+    let consumer = crate::kafka::reader(conn, "wagate-numbers-tail", |_| {})?;
     let timeout = Duration::from_secs(10);
-    let md = consumer.fetch_metadata(Some(topic), timeout)?;
-    let parts = md
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0) as i32;
     let mut ends = std::collections::HashMap::new();
     let mut tpl = TopicPartitionList::new();
-    for p in 0..parts {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-        if high > low {
-            ends.insert(p, high);
+    // A missing topic reads as empty, as before (`topics check` names it).
+    let ranges = match crate::kafka::ranges(&consumer, topic, None, None, timeout) {
+        Err(rdkafka::error::KafkaError::MetadataFetch(
+            rdkafka::error::RDKafkaErrorCode::UnknownTopicOrPartition,
+        )) => Vec::new(),
+        r => r?,
+    };
+    for r in ranges {
+        if r.end > r.start {
+            ends.insert(r.partition, r.end);
         }
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        tpl.add_partition_offset(topic, r.partition, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
     let started = std::time::Instant::now();

@@ -191,13 +191,17 @@ impl Gateway {
         let contacts = Arc::new(MemoryContacts::new());
         // Every topic name, resolved once from the prefix.
         let topics = Topics::new(&cfg.kafka.topic_prefix);
-        let ingress = Arc::new(Ingress::new(
-            &cfg,
-            topics.clone(),
-            ingress_producers,
-            dedupe.clone(),
-            Some(contacts.clone() as Arc<dyn Contacts>),
-        ));
+        let templates = Arc::new(crate::templates::Registry::from_config(&cfg));
+        let ingress = Arc::new(
+            Ingress::new(
+                &cfg,
+                topics.clone(),
+                ingress_producers,
+                dedupe.clone(),
+                Some(contacts.clone() as Arc<dyn Contacts>),
+            )
+            .with_templates(templates.clone()),
+        );
         let ready = Arc::new(Readiness::default());
         let admin = Arc::new(Admin {
             metrics: metrics.clone(),
@@ -249,12 +253,15 @@ impl Gateway {
             )),
         ];
         let egress_plane = cfg.egress.enabled.then(|| {
-            Arc::new(Egress::new(
-                &cfg,
-                topics.clone(),
-                producer.clone(),
-                contacts.clone() as Arc<dyn Contacts>,
-            ))
+            Arc::new(
+                Egress::new(
+                    &cfg,
+                    topics.clone(),
+                    producer.clone(),
+                    contacts.clone() as Arc<dyn Contacts>,
+                )
+                .with_templates(templates.clone()),
+            )
         });
         let egress = egress_plane.clone().map(|e| {
             let stop = rx.clone();
@@ -288,6 +295,15 @@ impl Gateway {
                 rx.clone(),
             )),
         ];
+        background.extend(crate::templates::spawn(
+            &cfg,
+            &topics,
+            templates,
+            producer.clone(),
+            ready.clone(),
+            contacts_stop.clone(),
+            rx.clone(),
+        )?);
         for (name, tls) in [("public", public_tls), ("internal", internal_tls)] {
             if let Some(tls) = tls {
                 background.push(tokio::spawn(crate::tls::watch(

@@ -19,4 +19,5 @@ pub mod meta;
 pub mod metrics;
 pub mod ratelimit;
 pub mod sandbox;
+pub mod templates;
 pub mod tls;

@@ -44,6 +44,15 @@ pub const CONTACTS_BOOTSTRAP_REMAINING: &str = "wagate_contacts_bootstrap_remain
 pub const CONTACTS_BOOTSTRAP_SECONDS: &str = "wagate_contacts_bootstrap_seconds";
 pub const CONSUMER_LAG: &str = "wagate_consumer_lag";
 pub const BUILD_INFO: &str = "wagate_build_info";
+/// The template registry (DESIGN §14).
+pub const TEMPLATES: &str = "wagate_templates";
+pub const TEMPLATES_USED_NOT_APPROVED: &str = "wagate_templates_used_not_approved";
+pub const TEMPLATES_REFRESH: &str = "wagate_templates_refresh_total";
+pub const TEMPLATES_BOOTSTRAP_SECONDS: &str = "wagate_templates_bootstrap_seconds";
+pub const TEMPLATES_BOOTSTRAP_REMAINING: &str = "wagate_templates_bootstrap_remaining_partitions";
+pub const EGRESS_TEMPLATE_BLOCKED: &str = "wagate_egress_template_blocked_total";
+pub const EGRESS_TEMPLATE_CATEGORY_CORRECTED: &str =
+    "wagate_egress_template_category_corrections_total";
 
 /// Buckets for latency histograms, in seconds (0.5 ms … 10 s).
 pub const LATENCY_BUCKETS: &[f64] = &[

@@ -19,6 +19,8 @@ pub struct Readiness {
     pub kafka: AtomicBool,
     /// The contacts state has caught up with its topics.
     pub contacts: AtomicBool,
+    /// The template registry has caught up with `wa.templates`.
+    pub templates: AtomicBool,
     /// Shutdown has begun: not ready, whatever else holds.
     pub draining: AtomicBool,
     /// While Kafka does not answer: the connection problem the clients
@@ -30,6 +32,7 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         self.kafka.load(Ordering::Relaxed)
             && self.contacts.load(Ordering::Relaxed)
+            && self.templates.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
     }
 }
@@ -72,8 +75,10 @@ impl Admin {
                             Some(p) => format!("kafka unreachable: {}", p.hint()).into(),
                             None => "kafka unreachable".into(),
                         }
-                    } else {
+                    } else if !r.contacts.load(Ordering::Relaxed) {
                         "contacts state catching up".into()
+                    } else {
+                        "template registry catching up".into()
                     };
                     http::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"))
                 }

@@ -93,6 +93,7 @@ pub struct Config {
     pub graph: GraphConfig,
     pub contacts: ContactsConfig,
     pub log: LogConfig,
+    pub templates: TemplatesConfig,
     pub apps: Vec<AppConfig>,
     pub tenants: Vec<TenantConfig>,
 }
@@ -119,7 +120,7 @@ pub struct KafkaConfig {
     /// (off for `--dev`: the mock cluster cannot say).
     pub check_record_limit: bool,
     /// What `topics create` sets per topic, in [`TopicId::ALL`] order.
-    pub topics: [TopicSettings; 11],
+    pub topics: [TopicSettings; TopicId::COUNT],
 }
 
 impl KafkaConfig {
@@ -199,6 +200,13 @@ pub struct PortfolioConfig {
 pub struct NumberConfig {
     pub throughput: Option<u32>,
     pub access_token: Option<Secret>,
+    pub waba_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TemplatesConfig {
+    /// `templates.refresh_secs`.
+    pub refresh: Duration,
 }
 
 #[derive(Debug, Clone)]

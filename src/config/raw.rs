@@ -21,6 +21,8 @@ pub struct RawConfig {
     pub graph: RawGraph,
     pub contacts: RawContacts,
     pub log: RawLog,
+    /// The template registry (DESIGN §14).
+    pub templates: RawTemplates,
     /// Meta apps by name; the bare `/webhook` route uses `default`.
     pub apps: BTreeMap<String, RawApp>,
     /// API tenants by name.
@@ -225,6 +227,8 @@ pub struct RawNumber {
     pub throughput: u64,
     pub access_token_env: String,
     pub access_token_file: String,
+    /// The WhatsApp Business Account the number belongs to (its templates).
+    pub waba_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -278,6 +282,7 @@ impl Default for RawConfig {
             graph: RawGraph::default(),
             contacts: RawContacts::default(),
             log: RawLog::default(),
+            templates: RawTemplates::default(),
             apps: BTreeMap::new(),
             tenants: BTreeMap::new(),
         }
@@ -394,5 +399,19 @@ impl Default for RawLog {
             format: "text".into(),
             level: "info".into(),
         }
+    }
+}
+
+/// `[templates]`: the template registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTemplates {
+    /// Every WABA's templates are listed from the Graph API this often.
+    pub refresh_secs: u64,
+}
+
+impl Default for RawTemplates {
+    fn default() -> Self {
+        RawTemplates { refresh_secs: 300 }
     }
 }

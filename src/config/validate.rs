@@ -82,6 +82,12 @@ pub(super) fn validate(
         graph,
         contacts,
         log,
+        templates: TemplatesConfig {
+            refresh: Duration::from_secs(positive(
+                "templates.refresh_secs",
+                raw.templates.refresh_secs,
+            )?),
+        },
         apps,
         tenants,
     })
@@ -234,7 +240,7 @@ fn topic_settings(
     raw: &BTreeMap<String, RawTopic>,
     partitions: i32,
     replication_factor: i32,
-) -> Result<[TopicSettings; 11], ConfigError> {
+) -> Result<[TopicSettings; TopicId::COUNT], ConfigError> {
     if let Some(name) = raw
         .keys()
         .find(|n| !TopicId::ALL.iter().any(|t| topic_key(*t) == **n))
@@ -250,7 +256,7 @@ fn topic_settings(
         replication_factor,
         retention_ms: -1,
         min_insync_replicas: None,
-    }; 11];
+    }; TopicId::COUNT];
     for (t, slot) in TopicId::ALL.iter().zip(out.iter_mut()) {
         let spec = t.spec();
         slot.retention_ms = spec.retention_ms;
@@ -377,6 +383,7 @@ fn egress(e: &RawEgress, env: &dyn Env) -> Result<EgressConfig, ConfigError> {
             NumberConfig {
                 throughput: (n.throughput > 0).then(|| n.throughput.min(u32::MAX as u64) as u32),
                 access_token: secret(&key, &n.access_token_env, &n.access_token_file, env)?,
+                waba_id: waba_id(&format!("egress.numbers.{id}.waba_id"), &n.waba_id)?,
             },
         );
     }
@@ -615,4 +622,15 @@ pub(super) fn contacts_config(c: &RawContacts) -> Result<ContactsConfig, ConfigE
         ));
     }
     Ok(cfg)
+}
+
+/// A WABA id: empty (none) or digits.
+fn waba_id(key: &str, v: &str) -> Result<Option<String>, ConfigError> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    if v.len() > 32 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(key, "a WABA id is digits"));
+    }
+    Ok(Some(v.to_string()))
 }

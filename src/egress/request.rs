@@ -38,7 +38,10 @@ pub struct SendRequest {
     /// The user's BSUID or parent BSUID, byte for byte.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipient: Option<String>,
-    pub category: Category,
+    /// Required for free-form (`service`); optional for templates, whose
+    /// category the template registry knows (it wins over the request's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<Category>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
     /// The Graph API message body without messaging_product / recipient_type / to.
@@ -80,6 +83,26 @@ impl SendRequest {
         self.message_type() == "template"
     }
 
+    /// The category the policy applies: the request's (corrected from the
+    /// template registry before the policy runs); a template whose category
+    /// nobody named is treated as marketing (the strictest) — egress blocks
+    /// such a request as `invalid_request` before it gets here.
+    pub fn category(&self) -> Category {
+        self.category.unwrap_or(if self.is_template() {
+            Category::Marketing
+        } else {
+            Category::Service
+        })
+    }
+
+    /// `message.template.name` and `.language.code` of a template send.
+    pub fn template_name_language(&self) -> Option<(&str, &str)> {
+        let t = self.message.get("template")?;
+        let name = t.get("name")?.as_str()?;
+        let lang = t.get("language")?.get("code")?.as_str()?;
+        Some((name, lang))
+    }
+
     /// The user as the contacts plane keys them: the digits of `to`, or
     /// the `recipient` BSUID.
     pub fn user(&self) -> String {
@@ -93,7 +116,7 @@ impl SendRequest {
     /// An authentication template (the one kind of send Meta refuses to a
     /// BSUID: 131062).
     pub fn is_authentication_template(&self) -> bool {
-        self.is_template() && self.category == Category::Authentication
+        self.is_template() && self.category == Some(Category::Authentication)
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -174,11 +197,11 @@ impl SendRequest {
             {
                 return Err("message.template.language.code: required".into());
             }
-            if self.category == Category::Service {
+            if self.category == Some(Category::Service) {
                 return Err("category: a template send must name its template's category (marketing, utility or authentication)".into());
             }
         } else if FREE_FORM.contains(&ty) {
-            if self.category != Category::Service {
+            if self.category.is_some_and(|c| c != Category::Service) {
                 return Err(format!(
                     "category: free-form messages ({ty}) are category service"
                 ));
@@ -244,6 +267,8 @@ pub enum GatewayCode {
     UnknownNumber,
     Expired,
     NotSent,
+    TemplateUnknown,
+    TemplateNotApproved,
 }
 
 impl GatewayCode {
@@ -259,6 +284,8 @@ impl GatewayCode {
             GatewayCode::UnknownNumber => "unknown_number",
             GatewayCode::Expired => "expired",
             GatewayCode::NotSent => "not_sent",
+            GatewayCode::TemplateUnknown => "template_unknown",
+            GatewayCode::TemplateNotApproved => "template_not_approved",
         }
     }
 }

@@ -120,9 +120,17 @@ pub struct Egress {
     history: Mutex<History>,
     oldest: Mutex<HashMap<String, Instant>>,
     buffered: Arc<Semaphore>,
+    /// The template registry a template send is checked against.
+    templates: Option<Arc<crate::templates::Registry>>,
 }
 
 impl Egress {
+    /// Checks template sends against `reg` (DESIGN §14).
+    pub fn with_templates(mut self, reg: Arc<crate::templates::Registry>) -> Egress {
+        self.templates = Some(reg);
+        self
+    }
+
     pub fn new(
         cfg: &Config,
         topics: Topics,
@@ -153,6 +161,7 @@ impl Egress {
             history: Mutex::new(History::default()),
             oldest: Mutex::new(HashMap::new()),
             buffered: Arc::new(Semaphore::new(cfg.egress.max_buffered)),
+            templates: None,
         }
     }
 

@@ -51,8 +51,7 @@ pub const TEMPLATES_REFRESH: &str = "wagate_templates_refresh_total";
 pub const TEMPLATES_BOOTSTRAP_SECONDS: &str = "wagate_templates_bootstrap_seconds";
 pub const TEMPLATES_BOOTSTRAP_REMAINING: &str = "wagate_templates_bootstrap_remaining_partitions";
 pub const EGRESS_TEMPLATE_BLOCKED: &str = "wagate_egress_template_blocked_total";
-pub const EGRESS_TEMPLATE_CATEGORY_CORRECTED: &str =
-    "wagate_egress_template_category_corrections_total";
+pub const TEMPLATE_CORRECTED: &str = "wagate_egress_template_category_corrections_total";
 
 /// Buckets for latency histograms, in seconds (0.5 ms … 10 s).
 pub const LATENCY_BUCKETS: &[f64] = &[

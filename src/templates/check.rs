@@ -255,7 +255,7 @@ pub fn check_send(
             corrected: Some((from, to)),
             ..
         }) => {
-            metrics::counter!(m::EGRESS_TEMPLATE_CATEGORY_CORRECTED).increment(1);
+            metrics::counter!(m::TEMPLATE_CORRECTED).increment(1);
             tracing::info!(
                 request_id = %req.request_id,
                 from = from.label(),

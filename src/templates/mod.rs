@@ -291,7 +291,7 @@ pub fn zero_metrics() {
     for r in TemplateBlock::REASONS {
         metrics::counter!(m::EGRESS_TEMPLATE_BLOCKED, "reason" => *r).absolute(0);
     }
-    metrics::counter!(m::EGRESS_TEMPLATE_CATEGORY_CORRECTED).absolute(0);
+    metrics::counter!(m::TEMPLATE_CORRECTED).absolute(0);
     for r in ["ok", "error"] {
         metrics::counter!(m::TEMPLATES_REFRESH, "result" => r).absolute(0);
     }

@@ -32,6 +32,8 @@ pub struct Gateway {
     pub metrics: PrometheusHandle,
     /// The contacts cache egress consults.
     pub contacts: Arc<MemoryContacts>,
+    /// The template registry egress checks template sends against.
+    pub templates: Arc<crate::templates::Registry>,
     /// The one shutdown signal: listeners, egress and background tasks.
     shutdown: CancellationToken,
     /// Cancelled after egress has drained: the contacts readers stop last.
@@ -298,7 +300,7 @@ impl Gateway {
         background.extend(crate::templates::spawn(
             &cfg,
             &topics,
-            templates,
+            templates.clone(),
             producer.clone(),
             ready.clone(),
             contacts_stop.clone(),
@@ -331,6 +333,7 @@ impl Gateway {
             ready,
             metrics,
             contacts,
+            templates,
             shutdown,
             contacts_stop,
             contacts_thread: Some(contacts_thread),

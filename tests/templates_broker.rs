@@ -467,3 +467,48 @@ async fn without_knowledge_sends_proceed_and_a_restart_reads_the_registry_back()
     assert_eq!(one(&by, "known-ok")["outcome"], "accepted");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_received_by_one_instance_reaches_the_other() {
+    let _serial = SERIAL.lock().await;
+    let b = brokers();
+    let p = unique_prefix("tpl-fleet");
+    let port = free_port();
+    let sb = sandbox_with(port, Some(library()), 100).await;
+    // The sandbox's webhooks go to `a`; `b` learns only from wa.templates.
+    let a = gateway(&b, &p, &sb, port, &[(NUMBER, WABA)]).await;
+    let other = gateway(&b, &p, &sb, free_port(), &[(NUMBER, WABA)]).await;
+    let key = format!("{WABA}:order_shipped:pt_BR");
+    let end = Instant::now() + Duration::from_secs(20);
+    while other.templates.get(&key).is_none() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(other.templates.get(&key).unwrap().is_approved());
+    assert!(
+        sb.set_template_status(WABA, "order_shipped", "pt_BR", "DISABLED")
+            .await
+    );
+    // `a` applied it before answering the webhook.
+    assert_eq!(a.templates.get(&key).unwrap().status, "DISABLED");
+    let end = Instant::now() + Duration::from_secs(20);
+    while other.templates.get(&key).unwrap().status != "DISABLED" && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(other.templates.get(&key).unwrap().status, "DISABLED");
+    // A webhook naming a template no listing had yet: known at once, without components.
+    let mut new = SandboxTemplate::approved("brand_new", "es_ES", "MARKETING", "Hola {{1}}");
+    new.status = "PENDING".into();
+    let mut lib = sb.templates();
+    lib.push(new);
+    sb.set_templates(Some(lib));
+    assert!(
+        sb.set_template_status(WABA, "brand_new", "es_ES", "APPROVED")
+            .await
+    );
+    let t = a.templates.get(&format!("{WABA}:brand_new:es_ES")).unwrap();
+    assert!(t.is_approved());
+    assert_eq!(t.category.as_deref(), Some("MARKETING"));
+    assert!(t.params.is_none(), "no components known from a webhook");
+    other.shutdown().await;
+    a.shutdown().await;
+}

@@ -495,4 +495,33 @@ fn describe() {
         "Records behind the high watermark on the partitions this instance consumes, by topic."
     );
     describe_gauge!(BUILD_INFO, "Build information.");
+    describe_gauge!(
+        TEMPLATES,
+        "Templates in the registry (every WABA), by status."
+    );
+    describe_gauge!(
+        TEMPLATES_USED_NOT_APPROVED,
+        "Templates a send was checked against in the last hour whose status is not APPROVED now."
+    );
+    describe_counter!(
+        TEMPLATES_REFRESH,
+        "Template listings of a WABA from the Graph API, by result."
+    );
+    describe_gauge!(
+        TEMPLATES_BOOTSTRAP_SECONDS,
+        Unit::Seconds,
+        "Time reading wa.templates took at start (set once caught up)."
+    );
+    describe_gauge!(
+        TEMPLATES_BOOTSTRAP_REMAINING,
+        "Partitions of wa.templates not yet read to their start-time end (0 once caught up)."
+    );
+    describe_counter!(
+        EGRESS_TEMPLATE_BLOCKED,
+        "Template sends blocked by the template registry's checks, by reason."
+    );
+    describe_counter!(
+        TEMPLATE_CORRECTED,
+        "Template sends whose category was replaced by the registry's."
+    );
 }

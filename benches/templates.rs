@@ -69,14 +69,18 @@ fn main() {
         let o = json!({"id": i.to_string(), "name": format!("t{i}"), "language": "en_US",
             "status": "APPROVED", "category": "UTILITY",
             "components": [{"type": "BODY", "text": "Hi {{1}}, order {{2}}"}]});
-        let serde_json::Value::Object(o) = o else { unreachable!() };
+        let serde_json::Value::Object(o) = o else {
+            unreachable!()
+        };
         reg.insert(Arc::new(Template::listed("102345678901234", o, 1).unwrap()));
     }
     let req = SendRequest::parse(
-        &serde_json::to_vec(&json!({"v":1,"request_id":"r","phone_number_id":"109876543210987",
+        &serde_json::to_vec(
+            &json!({"v":1,"request_id":"r","phone_number_id":"109876543210987",
             "to":"+14155550123","category":"utility","message":{"type":"template","template":{
             "name":"t5000","language":{"code":"en_US"},"components":[{"type":"body","parameters":[
-            {"type":"text","text":"Ana"},{"type":"text","text":"4471"}]}]}}}))
+            {"type":"text","text":"Ana"},{"type":"text","text":"4471"}]}]}}}),
+        )
         .unwrap(),
     )
     .unwrap();

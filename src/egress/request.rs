@@ -84,9 +84,10 @@ impl SendRequest {
     }
 
     /// The category the policy applies: the request's (corrected from the
-    /// template registry before the policy runs); a template whose category
-    /// nobody named is treated as marketing (the strictest) — egress blocks
-    /// such a request as `invalid_request` before it gets here.
+    /// template registry before the policy runs). Validation requires it for
+    /// free-form messages; a template whose category nobody named would be
+    /// treated as marketing (the strictest), but egress blocks such a
+    /// request as `invalid_request` before the policy runs.
     pub fn category(&self) -> Category {
         self.category.unwrap_or(if self.is_template() {
             Category::Marketing
@@ -201,6 +202,11 @@ impl SendRequest {
                 return Err("category: a template send must name its template's category (marketing, utility or authentication)".into());
             }
         } else if FREE_FORM.contains(&ty) {
+            if self.category.is_none() {
+                return Err(format!(
+                    "category: required (free-form messages ({ty}) are category service)"
+                ));
+            }
             if self.category.is_some_and(|c| c != Category::Service) {
                 return Err(format!(
                     "category: free-form messages ({ty}) are category service"
@@ -400,6 +406,20 @@ mod tests {
 
     fn text() -> serde_json::Value {
         serde_json::json!({"v":1,"request_id":"r1","phone_number_id":"109876543210987","to":"+5511987654321","category":"service","message":{"type":"text","text":{"body":"hi"}}})
+    }
+
+    #[test]
+    fn category_is_optional_for_templates_only() {
+        let t = serde_json::json!({"v":1,"request_id":"r","phone_number_id":"1","to":"+14155550123",
+            "message":{"type":"template","template":{"name":"order_shipped","language":{"code":"en_US"}}}});
+        let r = req(t).unwrap();
+        assert_eq!(r.category, None);
+        assert_eq!(r.category(), Category::Marketing);
+        assert_eq!(r.template_name_language(), Some(("order_shipped", "en_US")));
+        assert!(!serde_json::to_string(&r).unwrap().contains("category"));
+        let mut f = text();
+        f.as_object_mut().unwrap().remove("category");
+        assert!(req(f).unwrap_err().starts_with("category: required"));
     }
 
     #[test]

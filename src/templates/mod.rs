@@ -61,7 +61,9 @@ pub struct Registry {
     wabas: RwLock<HashSet<String>>,
     /// Templates checked by a send: key → last use (ms).
     used: Mutex<HashMap<String, u64>>,
-    /// A WABA was learnt: refresh now.
+    /// WABAs to list again at once (a components update).
+    dirty: Mutex<HashSet<String>>,
+    /// A WABA was learnt, or one is dirty: refresh now.
     pub new_waba: tokio::sync::Notify,
 }
 
@@ -107,6 +109,19 @@ impl Registry {
         }
         self.wabas.write().unwrap().insert(waba.to_string());
         self.new_waba.notify_one();
+    }
+
+    /// Asks for `waba` to be listed again now (a change the webhooks do not
+    /// carry in full, such as `message_template_components_update`).
+    pub fn request_refresh(&self, waba: &str) {
+        self.add_waba(waba);
+        self.dirty.lock().unwrap().insert(waba.to_string());
+        self.new_waba.notify_one();
+    }
+
+    /// The WABAs asked for since the last call.
+    pub fn take_dirty(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.dirty.lock().unwrap())
     }
 
     /// Every WABA to list, sorted.

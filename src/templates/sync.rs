@@ -143,8 +143,9 @@ impl Refresher {
             if all {
                 next_all = Instant::now() + self.period;
             }
+            let dirty = self.reg.take_dirty();
             for waba in self.reg.wabas() {
-                if !all && done.contains(&waba) {
+                if !all && done.contains(&waba) && !dirty.contains(&waba) {
                     continue;
                 }
                 done.insert(waba.clone());

@@ -123,6 +123,13 @@ pub fn learn(
                 }
                 continue;
             }
+            let field = change.get("field").and_then(|f| f.as_str()).unwrap_or("");
+            if field == "message_template_components_update" {
+                // Carries the new text, not Meta's component objects: the
+                // WABA is listed again at once.
+                reg.request_refresh(&waba);
+                continue;
+            }
             let Some(c) = classify(value) else { continue };
             if let Some(rec) = record(reg, &waba, value, &c, received_at_ms) {
                 emit(rec);
@@ -249,6 +256,16 @@ mod tests {
             .get("102345678901234:promo:en_US")
             .unwrap()
             .is_approved());
+    }
+
+    #[test]
+    fn a_components_update_asks_for_a_listing() {
+        let reg = Registry::default();
+        let v = json!({"message_template_id": 5, "message_template_name": "promo",
+            "message_template_language": "en_US", "message_template_element": "New text {{1}}"});
+        assert!(learn_from(&reg, body("message_template_components_update", v)).is_empty());
+        assert!(reg.take_dirty().contains("102345678901234"));
+        assert!(reg.take_dirty().is_empty());
     }
 
     #[test]

@@ -36,8 +36,9 @@ pub fn read(
             cc.set("group.id", "wagate-templates")
                 .set("enable.auto.commit", "false")
                 .set("enable.partition.eof", "false")
-                .set("fetch.wait.max.ms", "50")
-                .set("fetch.queue.backoff.ms", "10");
+                // Template changes are rare: a long fetch wait keeps the
+                // idle tail to a couple of fetches a second per broker.
+                .set("fetch.wait.max.ms", "500");
         })
         .create_with_context(ConnContext(conn.diagnostics().clone()))?;
     let timeout = Duration::from_secs(10);

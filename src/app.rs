@@ -33,6 +33,8 @@ pub struct Gateway {
     pub metrics: PrometheusHandle,
     /// The contacts cache egress consults.
     pub contacts: Arc<MemoryContacts>,
+    /// The template registry egress checks template sends against.
+    pub templates: Arc<crate::templates::Registry>,
     /// The one shutdown signal: listeners, egress and background tasks.
     shutdown: CancellationToken,
     /// Cancelled after egress has drained: the contacts readers stop last.
@@ -233,6 +235,7 @@ impl Gateway {
         let contacts = Arc::new(MemoryContacts::new());
         // Every topic name, resolved once from the prefix.
         let topics = Topics::new(&cfg.kafka.topic_prefix);
+        let templates = Arc::new(crate::templates::Registry::from_config(&cfg));
         let share = cfg.ingress.dedupe_shared.then(|| {
             // Id records want the short batching window: a POST waits for
             // its ids before its 200.
@@ -256,6 +259,7 @@ impl Gateway {
         if let Some(s) = &share {
             ingress = ingress.with_share(s.clone());
         }
+        let ingress = ingress.with_templates(templates.clone());
         let ingress = Arc::new(ingress);
         let ready = Arc::new(Readiness::default());
         if share.is_none() {
@@ -319,7 +323,8 @@ impl Gateway {
                     producer.clone(),
                     contacts.clone() as Arc<dyn Contacts>,
                 )
-                .with_numbers(numbers.clone()),
+                .with_numbers(numbers.clone())
+                .with_templates(templates.clone()),
             )
         });
         let egress = egress_plane.clone().map(|e| {
@@ -380,6 +385,15 @@ impl Gateway {
             )),
         ];
         background.extend(numbers_tasks);
+        background.extend(crate::templates::spawn(
+            &cfg,
+            &topics,
+            templates.clone(),
+            producer.clone(),
+            ready.clone(),
+            contacts_stop.clone(),
+            rx.clone(),
+        )?);
         for (name, tls) in [("public", public_tls), ("internal", internal_tls)] {
             if let Some(tls) = tls {
                 background.push(tokio::spawn(crate::tls::watch(
@@ -407,6 +421,7 @@ impl Gateway {
             ready,
             metrics,
             contacts,
+            templates,
             shutdown,
             contacts_stop,
             contacts_thread: Some(contacts_thread),

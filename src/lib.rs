@@ -22,4 +22,5 @@ pub mod numbers;
 pub mod ratelimit;
 pub mod replay;
 pub mod sandbox;
+pub mod templates;
 pub mod tls;

@@ -57,6 +57,14 @@ pub const BUILD_INFO: &str = "wagate_build_info";
 pub const NUMBERS: &str = "wagate_numbers";
 pub const NUMBERS_RESTRICTED: &str = "wagate_numbers_restricted";
 pub const EGRESS_RESTRICTED_HELD: &str = "wagate_egress_restricted_held";
+/// The template registry (DESIGN §14).
+pub const TEMPLATES: &str = "wagate_templates";
+pub const TEMPLATES_USED_NOT_APPROVED: &str = "wagate_templates_used_not_approved";
+pub const TEMPLATES_REFRESH: &str = "wagate_templates_refresh_total";
+pub const TEMPLATES_BOOTSTRAP_SECONDS: &str = "wagate_templates_bootstrap_seconds";
+pub const TEMPLATES_BOOTSTRAP_REMAINING: &str = "wagate_templates_bootstrap_remaining_partitions";
+pub const EGRESS_TEMPLATE_BLOCKED: &str = "wagate_egress_template_blocked_total";
+pub const TEMPLATE_CORRECTED: &str = "wagate_egress_template_category_corrections_total";
 
 /// Buckets for latency histograms, in seconds (0.5 ms … 10 s).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -553,5 +561,34 @@ fn describe() {
     describe_gauge!(
         EGRESS_RESTRICTED_HELD,
         "Send requests held in the lanes of restricted numbers."
+    );
+    describe_gauge!(
+        TEMPLATES,
+        "Templates in the registry (every WABA), by status."
+    );
+    describe_gauge!(
+        TEMPLATES_USED_NOT_APPROVED,
+        "Templates a send was checked against in the last hour whose status is not APPROVED now."
+    );
+    describe_counter!(
+        TEMPLATES_REFRESH,
+        "Template listings of a WABA from the Graph API, by result."
+    );
+    describe_gauge!(
+        TEMPLATES_BOOTSTRAP_SECONDS,
+        Unit::Seconds,
+        "Time reading wa.templates took at start (set once caught up)."
+    );
+    describe_gauge!(
+        TEMPLATES_BOOTSTRAP_REMAINING,
+        "Partitions of wa.templates not yet read to their start-time end (0 once caught up)."
+    );
+    describe_counter!(
+        EGRESS_TEMPLATE_BLOCKED,
+        "Template sends blocked by the template registry's checks, by reason."
+    );
+    describe_counter!(
+        TEMPLATE_CORRECTED,
+        "Template sends whose category was replaced by the registry's."
     );
 }

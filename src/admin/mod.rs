@@ -23,6 +23,8 @@ pub struct Readiness {
     pub dedupe: AtomicBool,
     /// The number state has caught up with `wa.numbers`.
     pub numbers: AtomicBool,
+    /// The template registry has caught up with `wa.templates`.
+    pub templates: AtomicBool,
     /// Shutdown has begun: not ready, whatever else holds.
     pub draining: AtomicBool,
     /// While Kafka does not answer: the connection problem the clients
@@ -36,6 +38,7 @@ impl Readiness {
             && self.contacts.load(Ordering::Relaxed)
             && self.dedupe.load(Ordering::Relaxed)
             && self.numbers.load(Ordering::Relaxed)
+            && self.templates.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
     }
 }
@@ -82,8 +85,10 @@ impl Admin {
                         "contacts state catching up".into()
                     } else if !r.dedupe.load(Ordering::Relaxed) {
                         "dedupe window being read back from inbound.ids".into()
-                    } else {
+                    } else if !r.numbers.load(Ordering::Relaxed) {
                         "number state catching up with numbers".into()
+                    } else {
+                        "template registry catching up".into()
                     };
                     http::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"))
                 }

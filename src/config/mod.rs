@@ -98,6 +98,7 @@ pub struct Config {
     pub numbers: NumbersConfig,
     /// `server.public_url` without a trailing `/`, if set.
     pub public_url: Option<String>,
+    pub templates: TemplatesConfig,
     pub apps: Vec<AppConfig>,
     pub tenants: Vec<TenantConfig>,
 }
@@ -216,6 +217,12 @@ pub struct NumbersConfig {
     /// `None`: the Graph API is not polled.
     pub refresh: Option<Duration>,
     pub high_throughput: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct TemplatesConfig {
+    /// `templates.refresh_secs`.
+    pub refresh: Duration,
 }
 
 #[derive(Debug, Clone)]

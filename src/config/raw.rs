@@ -23,6 +23,8 @@ pub struct RawConfig {
     pub log: RawLog,
     /// What wagate learns about each business number (`wa.numbers`).
     pub numbers: RawNumbers,
+    /// The template registry (DESIGN §14).
+    pub templates: RawTemplates,
     /// Meta apps by name; the bare `/webhook` route uses `default`.
     pub apps: BTreeMap<String, RawApp>,
     /// API tenants by name.
@@ -293,6 +295,7 @@ impl Default for RawConfig {
             contacts: RawContacts::default(),
             log: RawLog::default(),
             numbers: RawNumbers::default(),
+            templates: RawTemplates::default(),
             apps: BTreeMap::new(),
             tenants: BTreeMap::new(),
         }
@@ -432,5 +435,19 @@ impl Default for RawNumbers {
             refresh_secs: 900,
             high_throughput: 1000,
         }
+    }
+}
+
+/// `[templates]`: the template registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTemplates {
+    /// Every WABA's templates are listed from the Graph API this often.
+    pub refresh_secs: u64,
+}
+
+impl Default for RawTemplates {
+    fn default() -> Self {
+        RawTemplates { refresh_secs: 300 }
     }
 }

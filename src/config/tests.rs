@@ -548,3 +548,28 @@ fn number_state_keys_and_their_errors() {
     let err = load_str(&bad, "x.toml", &required(), LoadOptions::default()).unwrap_err();
     assert!(err.to_string().contains("apps.default.app_id"), "{err}");
 }
+
+#[test]
+fn templates_refresh_and_number_wabas() {
+    let c = load(None, &required(), LoadOptions::default()).unwrap();
+    assert_eq!(c.templates.refresh, Duration::from_secs(300));
+    let mut e = required();
+    e.insert("WAGATE_TEMPLATES_REFRESH_SECS".into(), "60".into());
+    let text = format!("{EXAMPLE_TOML}\n[egress.numbers.\"109876543210987\"]\nwaba_id = \"102345678901234\"\n[egress.numbers.\"1\"]\n");
+    let c = load_str(&text, "x.toml", &e, LoadOptions::default()).unwrap();
+    assert_eq!(c.templates.refresh, Duration::from_secs(60));
+    assert_eq!(
+        c.egress.numbers["109876543210987"].waba_id.as_deref(),
+        Some("102345678901234")
+    );
+    assert_eq!(c.egress.numbers["1"].waba_id, None);
+    let bad = format!("{EXAMPLE_TOML}\n[egress.numbers.\"1\"]\nwaba_id = \"acme\"\n");
+    let err = load_str(&bad, "x.toml", &required(), LoadOptions::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("egress.numbers.1.waba_id"),
+        "{err}"
+    );
+    e.insert("WAGATE_TEMPLATES_REFRESH_SECS".into(), "0".into());
+    let err = load(None, &e, LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("templates.refresh_secs"), "{err}");
+}

@@ -98,6 +98,12 @@ pub(super) fn validate(
         log,
         numbers,
         public_url,
+        templates: TemplatesConfig {
+            refresh: Duration::from_secs(positive(
+                "templates.refresh_secs",
+                raw.templates.refresh_secs,
+            )?),
+        },
         apps,
         tenants,
     })

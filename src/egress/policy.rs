@@ -87,10 +87,10 @@ pub fn check(
         return Err(Block::Expired);
     }
     let open = window_open(state, now_ms);
-    if state.consent == Consent::OptedOut && !(req.category == Category::Service && open) {
+    if state.consent == Consent::OptedOut && !(req.category() == Category::Service && open) {
         return Err(Block::OptedOut);
     }
-    if req.category == Category::Marketing {
+    if req.category() == Category::Marketing {
         if state.marketing == Marketing::Stopped {
             return Err(Block::MarketingStopped);
         }

@@ -38,7 +38,10 @@ pub struct SendRequest {
     /// The user's BSUID or parent BSUID, byte for byte.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipient: Option<String>,
-    pub category: Category,
+    /// Required for free-form (`service`); optional for templates, whose
+    /// category the template registry knows (it wins over the request's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<Category>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
     /// The Graph API message body without messaging_product / recipient_type / to.
@@ -80,6 +83,27 @@ impl SendRequest {
         self.message_type() == "template"
     }
 
+    /// The category the policy applies: the request's (corrected from the
+    /// template registry before the policy runs). Validation requires it for
+    /// free-form messages; a template whose category nobody named would be
+    /// treated as marketing (the strictest), but egress blocks such a
+    /// request as `invalid_request` before the policy runs.
+    pub fn category(&self) -> Category {
+        self.category.unwrap_or(if self.is_template() {
+            Category::Marketing
+        } else {
+            Category::Service
+        })
+    }
+
+    /// `message.template.name` and `.language.code` of a template send.
+    pub fn template_name_language(&self) -> Option<(&str, &str)> {
+        let t = self.message.get("template")?;
+        let name = t.get("name")?.as_str()?;
+        let lang = t.get("language")?.get("code")?.as_str()?;
+        Some((name, lang))
+    }
+
     /// The user as the contacts plane keys them: the digits of `to`, or
     /// the `recipient` BSUID.
     pub fn user(&self) -> String {
@@ -93,7 +117,7 @@ impl SendRequest {
     /// An authentication template (the one kind of send Meta refuses to a
     /// BSUID: 131062).
     pub fn is_authentication_template(&self) -> bool {
-        self.is_template() && self.category == Category::Authentication
+        self.is_template() && self.category == Some(Category::Authentication)
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -174,11 +198,16 @@ impl SendRequest {
             {
                 return Err("message.template.language.code: required".into());
             }
-            if self.category == Category::Service {
+            if self.category == Some(Category::Service) {
                 return Err("category: a template send must name its template's category (marketing, utility or authentication)".into());
             }
         } else if FREE_FORM.contains(&ty) {
-            if self.category != Category::Service {
+            if self.category.is_none() {
+                return Err(format!(
+                    "category: required (free-form messages ({ty}) are category service)"
+                ));
+            }
+            if self.category.is_some_and(|c| c != Category::Service) {
                 return Err(format!(
                     "category: free-form messages ({ty}) are category service"
                 ));
@@ -246,6 +275,8 @@ pub enum GatewayCode {
     NotSent,
     /// Meta restricted the number (`account_update`): held, not sent.
     NumberRestricted,
+    TemplateUnknown,
+    TemplateNotApproved,
 }
 
 impl GatewayCode {
@@ -262,6 +293,8 @@ impl GatewayCode {
             GatewayCode::Expired => "expired",
             GatewayCode::NotSent => "not_sent",
             GatewayCode::NumberRestricted => "number_restricted",
+            GatewayCode::TemplateUnknown => "template_unknown",
+            GatewayCode::TemplateNotApproved => "template_not_approved",
         }
     }
 }
@@ -376,6 +409,20 @@ mod tests {
 
     fn text() -> serde_json::Value {
         serde_json::json!({"v":1,"request_id":"r1","phone_number_id":"109876543210987","to":"+5511987654321","category":"service","message":{"type":"text","text":{"body":"hi"}}})
+    }
+
+    #[test]
+    fn category_is_optional_for_templates_only() {
+        let t = serde_json::json!({"v":1,"request_id":"r","phone_number_id":"1","to":"+14155550123",
+            "message":{"type":"template","template":{"name":"order_shipped","language":{"code":"en_US"}}}});
+        let r = req(t).unwrap();
+        assert_eq!(r.category, None);
+        assert_eq!(r.category(), Category::Marketing);
+        assert_eq!(r.template_name_language(), Some(("order_shipped", "en_US")));
+        assert!(!serde_json::to_string(&r).unwrap().contains("category"));
+        let mut f = text();
+        f.as_object_mut().unwrap().remove("category");
+        assert!(req(f).unwrap_err().starts_with("category: required"));
     }
 
     #[test]

@@ -95,6 +95,8 @@ pub struct Ingress {
     contacts: Option<Arc<dyn Contacts>>,
     keywords: Keywords,
     hot: std::sync::OnceLock<Arc<Hot>>,
+    /// The template registry: learns numbers' WABAs and template changes.
+    templates: Option<Arc<crate::templates::Registry>>,
 }
 
 /// Metric handles of the hot path, made on first use (after the recorder is
@@ -176,12 +178,20 @@ impl Ingress {
             contacts,
             keywords: cfg.contacts.keywords(),
             hot: Default::default(),
+            templates: None,
         }
     }
 
     /// Shares stored ids with the fleet through `share` (`inbound.ids`).
     pub fn with_share(mut self, share: Arc<IdShare>) -> Ingress {
         self.share = Some(share);
+        self
+    }
+
+    /// Teaches `reg` every webhook's numbers and template changes; the
+    /// changed templates' records go out with the POST's own.
+    pub fn with_templates(mut self, reg: Arc<crate::templates::Registry>) -> Ingress {
+        self.templates = Some(reg);
         self
     }
 
@@ -467,6 +477,11 @@ impl Ingress {
         let mut round = Round::new(self, app);
         if let Some(r) = raw {
             round.raw(r, None);
+        }
+        if let Some(reg) = &self.templates {
+            crate::templates::webhook::learn(reg, root, ctx.received_at_ms, &mut |rec| {
+                round.offer(Outgoing::Contact(rec))
+            });
         }
         let walked = webhook::for_each_event(root, ctx, &mut |ev| {
             if let Some(c) = &self.contacts {

@@ -43,6 +43,8 @@ pub enum Kind<'a> {
     User,
     /// An erasure's tombstone.
     Erase,
+    /// A template of the registry (`wa.templates`).
+    Template,
 }
 
 impl<'a> Kind<'a> {
@@ -59,6 +61,7 @@ impl<'a> Kind<'a> {
             Kind::Window => "window",
             Kind::User => "user",
             Kind::Erase => "erase",
+            Kind::Template => "template",
         }
     }
 }

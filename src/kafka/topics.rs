@@ -26,13 +26,16 @@ pub enum TopicId {
     /// What wagate learns about each business number (DESIGN §14),
     /// compacted, keyed by phone_number_id.
     Numbers,
+    /// Every template of every WABA served (DESIGN §14), compacted, keyed
+    /// `{waba_id}:{name}:{language}`.
+    Templates,
 }
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
 impl TopicId {
     /// How many topics there are.
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 14;
 
     pub const ALL: [TopicId; TopicId::COUNT] = [
         TopicId::InboundMessages,
@@ -48,6 +51,7 @@ impl TopicId {
         TopicId::Users,
         TopicId::InboundIds,
         TopicId::Numbers,
+        TopicId::Templates,
     ];
 
     /// The name without the prefix (`inbound.messages`).
@@ -71,6 +75,7 @@ impl TopicId {
             TopicId::Users => TopicSpec::compact("users"),
             TopicId::InboundIds => TopicSpec::delete("inbound.ids", 2 * DAY_MS),
             TopicId::Numbers => TopicSpec::compact("numbers"),
+            TopicId::Templates => TopicSpec::compact("templates"),
         }
     }
 

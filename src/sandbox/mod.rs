@@ -34,6 +34,7 @@ pub mod error;
 pub mod identity;
 pub mod limits;
 pub mod status;
+pub mod templates;
 pub mod validate;
 
 use std::collections::{HashMap, VecDeque};
@@ -59,6 +60,7 @@ use validate::{digits, Parsed, SendFields};
 
 pub use identity::{bsuid_of, is_bsuid};
 pub use status::WebhookStats;
+pub use templates::{dev_templates, SandboxTemplate};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -198,6 +200,11 @@ pub struct SandboxConfig {
     pub high_throughput: u32,
     /// The sandbox app's id (`subscribed_apps`, `debug_token`).
     pub app_id: String,
+    /// The template library served under every WABA (see [`templates`]);
+    /// None: no templates, template sends not checked.
+    pub templates: Option<Vec<SandboxTemplate>>,
+    /// Largest page of a template listing (`limit` is capped to it).
+    pub templates_page_max: usize,
 }
 
 impl Default for SandboxConfig {
@@ -220,6 +227,8 @@ impl Default for SandboxConfig {
             username_users: Vec::new(),
             high_throughput: 1000,
             app_id: account::APP_ID.into(),
+            templates: None,
+            templates_page_max: 100,
         }
     }
 }
@@ -262,6 +271,7 @@ pub fn sandbox_config_for_dev(
             statuses: vec!["sent".into(), "delivered".into(), "read".into()],
             delay: Duration::from_millis(50),
         }),
+        templates: Some(dev_templates()),
         ..SandboxConfig::default()
     }
 }
@@ -322,6 +332,7 @@ struct State {
     webhook_counters: Arc<status::Counters>,
     stop: CancellationToken,
     accounts: Mutex<account::Accounts>,
+    templates: Mutex<templates::Store>,
 }
 
 /// A running sandbox. Dropping it stops the server too; [`Sandbox::shutdown`]
@@ -388,6 +399,10 @@ impl Sandbox {
             webhook_counters: counters,
             stop: stop_rx.clone(),
             accounts: Mutex::new(account::Accounts::default()),
+            templates: Mutex::new(templates::Store {
+                list: cfg.templates.clone(),
+                ..Default::default()
+            }),
             cfg,
         });
         let limits = Limits {
@@ -567,6 +582,17 @@ async fn handle(st: Arc<State>, req: http::Req) -> Response<Body> {
         st.attempts.fetch_add(1, Ordering::Relaxed);
     }
     let path = req.uri().path().to_string();
+    if let Some((version, waba)) = templates::route(&path).filter(|_| req.method() == Method::GET) {
+        if let Err(e) = st.authorize(req.headers(), req.uri().query()) {
+            return e.response();
+        }
+        let host = req
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("127.0.0.1");
+        return templates::serve(&st, version, waba, req.uri().query(), host);
+    }
     let Some((version, number)) = route(&path).filter(|_| req.method() == Method::POST) else {
         return GraphError::new(
             2500,
@@ -616,6 +642,10 @@ async fn handle(st: Arc<State>, req: http::Req) -> Response<Body> {
     {
         tracing::debug!(number, "sandbox: authentication template by recipient");
         return GraphError::of(131062).response();
+    }
+    if let Some(code) = templates::send_error(&st, &value) {
+        tracing::debug!(number, code, "sandbox: template not sendable");
+        return GraphError::of(code).response();
     }
     let user = st.resolve(&fields);
     if let Some(code) = st.fixed_error(&number, &user) {

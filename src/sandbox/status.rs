@@ -170,6 +170,16 @@ pub async fn run(
     tasks.shutdown().await;
 }
 
+/// POSTs one signed body on a client of its own (the template webhooks of
+/// the sandbox's controls), retrying like [`post`].
+pub(crate) async fn post_once(uri: &Uri, secret: &str, body: Vec<u8>) -> bool {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    post(&client, uri, secret, body).await
+}
+
 /// POSTs one signed body, retrying anything but a 200 with backoff.
 pub(super) async fn post(
     client: &Client<HttpConnector, Full<Bytes>>,

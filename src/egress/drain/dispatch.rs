@@ -37,7 +37,10 @@ impl Egress {
         permit: Option<OwnedSemaphorePermit>,
     ) {
         let req = match SendRequest::parse(payload) {
-            Ok(r) => r,
+            Ok(mut r) => {
+                crate::templates::check::fill_category(self.templates.as_deref(), &mut r);
+                r
+            }
             Err(why) => {
                 // Keep what can be read of the request for the result.
                 let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();

@@ -125,9 +125,17 @@ pub struct Egress {
     high_throughput: u32,
     /// Requests held per restricted number.
     restricted_held: Mutex<HashMap<String, usize>>,
+    /// The template registry a template send is checked against.
+    templates: Option<Arc<crate::templates::Registry>>,
 }
 
 impl Egress {
+    /// Checks template sends against `reg` (DESIGN §14).
+    pub fn with_templates(mut self, reg: Arc<crate::templates::Registry>) -> Egress {
+        self.templates = Some(reg);
+        self
+    }
+
     pub fn new(
         cfg: &Config,
         topics: Topics,
@@ -161,6 +169,7 @@ impl Egress {
             numbers: Arc::new(crate::numbers::Numbers::default()),
             high_throughput: cfg.numbers.high_throughput,
             restricted_held: Mutex::new(HashMap::new()),
+            templates: None,
         }
     }
 

@@ -301,6 +301,20 @@ impl Lane {
             );
             return Pick::End(job, Verdict::Blocked(err));
         }
+        if job.req.is_template() {
+            let checked = crate::templates::check::check_send(
+                eg.templates.as_deref(),
+                &mut self.queue[i].req,
+                now_ms,
+            );
+            if let Err(block) = checked {
+                let job = self.queue.remove(i).expect("index from the scan");
+                let (code, title, details) = block.error();
+                let err = ResultError::gateway(code, title, Some(details));
+                return Pick::End(job, Verdict::Blocked(err));
+            }
+        }
+        let job = &self.queue[i];
         let state = eg.contacts.get(&job.req.phone_number_id, &job.req.user());
         if let Err(block) =
             policy::check(&job.req, &state, now_ms, eg.cfg.marketing_requires_opt_in)

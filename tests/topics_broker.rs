@@ -115,7 +115,7 @@ async fn topics_create_applies_the_topic_tables_and_check_passes() {
     let out = wagate(&b, &p, &table, &["topics", "check"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("11 topics checked: 0 errors, 0 warnings"),
+        String::from_utf8_lossy(&out.stdout).contains("12 topics checked: 0 errors, 0 warnings"),
         "{}",
         text(&out)
     );

@@ -25,6 +25,7 @@ pub struct RawConfig {
     pub apps: BTreeMap<String, RawApp>,
     /// API tenants by name.
     pub tenants: BTreeMap<String, RawTenant>,
+    pub media: RawMedia,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -280,6 +281,7 @@ impl Default for RawConfig {
             log: RawLog::default(),
             apps: BTreeMap::new(),
             tenants: BTreeMap::new(),
+            media: RawMedia::default(),
         }
     }
 }

@@ -51,6 +51,7 @@ pub(super) fn validate(
     let tenants = tenants(&raw.tenants, env, opts)?;
     let graph = graph(&raw.graph, env, opts)?;
     let contacts = contacts_config(&raw.contacts)?;
+    let media = super::media::media(&raw.media)?;
     let ServerConfig {
         max_body_bytes,
         header_read_timeout,
@@ -84,6 +85,7 @@ pub(super) fn validate(
         log,
         apps,
         tenants,
+        media,
     })
 }
 
@@ -234,7 +236,7 @@ fn topic_settings(
     raw: &BTreeMap<String, RawTopic>,
     partitions: i32,
     replication_factor: i32,
-) -> Result<[TopicSettings; 11], ConfigError> {
+) -> Result<[TopicSettings; TopicId::COUNT], ConfigError> {
     if let Some(name) = raw
         .keys()
         .find(|n| !TopicId::ALL.iter().any(|t| topic_key(*t) == **n))
@@ -250,7 +252,7 @@ fn topic_settings(
         replication_factor,
         retention_ms: -1,
         min_insync_replicas: None,
-    }; 11];
+    }; TopicId::COUNT];
     for (t, slot) in TopicId::ALL.iter().zip(out.iter_mut()) {
         let spec = t.spec();
         slot.retention_ms = spec.retention_ms;

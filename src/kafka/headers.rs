@@ -43,6 +43,8 @@ pub enum Kind<'a> {
     User,
     /// An erasure's tombstone.
     Erase,
+    /// A media item's outcome (`wa.inbound.media`).
+    Media,
 }
 
 impl<'a> Kind<'a> {
@@ -59,6 +61,7 @@ impl<'a> Kind<'a> {
             Kind::Window => "window",
             Kind::User => "user",
             Kind::Erase => "erase",
+            Kind::Media => "media",
         }
     }
 }

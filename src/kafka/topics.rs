@@ -20,12 +20,18 @@ pub enum TopicId {
     /// Links of a phone and a BSUID as one person (DESIGN §10), compacted,
     /// keyed `{phone_number_id}:{bsuid}`.
     Users,
+    /// One record per inbound media item fetched (or not) into the object
+    /// store (DESIGN §13), keyed phone_number_id.
+    InboundMedia,
 }
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
 impl TopicId {
-    pub const ALL: [TopicId; 11] = [
+    /// How many topics there are.
+    pub const COUNT: usize = 12;
+
+    pub const ALL: [TopicId; TopicId::COUNT] = [
         TopicId::InboundMessages,
         TopicId::InboundStatuses,
         TopicId::InboundEvents,
@@ -37,6 +43,7 @@ impl TopicId {
         TopicId::Consent,
         TopicId::Windows,
         TopicId::Users,
+        TopicId::InboundMedia,
     ];
 
     /// The name without the prefix (`inbound.messages`).
@@ -58,6 +65,7 @@ impl TopicId {
             TopicId::Consent => TopicSpec::compact("consent"),
             TopicId::Windows => TopicSpec::compact("windows"),
             TopicId::Users => TopicSpec::compact("users"),
+            TopicId::InboundMedia => TopicSpec::delete("inbound.media", 30 * DAY_MS),
         }
     }
 
@@ -94,10 +102,10 @@ impl TopicSpec {
 }
 
 /// Every topic's spec, in [`TopicId::ALL`] order.
-pub const TOPICS: [TopicSpec; 11] = {
-    let mut out = [TopicId::InboundMessages.spec(); 11];
+pub const TOPICS: [TopicSpec; TopicId::COUNT] = {
+    let mut out = [TopicId::InboundMessages.spec(); TopicId::COUNT];
     let mut i = 0;
-    while i < 11 {
+    while i < TopicId::COUNT {
         out[i] = TopicId::ALL[i].spec();
         i += 1;
     }
@@ -108,7 +116,7 @@ pub const TOPICS: [TopicSpec; 11] = {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
     prefix: String,
-    names: [String; 11],
+    names: [String; TopicId::COUNT],
 }
 
 impl Topics {

@@ -32,6 +32,7 @@
 pub mod error;
 pub mod identity;
 pub mod limits;
+pub mod media;
 pub mod status;
 pub mod validate;
 
@@ -313,6 +314,8 @@ struct State {
     webhooks: Option<mpsc::Sender<status::Queued>>,
     webhook_counters: Arc<status::Counters>,
     stop: CancellationToken,
+    /// Media items: `GET /{version}/{media_id}` and their download listener.
+    media: Arc<media::MediaLibrary>,
 }
 
 /// A running sandbox. Dropping it stops the server too; [`Sandbox::shutdown`]
@@ -362,7 +365,11 @@ impl Sandbox {
             }
             _ => (None, None),
         };
+        let media_lib =
+            media::MediaLibrary::start(addr.ip(), cfg.access_tokens.clone(), stop_rx.clone())
+                .await?;
         let state = Arc::new(State {
+            media: media_lib,
             fixed: Mutex::new(cfg.fixed_errors.clone()),
             gate: Mutex::new(Gate {
                 throughput: Throughput::default(),
@@ -496,6 +503,41 @@ impl Sandbox {
         *at = (*at).max(at_unix_ms);
     }
 
+    /// The media items the sandbox serves (add them, set their faults).
+    pub fn media(&self) -> &Arc<media::MediaLibrary> {
+        &self.state.media
+    }
+
+    /// Adds `bytes` as a new media item and returns the body of a
+    /// `messages` webhook carrying it as a `kind` message (image, audio,
+    /// video, document, sticker) from `wa_id`, sent now, and its media id.
+    pub fn inbound_media_body(
+        &self,
+        phone_number_id: &str,
+        wa_id: &str,
+        wamid: &str,
+        kind: &str,
+        bytes: impl Into<bytes::Bytes>,
+        mime_type: &str,
+    ) -> (Vec<u8>, String) {
+        let now = unix_ms();
+        let id = self.state.media.next_id();
+        self.state.media.add(&id, bytes, mime_type);
+        let sha = self.state.media.sha256_hex(&id).unwrap_or_default();
+        self.record_inbound(phone_number_id, &digits(wa_id), now);
+        let body = media::inbound_media_body(
+            phone_number_id,
+            &digits(wa_id),
+            wamid,
+            kind,
+            &id,
+            mime_type,
+            &sha,
+            now,
+        );
+        (body, id)
+    }
+
     /// Replaces the fixed errors.
     pub fn set_fixed_errors(&self, v: Vec<FixedError>) {
         *lock(&self.state.fixed) = v;
@@ -544,6 +586,13 @@ fn route(path: &str) -> Option<(&str, &str)> {
         .then_some((version, number))
 }
 
+/// `/{version}/{media_id}` (digits) → media_id.
+fn media_route(path: &str) -> Option<&str> {
+    let (version, id) = path.strip_prefix('/')?.split_once('/')?;
+    (is_version(version) && !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(id)
+}
+
 fn roll(p: f64) -> bool {
     p > 0.0 && rand::random::<f64>() < p
 }
@@ -553,6 +602,14 @@ async fn handle(st: Arc<State>, req: http::Req) -> Response<Body> {
         st.attempts.fetch_add(1, Ordering::Relaxed);
     }
     let path = req.uri().path().to_string();
+    if req.method() == Method::GET {
+        if let Some(media_id) = media_route(&path) {
+            if let Err(e) = st.authorize(req.headers(), req.uri().query()) {
+                return e.response();
+            }
+            return st.media.lookup(media_id);
+        }
+    }
     let Some((version, number)) = route(&path).filter(|_| req.method() == Method::POST) else {
         return GraphError::new(
             2500,

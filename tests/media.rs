@@ -61,7 +61,11 @@ fn by_media_id(recs: &[Value]) -> HashMap<String, Vec<Value>> {
 
 /// The file behind a `file://` location.
 fn file_of(location: &str) -> PathBuf {
-    PathBuf::from(location.strip_prefix("file://").expect("a file:// location"))
+    PathBuf::from(
+        location
+            .strip_prefix("file://")
+            .expect("a file:// location"),
+    )
 }
 
 fn store_dir(p: &str) -> PathBuf {
@@ -79,7 +83,22 @@ async fn gateway_with_sandbox(
         ("WAGATE_MEDIA_CONCURRENCY_PER_NUMBER", "8"),
     ];
     o.extend_from_slice(extra);
-    start_on(b, p, sb, &o).await
+    let gw = start_on(b, p, sb, &o).await;
+    wait_assigned(&gw).await;
+    gw
+}
+
+/// Waits until the media worker has partitions (Tansu may place a new
+/// group's start after records produced while it was joining).
+async fn wait_assigned(gw: &wagate::app::Gateway) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !gw.media.as_ref().unwrap().assigned() {
+        assert!(
+            Instant::now() < end,
+            "the media worker never got partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,8 +126,14 @@ async fn every_kind_stored_byte_for_byte_and_failures_recorded() {
     }
     // 5xx on the lookup twice and on the download once, then success.
     let flaky = bytes_of(90_000, 9);
-    let (body, flaky_id) =
-        sb.inbound_media_body(NUMBER, "14155550124", "wamid.flaky", "image", flaky.clone(), "image/png");
+    let (body, flaky_id) = sb.inbound_media_body(
+        NUMBER,
+        "14155550124",
+        "wamid.flaky",
+        "image",
+        flaky.clone(),
+        "image/png",
+    );
     sb.media().set_fault(
         &flaky_id,
         MediaFault {
@@ -136,8 +161,14 @@ async fn every_kind_stored_byte_for_byte_and_failures_recorded() {
     );
     webhook_ok(gw.public_addr, &body).await;
     // An id Meta no longer knows: failed with Meta's error.
-    let (body, gone) =
-        sb.inbound_media_body(NUMBER, "14155550126", "wamid.gone", "image", bytes_of(10, 1), "image/jpeg");
+    let (body, gone) = sb.inbound_media_body(
+        NUMBER,
+        "14155550126",
+        "wamid.gone",
+        "image",
+        bytes_of(10, 1),
+        "image/jpeg",
+    );
     sb.media().set_fault(
         &gone,
         MediaFault {
@@ -175,12 +206,22 @@ async fn every_kind_stored_byte_for_byte_and_failures_recorded() {
         assert_eq!(r["wa_id"], "14155550123");
         assert!(r["error"].is_null());
         let loc = r["location"].as_str().unwrap();
-        assert!(loc.ends_with(&format!("/{NUMBER}/14155550123/{id}")), "{loc}");
-        assert_eq!(&std::fs::read(file_of(loc)).unwrap(), data, "{kind} byte for byte");
+        assert!(
+            loc.ends_with(&format!("/{NUMBER}/14155550123/{id}")),
+            "{loc}"
+        );
+        assert_eq!(
+            &std::fs::read(file_of(loc)).unwrap(),
+            data,
+            "{kind} byte for byte"
+        );
     }
     let r = one(&by, &flaky_id);
     assert_eq!(r["outcome"], "stored", "{r}");
-    assert_eq!(std::fs::read(file_of(r["location"].as_str().unwrap())).unwrap(), flaky);
+    assert_eq!(
+        std::fs::read(file_of(r["location"].as_str().unwrap())).unwrap(),
+        flaky
+    );
 
     let r = one(&by, &bad_sum);
     assert_eq!(r["outcome"], "failed", "{r}");
@@ -190,7 +231,10 @@ async fn every_kind_stored_byte_for_byte_and_failures_recorded() {
     let left: Vec<_> = std::fs::read_dir(&user_dir)
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
-    assert!(left.is_empty(), "nothing stored for a checksum mismatch: {left:?}");
+    assert!(
+        left.is_empty(),
+        "nothing stored for a checksum mismatch: {left:?}"
+    );
 
     let r = one(&by, &gone);
     assert_eq!(r["outcome"], "failed", "{r}");
@@ -200,10 +244,25 @@ async fn every_kind_stored_byte_for_byte_and_failures_recorded() {
     let r = one(&by, &old_id);
     assert_eq!(r["outcome"], "failed", "{r}");
     assert_eq!(r["error"]["code"], "expired");
-    let m = String::from_utf8(get(&format!("http://{}/metrics", gw.internal_addr)).await.body.to_vec()).unwrap();
-    assert!(metric_in(&m, "wagate_media_fetches_total", &[("outcome", "stored")]) >= 6.0, "{m}");
+    let m = String::from_utf8(
+        get(&format!("http://{}/metrics", gw.internal_addr))
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        metric_in(&m, "wagate_media_fetches_total", &[("outcome", "stored")]) >= 6.0,
+        "{m}"
+    );
     assert!(metric_in(&m, "wagate_media_retries_total", &[("reason", "http_5xx")]) >= 3.0);
-    assert!(metric_in(&m, "wagate_media_fetches_total", &[("outcome", "failed"), ("reason", "checksum_mismatch")]) == 1.0);
+    assert!(
+        metric_in(
+            &m,
+            "wagate_media_fetches_total",
+            &[("outcome", "failed"), ("reason", "checksum_mismatch")]
+        ) == 1.0
+    );
     // No lookup for the old message: 5 + (2 failed + 1) + 1 (+1 per download 5xx retry) + 1.
     let looked = sb.media().lookups();
     assert_eq!(looked, 5 + 3 + 1 + 1 + 1, "lookups");
@@ -217,8 +276,14 @@ async fn the_webhook_200_does_not_wait_for_a_slow_download() {
     let sb = sandbox(|_| {}).await;
     let gw = gateway_with_sandbox(&b, &p, &sb, &[]).await;
     let data = bytes_of(40 * 64 * 1024, 7);
-    let (body, id) =
-        sb.inbound_media_body(NUMBER, "14155550130", "wamid.slow", "video", data.clone(), "video/mp4");
+    let (body, id) = sb.inbound_media_body(
+        NUMBER,
+        "14155550130",
+        "wamid.slow",
+        "video",
+        data.clone(),
+        "video/mp4",
+    );
     sb.media().set_fault(
         &id,
         MediaFault {
@@ -246,14 +311,45 @@ async fn erasure_deletes_the_persons_media_under_every_linked_id() {
     let ana = "14155550140";
     let ana_bsuid = wagate::sandbox::bsuid_of(ana);
     let bob = "14155550141";
-    let (b1, _) = sb.inbound_media_body(NUMBER, ana, "wamid.e1", "image", bytes_of(1000, 1), "image/jpeg");
-    let (b2, _) = sb.inbound_media_body(NUMBER, ana, "wamid.e2", "audio", bytes_of(2000, 2), "audio/ogg");
-    let (b3, _) = sb.inbound_media_body(NUMBER, bob, "wamid.e3", "image", bytes_of(3000, 3), "image/jpeg");
+    let (b1, _) = sb.inbound_media_body(
+        NUMBER,
+        ana,
+        "wamid.e1",
+        "image",
+        bytes_of(1000, 1),
+        "image/jpeg",
+    );
+    let (b2, _) = sb.inbound_media_body(
+        NUMBER,
+        ana,
+        "wamid.e2",
+        "audio",
+        bytes_of(2000, 2),
+        "audio/ogg",
+    );
+    let (b3, _) = sb.inbound_media_body(
+        NUMBER,
+        bob,
+        "wamid.e3",
+        "image",
+        bytes_of(3000, 3),
+        "image/jpeg",
+    );
     // Ana by BSUID only (a username user's message): stored under the BSUID.
-    let (b4, _) = sb.inbound_media_body(NUMBER, ana, "wamid.e4", "sticker", bytes_of(500, 4), "image/webp");
+    let (b4, _) = sb.inbound_media_body(
+        NUMBER,
+        ana,
+        "wamid.e4",
+        "sticker",
+        bytes_of(500, 4),
+        "image/webp",
+    );
     let mut v4: Value = serde_json::from_slice(&b4).unwrap();
     let value = &mut v4["entry"][0]["changes"][0]["value"];
-    value["contacts"][0].as_object_mut().unwrap().remove("wa_id");
+    value["contacts"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("wa_id");
     let msg = value["messages"][0].as_object_mut().unwrap();
     msg.remove("from");
     msg.insert("from_user_id".into(), ana_bsuid.clone().into());
@@ -294,8 +390,14 @@ async fn the_retention_sweep_deletes_old_objects_and_nothing_else() {
     let gw = gateway_with_sandbox(&b, &p, &sb, &[("WAGATE_MEDIA_RETENTION_DAYS", "30")]).await;
     let mut ids = Vec::new();
     for (i, wamid) in ["wamid.s1", "wamid.s2", "wamid.s3"].iter().enumerate() {
-        let (body, id) =
-            sb.inbound_media_body(NUMBER, "14155550150", wamid, "image", bytes_of(1000 + i, i as u8), "image/jpeg");
+        let (body, id) = sb.inbound_media_body(
+            NUMBER,
+            "14155550150",
+            wamid,
+            "image",
+            bytes_of(1000 + i, i as u8),
+            "image/jpeg",
+        );
         webhook_ok(gw.public_addr, &body).await;
         ids.push(id);
     }
@@ -304,7 +406,10 @@ async fn the_retention_sweep_deletes_old_objects_and_nothing_else() {
     let dir = store_dir(&p).join(NUMBER).join("14155550150");
     // Two of them 31 and 45 days old.
     for (id, days) in [(&ids[0], 31u64), (&ids[1], 45)] {
-        let f = std::fs::File::options().write(true).open(dir.join(id)).unwrap();
+        let f = std::fs::File::options()
+            .write(true)
+            .open(dir.join(id))
+            .unwrap();
         f.set_modified(std::time::SystemTime::now() - Duration::from_secs(days * 86_400))
             .unwrap();
     }
@@ -323,7 +428,19 @@ async fn two_instances_share_the_work_without_fetching_twice() {
     let p = unique_prefix("media-two");
     let sb = sandbox(|_| {}).await;
     let gw1 = gateway_with_sandbox(&b, &p, &sb, &[]).await;
-    let gw2 = gateway_with_sandbox(&b, &p, &sb, &[]).await;
+    // Instance 2 calls the sandbox under another API version: the sandbox
+    // counts each instance's lookups.
+    let v24 = format!("http://{}/v24.0", sb.addr());
+    let gw2 = start(
+        &b,
+        &p,
+        &[
+            ("WAGATE_GRAPH_BASE_URL", v24.as_str()),
+            ("WAGATE_MEDIA_PART_SIZE_BYTES", "1048576"),
+        ],
+    )
+    .await;
+    wait_assigned(&gw2).await;
     // Let the group settle (both members assigned) before the load.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let mut ids = Vec::new();
@@ -348,13 +465,10 @@ async fn two_instances_share_the_work_without_fetching_twice() {
     }
     assert_eq!(recs.len(), 24);
     assert_eq!(sb.media().downloads(), 24, "no item downloaded twice");
-    let stored = |gw: &wagate::app::Gateway| async move {
-        let m = String::from_utf8(get(&format!("http://{}/metrics", gw.internal_addr)).await.body.to_vec()).unwrap();
-        metric_in(&m, "wagate_media_fetches_total", &[("outcome", "stored")])
-    };
-    let (s1, s2) = (stored(&gw1).await, stored(&gw2).await);
-    assert_eq!(s1 + s2, 24.0);
-    assert!(s1 > 0.0 && s2 > 0.0, "both instances fetched: {s1} + {s2}");
+    let by_version = sb.media().lookups_by_version();
+    let (s1, s2) = (by_version["v23.0"], by_version["v24.0"]);
+    assert_eq!(s1 + s2, 24, "no item looked up twice");
+    assert!(s1 > 0 && s2 > 0, "both instances fetched: {s1} + {s2}");
     assert!(gw1.shutdown().await);
     assert!(gw2.shutdown().await);
 }
@@ -398,7 +512,9 @@ async fn kill_9_mid_download_then_restart_one_record_each_objects_complete() {
     let mut items = Vec::new();
     for i in 0..4 {
         let data = bytes_of(3 * 1024 * 1024 + i * 1000, i as u8 + 20);
-        let id = sb.media().add(&format!("777000{i}"), data.clone(), "application/pdf");
+        let id = sb
+            .media()
+            .add(&format!("777000{i}"), data.clone(), "application/pdf");
         sb.media().set_fault(
             &id,
             MediaFault {
@@ -417,12 +533,19 @@ async fn kill_9_mid_download_then_restart_one_record_each_objects_complete() {
     std::fs::write(&pre_path, &pre).unwrap();
     produce(record("wamid.pre-stored", "14155550161", &pre_id)).await;
     // Edge 2: the record is on the topic already (a crash before the commit).
-    let done_id = sb.media().add("7770200", bytes_of(5000, 98), "application/pdf");
+    let done_id = sb
+        .media()
+        .add("7770200", bytes_of(5000, 98), "application/pdf");
     produce(record("wamid.pre-recorded", "14155550162", &done_id)).await;
     let media_topic = format!("{p}inbound.media");
     let done_rec = serde_json::json!({"v":1,"event_id":"wamid.pre-recorded","media_id":done_id,"phone_number_id":NUMBER,"outcome":"stored"});
     producer
-        .send(&media_topic, NUMBER.as_bytes(), &serde_json::to_vec(&done_rec).unwrap(), &[])
+        .send(
+            &media_topic,
+            NUMBER.as_bytes(),
+            &serde_json::to_vec(&done_rec).unwrap(),
+            &[],
+        )
         .unwrap()
         .await
         .unwrap();
@@ -432,11 +555,20 @@ async fn kill_9_mid_download_then_restart_one_record_each_objects_complete() {
     while sb.media().downloads() < 2 && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(sb.media().downloads() >= 2, "downloads never started: {}", gw.log_tail(30));
+    assert!(
+        sb.media().downloads() >= 2,
+        "downloads never started: {}",
+        gw.log_tail(30)
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     gw.kill9();
-    let before = read_all(&b, &p, "inbound.media", Duration::from_millis(500)).await.len();
-    assert!(before < 1 + 6, "the kill came too late to test anything ({before} records)");
+    let before = read_all(&b, &p, "inbound.media", Duration::from_millis(500))
+        .await
+        .len();
+    assert!(
+        before < 1 + 6,
+        "the kill came too late to test anything ({before} records)"
+    );
 
     let internal = format!("127.0.0.1:{}", free_port());
     let gw = spawn("media-crash-2.log", &internal);
@@ -445,16 +577,25 @@ async fn kill_9_mid_download_then_restart_one_record_each_objects_complete() {
     for (id, data) in &items {
         let r = one(&by, id);
         assert_eq!(r["outcome"], "stored", "{r}");
-        assert_eq!(&std::fs::read(file_of(r["location"].as_str().unwrap())).unwrap(), data, "object complete");
+        assert_eq!(
+            &std::fs::read(file_of(r["location"].as_str().unwrap())).unwrap(),
+            data,
+            "object complete"
+        );
     }
     let r = one(&by, &pre_id);
     assert_eq!(r["outcome"], "stored");
     one(&by, &done_id);
     assert_eq!(recs.len(), 6, "exactly one record per item: {recs:#?}");
     // Neither edge was downloaded.
-    let m = String::from_utf8(get(&format!("http://{internal}/metrics")).await.body.to_vec()).unwrap();
+    let m = String::from_utf8(
+        get(&format!("http://{internal}/metrics"))
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
     assert_eq!(metric_in(&m, "wagate_media_reused_total", &[]), 1.0, "{m}");
     assert_eq!(metric_in(&m, "wagate_media_skipped_total", &[]), 1.0);
     drop(gw);
 }
-

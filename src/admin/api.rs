@@ -259,7 +259,10 @@ impl Api {
         if let Some(media) = &self.media {
             if let Err(e) = media.erase(phone_number_id, &ids).await {
                 tracing::warn!(error = %e, "media objects not deleted");
-                return http::unavailable(2, "the media store cannot delete the person's media now; retry");
+                return http::unavailable(
+                    2,
+                    "the media store cannot delete the person's media now; retry",
+                );
             }
         }
         self.contacts.erase(phone_number_id, wa_id);

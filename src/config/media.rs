@@ -167,7 +167,9 @@ pub fn parse_store(s: &str) -> Result<MediaStore, ConfigError> {
     let s = s.trim();
     let dir = |p: &str| -> Result<MediaStore, ConfigError> {
         if p.is_empty() {
-            return Err(bad("file:// needs a path, e.g. file:///var/lib/wagate/media"));
+            return Err(bad(
+                "file:// needs a path, e.g. file:///var/lib/wagate/media",
+            ));
         }
         let p = Path::new(p);
         let abs = if p.is_absolute() {
@@ -223,7 +225,9 @@ mod tests {
                 prefix: "a/b".into()
             }
         );
-        assert!(matches!(parse_store("").unwrap(), MediaStore::File(p) if p.ends_with(DEFAULT_MEDIA_DIR)));
+        assert!(
+            matches!(parse_store("").unwrap(), MediaStore::File(p) if p.ends_with(DEFAULT_MEDIA_DIR))
+        );
         for bad in ["gs://x", "s3://A", "file://", "s3://"] {
             let e = parse_store(bad).unwrap_err().to_string();
             assert!(e.contains("media.store"), "{e}");
@@ -233,7 +237,10 @@ mod tests {
             part_size_bytes: 1024,
             ..RawMedia::default()
         };
-        assert!(media(&m).unwrap_err().to_string().contains("media.part_size_bytes"));
+        assert!(media(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("media.part_size_bytes"));
         m.part_size_bytes = 8 << 20;
         m.s3_endpoint = "http://127.0.0.1:9000".into();
         assert!(media(&m).unwrap_err().to_string().contains("s3_allow_http"));

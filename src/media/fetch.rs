@@ -42,7 +42,10 @@ pub struct MediaInfo {
 pub enum FetchError {
     /// Worth another try after a backoff; `reason` is a metric label
     /// (`http_5xx`, `timeout`, `connect`, `url_expired`, `auth`, `rate`).
-    Retry { reason: &'static str, detail: String },
+    Retry {
+        reason: &'static str,
+        detail: String,
+    },
     /// No retry helps.
     Permanent(ItemError),
 }
@@ -209,7 +212,11 @@ pub fn classify_lookup(status: u16, body: &[u8]) -> Result<MediaInfo, FetchError
             .to_string();
         return Err(match code {
             1 | 2 | 4 | 80007 | 131000 | 131057 | 190 => FetchError::Retry {
-                reason: if code == 190 { "auth" } else { "meta_transient" },
+                reason: if code == 190 {
+                    "auth"
+                } else {
+                    "meta_transient"
+                },
                 detail: format!("lookup: Graph error {code}"),
             },
             _ if status >= 500 => FetchError::Retry {
@@ -280,7 +287,10 @@ mod tests {
         ));
         assert!(matches!(
             classify_lookup(500, b"Internal Server Error"),
-            Err(FetchError::Retry { reason: "http_5xx", .. })
+            Err(FetchError::Retry {
+                reason: "http_5xx",
+                ..
+            })
         ));
         let b64 = "k3Jq0xY2cH8pW9uVb6nR1tLm4sA7eZ5dF0gQ2hJ8iKo=";
         assert!(parse_sha256(b64).is_some());

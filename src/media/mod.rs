@@ -41,21 +41,47 @@ pub mod metrics {
     /// Describes them and publishes the counters at 0.
     pub fn describe() {
         use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, Unit};
-        describe_counter!(FETCHES, "Media items by outcome (stored, failed) and reason.");
+        describe_counter!(
+            FETCHES,
+            "Media items by outcome (stored, failed) and reason."
+        );
         describe_counter!(BYTES, "Media bytes downloaded from Meta.");
-        describe_histogram!(FETCH_SECONDS, Unit::Seconds, "Permits, lookup, download and store of one media item.");
+        describe_histogram!(
+            FETCH_SECONDS,
+            Unit::Seconds,
+            "Permits, lookup, download and store of one media item."
+        );
         describe_counter!(RETRIES, "Media lookups or downloads retried, by reason.");
         describe_gauge!(PENDING, "Media items read from Kafka and not yet recorded.");
-        describe_gauge!(OLDEST_PENDING_SECONDS, "Age of the oldest media item not yet recorded (queue lag).");
-        describe_counter!(SKIPPED, "Media items not fetched again: already recorded (history).");
+        describe_gauge!(
+            OLDEST_PENDING_SECONDS,
+            "Age of the oldest media item not yet recorded (queue lag)."
+        );
+        describe_counter!(
+            SKIPPED,
+            "Media items not fetched again: already recorded (history)."
+        );
         describe_counter!(REUSED, "Media items found stored and verified (a crash before the record), not downloaded again.");
-        describe_counter!(DELETED, "Media objects deleted, by reason (retention, erasure).");
+        describe_counter!(
+            DELETED,
+            "Media objects deleted, by reason (retention, erasure)."
+        );
         counter!(FETCHES, "outcome" => "stored", "reason" => "none").absolute(0);
         for r in super::record::FAIL_REASONS {
             counter!(FETCHES, "outcome" => "failed", "reason" => r).absolute(0);
         }
         counter!(BYTES).absolute(0);
-        for r in ["http_5xx", "timeout", "connect", "url_expired", "auth", "rate", "meta_transient", "truncated", "store"] {
+        for r in [
+            "http_5xx",
+            "timeout",
+            "connect",
+            "url_expired",
+            "auth",
+            "rate",
+            "meta_transient",
+            "truncated",
+            "store",
+        ] {
             counter!(RETRIES, "reason" => r).absolute(0);
         }
         counter!(DELETED, "reason" => "retention").absolute(0);

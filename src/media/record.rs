@@ -235,7 +235,10 @@ mod tests {
         assert_eq!(j["outcome"], "failed");
         assert_eq!(j["error"]["code"], "expired");
         assert_eq!(j["location"], Value::Null);
-        assert_eq!(record_key(&serde_json::to_vec(&r).unwrap()).unwrap(), "wamid.A 77");
+        assert_eq!(
+            record_key(&serde_json::to_vec(&r).unwrap()).unwrap(),
+            "wamid.A 77"
+        );
         assert_eq!(r.error.unwrap().reason(), "expired");
     }
 }

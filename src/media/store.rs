@@ -58,7 +58,9 @@ impl Store {
                     .map_err(|e| anyhow::anyhow!("media.store: {e}"))?;
                 Ok(Store {
                     inner: Arc::new(fs),
-                    uri_base: format!("file://{}", dir.display()).trim_end_matches('/').to_string(),
+                    uri_base: format!("file://{}", dir.display())
+                        .trim_end_matches('/')
+                        .to_string(),
                     prefix: Vec::new(),
                     local: true,
                     part_size: cfg.part_size,
@@ -70,13 +72,9 @@ impl Store {
                     .with_region(&cfg.s3_region)
                     .with_allow_http(cfg.s3_allow_http);
                 if let Some(ep) = &cfg.s3_endpoint {
-                    b = b
-                        .with_endpoint(ep)
-                        .with_virtual_hosted_style_request(false);
+                    b = b.with_endpoint(ep).with_virtual_hosted_style_request(false);
                 }
-                let s3 = b
-                    .build()
-                    .map_err(|e| anyhow::anyhow!("media.store: {e}"))?;
+                let s3 = b.build().map_err(|e| anyhow::anyhow!("media.store: {e}"))?;
                 Ok(Store {
                     inner: Arc::new(s3),
                     uri_base: format!("s3://{bucket}"),
@@ -146,6 +144,20 @@ impl Store {
     /// The bytes of an object (tests, small objects).
     pub async fn read(&self, path: &Path) -> Result<Bytes, object_store::Error> {
         self.inner.get(path).await?.bytes().await
+    }
+
+    /// The bytes of an object and the content type it was stored with
+    /// (`None` in a directory store, which keeps none).
+    pub async fn read_with_type(
+        &self,
+        path: &Path,
+    ) -> Result<(Bytes, Option<String>), object_store::Error> {
+        let got = self.inner.get(path).await?;
+        let ct = got
+            .attributes
+            .get(&Attribute::ContentType)
+            .map(|v| v.to_string());
+        Ok((got.bytes().await?, ct))
     }
 
     /// A writer for an object of `size` bytes (as announced by Meta).

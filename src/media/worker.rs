@@ -29,9 +29,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::fetch::{FetchError, MediaClient, MediaInfo};
+use super::metrics as mm;
 use super::record::{media_item, record_key, ItemError, MediaItem, MediaRecord, MEDIA_LIFETIME_MS};
 use super::store::Store;
-use super::metrics as mm;
 use crate::config::{Config, MediaConfig, Secret};
 use crate::kafka::{Connection, Diagnostics, KafkaProducer, Kind, RecordHeaders, TopicId, Topics};
 
@@ -191,6 +191,8 @@ pub struct Media {
     history: Mutex<HashSet<u64>>,
     /// Items read but not yet recorded, at most this many.
     max_pending: usize,
+    /// Partitions were assigned and the history read at least once.
+    assigned_once: AtomicBool,
 }
 
 fn key_hash(key: &str) -> u64 {
@@ -227,6 +229,7 @@ impl Media {
             tracker: Arc::new(Mutex::new(Tracker::default())),
             history: Mutex::new(HashSet::new()),
             max_pending: (cfg.media.concurrency * 8).max(64),
+            assigned_once: AtomicBool::new(false),
             cfg: cfg.media.clone(),
         })
     }
@@ -234,6 +237,11 @@ impl Media {
     /// The object store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Whether partitions were assigned (and the history read) at least once.
+    pub fn assigned(&self) -> bool {
+        self.assigned_once.load(Ordering::SeqCst)
     }
 
     /// Items read and not yet recorded.
@@ -295,7 +303,10 @@ impl Media {
                 .set("heartbeat.interval.ms", "1000")
                 .set("enable.partition.eof", "false")
                 .set("queued.max.messages.kbytes", "4096")
-                .set("statistics.interval.ms", crate::kafka::STATISTICS_INTERVAL_MS);
+                .set(
+                    "statistics.interval.ms",
+                    crate::kafka::STATISTICS_INTERVAL_MS,
+                );
         })
         .create_with_context(MediaContext {
             diagnostics: conn.diagnostics().clone(),
@@ -310,7 +321,8 @@ impl Media {
     /// recorded (a crash after a record was acknowledged, before its offset
     /// was committed) are not fetched again.
     fn load_history(&self) {
-        let since = crate::clock::now_ms().saturating_sub(self.cfg.history_window.as_millis() as u64);
+        let since =
+            crate::clock::now_ms().saturating_sub(self.cfg.history_window.as_millis() as u64);
         let mut seen = HashSet::new();
         let topic = self.topics.name(TopicId::InboundMedia);
         match crate::kafka::read_since(&self.connection, topic, since, |_, v| {
@@ -319,12 +331,19 @@ impl Media {
             }
         }) {
             Ok(n) => tracing::info!(records = n, "media: history read"),
-            Err(e) => tracing::warn!(error = %e, "media: history not read; items recorded just before a crash may be recorded twice"),
+            Err(e) => {
+                tracing::warn!(error = %e, "media: history not read; items recorded just before a crash may be recorded twice")
+            }
         }
         *self.history.lock().unwrap() = seen;
+        self.assigned_once.store(true, Ordering::SeqCst);
     }
 
-    fn consume(self: Arc<Self>, rt: tokio::runtime::Handle, stop: CancellationToken) -> anyhow::Result<()> {
+    fn consume(
+        self: Arc<Self>,
+        rt: tokio::runtime::Handle,
+        stop: CancellationToken,
+    ) -> anyhow::Result<()> {
         let consumer = self.consumer()?;
         let topic = self.topics.name(TopicId::InboundMessages).to_string();
         consumer.subscribe(&[&topic])?;
@@ -356,7 +375,14 @@ impl Media {
                 }
                 Some(Ok(m)) => {
                     let (p, o) = (m.partition(), m.offset());
-                    match m.payload().and_then(media_item) {
+                    let item = m.payload().and_then(media_item);
+                    tracing::debug!(
+                        partition = p,
+                        offset = o,
+                        media = item.is_some(),
+                        "media: message read"
+                    );
+                    match item {
                         None => self.tracker.lock().unwrap().seen(p, o),
                         Some(item)
                             if self

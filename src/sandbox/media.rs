@@ -73,6 +73,9 @@ pub struct MediaLibrary {
     url_ttl_ms: std::sync::atomic::AtomicU64,
     access_tokens: Vec<String>,
     lookups: AtomicUsize,
+    /// Lookups by the API version of their path (instances of a test each
+    /// use their own version, so the sandbox tells them apart).
+    lookups_by_version: Mutex<HashMap<String, usize>>,
     downloads: AtomicUsize,
     seq: std::sync::atomic::AtomicU64,
 }
@@ -97,6 +100,7 @@ impl MediaLibrary {
             url_ttl_ms: std::sync::atomic::AtomicU64::new(300_000),
             access_tokens,
             lookups: AtomicUsize::new(0),
+            lookups_by_version: Mutex::new(HashMap::new()),
             downloads: AtomicUsize::new(0),
             seq: std::sync::atomic::AtomicU64::new(0),
         });
@@ -111,7 +115,10 @@ impl MediaLibrary {
     /// Adds (or replaces) an item; returns its media id.
     pub fn add(&self, media_id: &str, bytes: impl Into<Bytes>, mime_type: &str) -> String {
         let bytes = bytes.into();
-        assert!(bytes.len() <= MAX_ITEM_BYTES, "sandbox media item too large");
+        assert!(
+            bytes.len() <= MAX_ITEM_BYTES,
+            "sandbox media item too large"
+        );
         let sha256_hex = hex::encode(Sha256::digest(&bytes));
         let mut items = lock(&self.items);
         if items.len() >= MAX_ITEMS && !items.contains_key(media_id) {
@@ -155,6 +162,11 @@ impl MediaLibrary {
         self.lookups.load(Ordering::Relaxed)
     }
 
+    /// Lookups answered, by the API version of their path.
+    pub fn lookups_by_version(&self) -> HashMap<String, usize> {
+        lock(&self.lookups_by_version).clone()
+    }
+
     /// Downloads started (any status).
     pub fn downloads(&self) -> usize {
         self.downloads.load(Ordering::Relaxed)
@@ -162,7 +174,9 @@ impl MediaLibrary {
 
     /// The hex SHA-256 of an item's bytes.
     pub fn sha256_hex(&self, media_id: &str) -> Option<String> {
-        lock(&self.items).get(media_id).map(|i| i.sha256_hex.clone())
+        lock(&self.items)
+            .get(media_id)
+            .map(|i| i.sha256_hex.clone())
     }
 
     fn sign(&self, media_id: &str, exp_ms: u64) -> String {
@@ -174,8 +188,14 @@ impl MediaLibrary {
     }
 
     /// `GET /{version}/{media_id}` (already authorized).
-    pub(super) fn lookup(&self, media_id: &str) -> Response<Body> {
+    pub(super) fn lookup(&self, version: &str, media_id: &str) -> Response<Body> {
         self.lookups.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut by = lock(&self.lookups_by_version);
+            if by.len() < 64 || by.contains_key(version) {
+                *by.entry(version.to_string()).or_default() += 1;
+            }
+        }
         let mut items = lock(&self.items);
         let Some(item) = items.get_mut(media_id).filter(|i| !i.fault.expired) else {
             return unknown_object(media_id);
@@ -199,7 +219,10 @@ impl MediaLibrary {
             "file_size": item.bytes.len(),
             "id": media_id,
         });
-        http::json(StatusCode::OK, serde_json::to_vec(&body).unwrap_or_default())
+        http::json(
+            StatusCode::OK,
+            serde_json::to_vec(&body).unwrap_or_default(),
+        )
     }
 
     fn authorized(&self, req: &Request<hyper::body::Incoming>) -> bool {
@@ -214,10 +237,9 @@ impl MediaLibrary {
             return false;
         };
         self.access_tokens.is_empty()
-            || self
-                .access_tokens
-                .iter()
-                .fold(false, |ok, t| ok | bool::from(t.as_bytes().ct_eq(token.as_bytes())))
+            || self.access_tokens.iter().fold(false, |ok, t| {
+                ok | bool::from(t.as_bytes().ct_eq(token.as_bytes()))
+            })
     }
 
     /// A download: `/whatsapp_business/attachments/{id}/{exp}/{sig}`.

@@ -586,11 +586,14 @@ fn route(path: &str) -> Option<(&str, &str)> {
         .then_some((version, number))
 }
 
-/// `/{version}/{media_id}` (digits) → media_id.
-fn media_route(path: &str) -> Option<&str> {
+/// `/{version}/{media_id}` (digits) → (version, media_id).
+fn media_route(path: &str) -> Option<(&str, &str)> {
     let (version, id) = path.strip_prefix('/')?.split_once('/')?;
-    (is_version(version) && !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_digit()))
-        .then_some(id)
+    (is_version(version)
+        && !id.is_empty()
+        && id.len() <= 32
+        && id.bytes().all(|b| b.is_ascii_digit()))
+    .then_some((version, id))
 }
 
 fn roll(p: f64) -> bool {
@@ -603,11 +606,11 @@ async fn handle(st: Arc<State>, req: http::Req) -> Response<Body> {
     }
     let path = req.uri().path().to_string();
     if req.method() == Method::GET {
-        if let Some(media_id) = media_route(&path) {
+        if let Some((version, media_id)) = media_route(&path) {
             if let Err(e) = st.authorize(req.headers(), req.uri().query()) {
                 return e.response();
             }
-            return st.media.lookup(media_id);
+            return st.media.lookup(version, media_id);
         }
     }
     let Some((version, number)) = route(&path).filter(|_| req.method() == Method::POST) else {

@@ -73,7 +73,11 @@ pub fn media_store_for(prefix: &str) -> String {
     let dir = option_env!("CARGO_TARGET_TMPDIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
-    format!("file://{}/media-{}", dir.display(), prefix.trim_end_matches('.'))
+    format!(
+        "file://{}/media-{}",
+        dir.display(),
+        prefix.trim_end_matches('.')
+    )
 }
 
 pub async fn create_topics(cfg: &KafkaConfig) {

@@ -180,16 +180,17 @@ async fn every_kind_stored_byte_for_byte_and_failures_recorded() {
     // A message older than 7 days: failed "expired" without a call.
     let old_ms = wagate::clock::now_ms() - 8 * 24 * 3600 * 1000;
     let old_id = sb.media().add("4242424242", bytes_of(100, 4), "image/jpeg");
-    let old_body = wagate::sandbox::media::inbound_media_body(
-        NUMBER,
-        "14155550127",
-        "wamid.old",
-        "image",
-        &old_id,
-        "image/jpeg",
-        &sb.media().sha256_hex(&old_id).unwrap(),
-        old_ms,
-    );
+    let old_body =
+        wagate::sandbox::media::inbound_media_body(wagate::sandbox::media::InboundMedia {
+            phone_number_id: NUMBER,
+            wa_id: "14155550127",
+            wamid: "wamid.old",
+            kind: "image",
+            media_id: &old_id,
+            mime_type: "image/jpeg",
+            sha256_hex: &sb.media().sha256_hex(&old_id).unwrap(),
+            at_unix_ms: old_ms,
+        });
     webhook_ok(gw.public_addr, &old_body).await;
 
     let recs = media_records(&b, &p, 9, Duration::from_secs(60)).await;

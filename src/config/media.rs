@@ -109,9 +109,8 @@ pub(super) fn media(m: &RawMedia) -> Result<MediaConfig, ConfigError> {
     if part_size > 1 << 30 {
         return Err(invalid("media.part_size_bytes", "at most 1 GiB"));
     }
-    if !m.s3_endpoint.is_empty()
-        && !(m.s3_endpoint.starts_with("http://") || m.s3_endpoint.starts_with("https://"))
-    {
+    let scheme_ok = m.s3_endpoint.starts_with("http://") || m.s3_endpoint.starts_with("https://");
+    if !m.s3_endpoint.is_empty() && !scheme_ok {
         return Err(invalid(
             "media.s3_endpoint",
             "an http:// or https:// URL, e.g. http://127.0.0.1:9000",

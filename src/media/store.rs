@@ -207,9 +207,8 @@ impl Store {
 
     /// Deletes every object last modified before `cutoff`; returns how many.
     pub async fn sweep(&self, cutoff: SystemTime) -> Result<usize, object_store::Error> {
-        let cutoff: chrono_like::Utc = cutoff.into();
         let prefix = self.path_of(&[]);
-        self.delete_where(&prefix, |m| chrono_like::before(&m.last_modified, &cutoff))
+        self.delete_where(&prefix, |m| SystemTime::from(m.last_modified) < cutoff)
             .await
     }
 
@@ -236,17 +235,6 @@ impl Store {
             }
         }
         Ok(n)
-    }
-}
-
-/// Time comparisons without naming chrono (object_store's `DateTime<Utc>`).
-mod chrono_like {
-    pub type Utc = std::time::SystemTime;
-    pub fn before<T>(t: &T, cutoff: &Utc) -> bool
-    where
-        T: Clone + Into<std::time::SystemTime>,
-    {
-        t.clone().into() < *cutoff
     }
 }
 

@@ -405,21 +405,35 @@ async fn serve_downloads(
     }
 }
 
+/// One inbound media message, for [`inbound_media_body`].
+#[derive(Debug, Clone, Copy)]
+pub struct InboundMedia<'a> {
+    pub phone_number_id: &'a str,
+    pub wa_id: &'a str,
+    pub wamid: &'a str,
+    /// image, audio, video, document, sticker.
+    pub kind: &'a str,
+    pub media_id: &'a str,
+    pub mime_type: &'a str,
+    pub sha256_hex: &'a str,
+    pub at_unix_ms: u64,
+}
+
 /// The body of a Meta `messages` webhook with one inbound media message
-/// (`kind`: image, audio, video, document, sticker) from `wa_id`, with the
-/// media object as Meta sends it (`id`, `mime_type`, `sha256` in base64,
-/// `url`, and a `filename` for documents).
-pub fn inbound_media_body(
-    phone_number_id: &str,
-    wa_id: &str,
-    wamid: &str,
-    kind: &str,
-    media_id: &str,
-    mime_type: &str,
-    sha256_hex: &str,
-    at_unix_ms: u64,
-) -> Vec<u8> {
+/// from `wa_id`, with the media object as Meta sends it (`id`,
+/// `mime_type`, `sha256` in base64, `url`, and a `filename` for documents).
+pub fn inbound_media_body(m: InboundMedia<'_>) -> Vec<u8> {
     use base64_sha::encode as b64;
+    let InboundMedia {
+        phone_number_id,
+        wa_id,
+        wamid,
+        kind,
+        media_id,
+        mime_type,
+        sha256_hex,
+        at_unix_ms,
+    } = m;
     let mut media = json!({
         "id": media_id,
         "mime_type": mime_type,

@@ -525,16 +525,16 @@ impl Sandbox {
         self.state.media.add(&id, bytes, mime_type);
         let sha = self.state.media.sha256_hex(&id).unwrap_or_default();
         self.record_inbound(phone_number_id, &digits(wa_id), now);
-        let body = media::inbound_media_body(
+        let body = media::inbound_media_body(media::InboundMedia {
             phone_number_id,
-            &digits(wa_id),
+            wa_id: &digits(wa_id),
             wamid,
             kind,
-            &id,
+            media_id: &id,
             mime_type,
-            &sha,
-            now,
-        );
+            sha256_hex: &sha,
+            at_unix_ms: now,
+        });
         (body, id)
     }
 

@@ -28,29 +28,21 @@ pub use worker::Media;
 
 /// The `wagate_media_*` metrics.
 pub mod metrics {
-    pub const FETCHES: &str = "wagate_media_fetches_total";
-    pub const BYTES: &str = "wagate_media_bytes_total";
-    pub const FETCH_SECONDS: &str = "wagate_media_fetch_seconds";
-    pub const RETRIES: &str = "wagate_media_retries_total";
-    pub const PENDING: &str = "wagate_media_pending";
-    pub const OLDEST_PENDING_SECONDS: &str = "wagate_media_oldest_pending_seconds";
-    pub const SKIPPED: &str = "wagate_media_skipped_total";
-    pub const REUSED: &str = "wagate_media_reused_total";
-    pub const DELETED: &str = "wagate_media_deleted_total";
+    pub use crate::metrics::{
+        MEDIA_BYTES as BYTES, MEDIA_DELETED as DELETED, MEDIA_FETCHES as FETCHES,
+        MEDIA_FETCH_SECONDS as FETCH_SECONDS,
+        MEDIA_OLDEST_PENDING_SECONDS as OLDEST_PENDING_SECONDS, MEDIA_PENDING as PENDING,
+        MEDIA_RETRIES as RETRIES, MEDIA_REUSED as REUSED, MEDIA_SKIPPED as SKIPPED,
+    };
 
     /// Describes them and publishes the counters at 0.
     pub fn describe() {
-        use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, Unit};
+        use ::metrics::{counter, describe_counter, describe_gauge};
         describe_counter!(
             FETCHES,
             "Media items by outcome (stored, failed) and reason."
         );
         describe_counter!(BYTES, "Media bytes downloaded from Meta.");
-        describe_histogram!(
-            FETCH_SECONDS,
-            Unit::Seconds,
-            "Permits, lookup, download and store of one media item."
-        );
         describe_counter!(RETRIES, "Media lookups or downloads retried, by reason.");
         describe_gauge!(PENDING, "Media items read from Kafka and not yet recorded.");
         describe_gauge!(

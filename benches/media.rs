@@ -216,6 +216,9 @@ async fn bench_store(
     env.insert("WAGATE_EGRESS_GROUP_ID".into(), format!("{p}egress"));
     env.insert("WAGATE_MEDIA_GROUP_ID".into(), format!("{p}media"));
     env.extend(store_env);
+    if let Ok(level) = std::env::var("WAGATE_BENCH_LOG") {
+        env.insert("WAGATE_LOG".into(), level);
+    }
     let cfg = wagate::config::load(None, &env, Default::default()).expect("bench config");
     wagate::kafka::create_topics(&cfg.kafka)
         .await

@@ -600,3 +600,75 @@ async fn kill_9_mid_download_then_restart_one_record_each_objects_complete() {
     assert_eq!(metric_in(&m, "wagate_media_skipped_total", &[]), 1.0);
     drop(gw);
 }
+
+/// The sandbox's media endpoints as a client sees them: the lookup needs a
+/// token, the download URL needs the bearer token too and expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_media_lookup_and_short_lived_download_url() {
+    let sb = sandbox(|c| c.access_tokens = vec!["tok".into()]).await;
+    let data = bytes_of(150_000, 5);
+    let id = sb.media().add("5550001", data.clone(), "audio/ogg");
+    let call = |url: String, token: Option<&'static str>| async move {
+        let mut b = hyper::Request::get(url);
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        request(
+            b.body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+    };
+    let lookup = format!("{}/{id}", sb.base_url());
+    assert_eq!(call(lookup.clone(), None).await.status, 401);
+    assert_eq!(call(lookup.clone(), Some("wrong")).await.status, 401);
+    let r = call(lookup.clone(), Some("tok")).await;
+    assert_eq!(r.status, 200);
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["mime_type"], "audio/ogg");
+    assert_eq!(v["file_size"], 150_000);
+    assert_eq!(v["sha256"], hex::encode(Sha256::digest(&data)));
+    let url = v["url"].as_str().unwrap().to_string();
+    assert_eq!(
+        call(url.clone(), None).await.status,
+        401,
+        "the download needs the token"
+    );
+    let got = call(url.clone(), Some("tok")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body.as_ref(), data.as_slice());
+    // A tampered URL and an expired one are 404 (fetch a fresh URL).
+    assert_eq!(call(format!("{url}0"), Some("tok")).await.status, 404);
+    sb.media().set_url_ttl(Duration::from_millis(1));
+    let v: Value = serde_json::from_slice(&call(lookup.clone(), Some("tok")).await.body).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        call(v["url"].as_str().unwrap().to_string(), Some("tok"))
+            .await
+            .status,
+        404
+    );
+    // Faults: 5xx once, then the lookup works; an expired id is Meta's #100.
+    sb.media().set_url_ttl(Duration::from_secs(300));
+    sb.media().set_fault(
+        &id,
+        MediaFault {
+            lookup_5xx: 1,
+            ..Default::default()
+        },
+    );
+    assert_eq!(call(lookup.clone(), Some("tok")).await.status, 500);
+    assert_eq!(call(lookup.clone(), Some("tok")).await.status, 200);
+    sb.media().set_fault(
+        &id,
+        MediaFault {
+            expired: true,
+            ..Default::default()
+        },
+    );
+    let r = call(lookup, Some("tok")).await;
+    assert_eq!(r.status, 400);
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error"]["code"], 100);
+    assert_eq!(v["error"]["error_subcode"], 33);
+}

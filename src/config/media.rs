@@ -246,4 +246,34 @@ mod tests {
         m.s3_allow_http = true;
         assert!(media(&m).is_ok());
     }
+
+    #[test]
+    fn every_key_has_its_environment_variable() {
+        let env: std::collections::BTreeMap<String, String> = [
+            ("WAGATE_APP_SECRET", "s"),
+            ("WAGATE_VERIFY_TOKEN", "v"),
+            ("WAGATE_MEDIA_STORE", "s3://bucket/p"),
+            ("WAGATE_MEDIA_S3_ENDPOINT", "http://127.0.0.1:9000"),
+            ("WAGATE_MEDIA_S3_ALLOW_HTTP", "true"),
+            ("WAGATE_MEDIA_CONCURRENCY_PER_NUMBER", "2"),
+            ("WAGATE_MEDIA_RETENTION_DAYS", "0"),
+            ("WAGATE_MEDIA_ENABLED", "false"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = crate::config::load(None, &env, LoadOptions::default()).unwrap();
+        assert!(!c.media.enabled);
+        assert_eq!(c.media.concurrency_per_number, 2);
+        assert_eq!(c.media.retention, None);
+        assert_eq!(
+            c.media.s3_endpoint.as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        assert!(matches!(c.media.store, MediaStore::S3 { ref bucket, .. } if bucket == "bucket"));
+        let mut bad = env.clone();
+        bad.insert("WAGATE_MEDIA_MAX_BYTES".into(), "0".into());
+        let e = crate::config::load(None, &bad, LoadOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("media.max_bytes"), "{e}");
+    }
 }

@@ -252,6 +252,8 @@ mod tests {
         let env: std::collections::BTreeMap<String, String> = [
             ("WAGATE_APP_SECRET", "s"),
             ("WAGATE_VERIFY_TOKEN", "v"),
+            ("WAGATE_API_TOKEN", "t"),
+            ("WAGATE_ACCESS_TOKEN", "a"),
             ("WAGATE_MEDIA_STORE", "s3://bucket/p"),
             ("WAGATE_MEDIA_S3_ENDPOINT", "http://127.0.0.1:9000"),
             ("WAGATE_MEDIA_S3_ALLOW_HTTP", "true"),

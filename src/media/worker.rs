@@ -45,6 +45,11 @@ struct Tracker {
     epoch: u64,
     /// Receipt times of pending items (for the lag gauge).
     since: HashMap<(i32, i64), Instant>,
+    /// Items being fetched here (by key hash), with the offsets of later
+    /// deliveries of the same item (a revocation that timed out, then the
+    /// same partitions assigned back): those wait for the one fetch instead
+    /// of fetching again.
+    inflight: HashMap<u64, Vec<(i32, i64)>>,
 }
 
 #[derive(Default)]
@@ -59,19 +64,36 @@ impl Tracker {
         let part = self.parts.entry(p).or_default();
         part.next = part.next.max(o + 1);
     }
-    fn start(&mut self, p: i32, o: i64) {
+    /// Marks an item pending; false when the same item is already being
+    /// fetched here (its offset is then done when that fetch is).
+    fn start(&mut self, p: i32, o: i64, key: u64) -> bool {
         self.seen(p, o);
         self.parts.entry(p).or_default().pending.insert(o);
         self.since.insert((p, o), Instant::now());
-    }
-    fn finish(&mut self, p: i32, o: i64, epoch: u64) {
-        if epoch != self.epoch {
-            return;
+        match self.inflight.get_mut(&key) {
+            Some(extra) => {
+                extra.push((p, o));
+                false
+            }
+            None => {
+                self.inflight.insert(key, Vec::new());
+                true
+            }
         }
+    }
+    fn done(&mut self, p: i32, o: i64) {
         if let Some(part) = self.parts.get_mut(&p) {
             part.pending.remove(&o);
         }
         self.since.remove(&(p, o));
+    }
+    fn finish(&mut self, p: i32, o: i64, epoch: u64, key: u64) {
+        for (ep, eo) in self.inflight.remove(&key).unwrap_or_default() {
+            self.done(ep, eo);
+        }
+        if epoch == self.epoch {
+            self.done(p, o);
+        }
     }
     fn pending(&self) -> usize {
         self.parts.values().map(|p| p.pending.len()).sum()
@@ -109,6 +131,9 @@ impl Tracker {
             self.parts.remove(p);
         }
         self.since.retain(|(p, _), _| !parts.contains(p));
+        for extra in self.inflight.values_mut() {
+            extra.retain(|(p, _)| !parts.contains(p));
+        }
         self.epoch += 1;
     }
 }
@@ -395,18 +420,27 @@ impl Media {
                             self.tracker.lock().unwrap().seen(p, o);
                         }
                         Some(item) => {
-                            let epoch = {
+                            let key = key_hash(&item.key());
+                            let (fetch, epoch) = {
                                 let mut t = self.tracker.lock().unwrap();
-                                t.start(p, o);
-                                t.epoch
+                                (t.start(p, o, key), t.epoch)
                             };
-                            let me = self.clone();
-                            let jobs_stop = jobs_stop.clone();
-                            rt.spawn(async move {
-                                if me.run_item(item, &jobs_stop).await {
-                                    me.tracker.lock().unwrap().finish(p, o, epoch);
-                                }
-                            });
+                            if fetch {
+                                let me = self.clone();
+                                let jobs_stop = jobs_stop.clone();
+                                rt.spawn(async move {
+                                    let recorded = me.run_item(item, &jobs_stop).await;
+                                    let mut t = me.tracker.lock().unwrap();
+                                    if recorded {
+                                        t.finish(p, o, epoch, key);
+                                    } else {
+                                        // Cancelled at shutdown: nothing done.
+                                        t.inflight.remove(&key);
+                                    }
+                                });
+                            } else {
+                                metrics::counter!(mm::SKIPPED).increment(1);
+                            }
                         }
                     }
                 }
@@ -694,20 +728,28 @@ mod tests {
     fn commit_points_wait_for_the_lowest_pending_offset() {
         let mut t = Tracker::default();
         t.seen(0, 0);
-        t.start(0, 1);
-        t.start(0, 2);
+        assert!(t.start(0, 1, 11));
+        assert!(t.start(0, 2, 12));
         t.seen(0, 3);
         assert_eq!(t.points(None), vec![(0, 1)]);
-        t.finish(0, 2, 0);
+        t.finish(0, 2, 0, 12);
         assert_eq!(t.points(None), vec![(0, 1)]);
-        t.finish(0, 1, 0);
+        t.finish(0, 1, 0, 11);
         assert_eq!(t.points(None), vec![(0, 4)]);
         t.committed(&[(0, 4)]);
         assert!(t.points(None).is_empty());
-        t.start(0, 4);
+        // Revoked while in flight, assigned back, delivered again: the
+        // second delivery waits for the first fetch.
+        assert!(t.start(0, 4, 14));
         t.forget(&[0]);
-        t.finish(0, 4, 0);
+        assert!(!t.start(0, 4, 14));
+        assert_eq!(t.pending(), 1);
+        t.finish(0, 4, 0, 14);
         assert_eq!(t.pending(), 0);
+        assert!(
+            t.start(0, 5, 14),
+            "a later delivery after the fetch fetches"
+        );
         assert!(backoff(1) >= Duration::from_millis(300));
         assert!(backoff(30) <= Duration::from_millis(45_000));
     }

@@ -376,6 +376,8 @@ async fn serve_downloads(
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             continue;
         };
+        // As a real server would: no Nagle delay between body chunks.
+        let _ = sock.set_nodelay(true);
         let lib = lib.clone();
         let stop = stop.clone();
         tokio::spawn(async move {

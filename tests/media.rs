@@ -672,3 +672,43 @@ async fn sandbox_media_lookup_and_short_lived_download_url() {
     assert_eq!(v["error"]["code"], 100);
     assert_eq!(v["error"]["error_subcode"], 33);
 }
+
+/// `media.concurrency_per_number` bounds one number's downloads; other
+/// numbers are not held behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_number_concurrency_bounds_downloads() {
+    let b = brokers();
+    let p = unique_prefix("media-conc");
+    let sb = sandbox(|_| {}).await;
+    let gw =
+        gateway_with_sandbox(&b, &p, &sb, &[("WAGATE_MEDIA_CONCURRENCY_PER_NUMBER", "1")]).await;
+    let mut n = 0;
+    for number in ["300000000000001", "300000000000002"] {
+        for i in 0..3 {
+            let (body, id) = sb.inbound_media_body(
+                number,
+                &format!("141555502{i}0"),
+                &format!("wamid.conc-{number}-{i}"),
+                "video",
+                bytes_of(12 * 64 * 1024, i as u8),
+                "video/mp4",
+            );
+            sb.media().set_fault(
+                &id,
+                MediaFault {
+                    chunk_delay: Duration::from_millis(40),
+                    ..Default::default()
+                },
+            );
+            webhook_ok(gw.public_addr, &body).await;
+            n += 1;
+        }
+    }
+    let recs = media_records(&b, &p, n, Duration::from_secs(60)).await;
+    assert_eq!(recs.len(), n);
+    assert!(recs.iter().all(|r| r["outcome"] == "stored"), "{recs:#?}");
+    let max = sb.media().max_concurrent_downloads();
+    assert!(max <= 2, "one download per number at most: {max} at once");
+    assert_eq!(max, 2, "the two numbers were fetched side by side");
+    assert!(gw.shutdown().await);
+}

@@ -77,6 +77,9 @@ pub struct MediaLibrary {
     /// use their own version, so the sandbox tells them apart).
     lookups_by_version: Mutex<HashMap<String, usize>>,
     downloads: AtomicUsize,
+    /// Bodies being streamed now, and the most at once.
+    active: Arc<AtomicUsize>,
+    max_active: Arc<AtomicUsize>,
     seq: std::sync::atomic::AtomicU64,
 }
 
@@ -102,6 +105,8 @@ impl MediaLibrary {
             lookups: AtomicUsize::new(0),
             lookups_by_version: Mutex::new(HashMap::new()),
             downloads: AtomicUsize::new(0),
+            active: Arc::new(AtomicUsize::new(0)),
+            max_active: Arc::new(AtomicUsize::new(0)),
             seq: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(serve_downloads(
@@ -165,6 +170,11 @@ impl MediaLibrary {
     /// Lookups answered, by the API version of their path.
     pub fn lookups_by_version(&self) -> HashMap<String, usize> {
         lock(&self.lookups_by_version).clone()
+    }
+
+    /// The most download bodies streamed at once so far.
+    pub fn max_concurrent_downloads(&self) -> usize {
+        self.max_active.load(Ordering::Relaxed)
     }
 
     /// Downloads started (any status).
@@ -280,11 +290,14 @@ impl MediaLibrary {
             item.fault.download_5xx -= 1;
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error");
         }
+        let now = self.active.fetch_add(1, Ordering::Relaxed) + 1;
+        self.max_active.fetch_max(now, Ordering::Relaxed);
         let mut r = Response::new(DownloadBody {
             data: item.bytes.clone(),
             pos: 0,
             delay: item.fault.chunk_delay,
             sleep: None,
+            active: Some(self.active.clone()),
         });
         let h = r.headers_mut();
         h.insert(CONTENT_LENGTH, HeaderValue::from(item.bytes.len()));
@@ -310,6 +323,16 @@ pub struct DownloadBody {
     pos: usize,
     delay: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Counted while streamed (until sent or dropped).
+    active: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for DownloadBody {
+    fn drop(&mut self) {
+        if let Some(a) = self.active.take() {
+            a.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl DownloadBody {
@@ -319,6 +342,7 @@ impl DownloadBody {
             pos: 0,
             delay: Duration::ZERO,
             sleep: None,
+            active: None,
         }
     }
 }
@@ -332,6 +356,9 @@ impl hyper::body::Body for DownloadBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if self.pos >= self.data.len() {
+            if let Some(a) = self.active.take() {
+                a.fetch_sub(1, Ordering::Relaxed);
+            }
             return Poll::Ready(None);
         }
         if !self.delay.is_zero() {

@@ -13,10 +13,10 @@ dir="target/test-env"
 mkdir -p "$dir"
 scripts/tansu.sh stop "$dir" || true
 brokers=$(scripts/tansu.sh start "$dir")
+trap 'scripts/tansu.sh stop "$dir"; scripts/s3.sh stop "$dir"' EXIT
 # An S3-compatible server (moto, from PyPI) for tests/media_s3.rs.
 scripts/s3.sh stop "$dir" || true
 s3=$(scripts/s3.sh start "$dir")
-trap 'scripts/tansu.sh stop "$dir"; scripts/s3.sh stop "$dir"' EXIT
 echo "tansu broker on $brokers (log: $dir/tansu.log)"
 echo "s3 server on $s3 (log: $dir/s3.log)"
 export WAGATE_TEST_BROKERS="$brokers"

@@ -48,6 +48,10 @@ pub struct Gateway {
     pub numbers: Arc<crate::numbers::Numbers>,
     numbers_threads: Vec<std::thread::JoinHandle<()>>,
     egress: Option<JoinHandle<()>>,
+    /// The media worker's consumer thread (`[media] enabled`).
+    media_thread: Option<std::thread::JoinHandle<()>>,
+    /// The media plane, if enabled (tests reach its store through it).
+    pub media: Option<Arc<crate::media::Media>>,
     servers: Vec<JoinHandle<bool>>,
     background: Vec<JoinHandle<()>>,
     /// Every producer made: the shared one and ingress's own.
@@ -265,6 +269,14 @@ impl Gateway {
         if share.is_none() {
             ready.dedupe.store(true, Ordering::SeqCst);
         }
+        let media = match cfg.media.enabled {
+            true => Some(Arc::new(crate::media::Media::new(
+                &cfg,
+                topics.clone(),
+                producer.clone(),
+            )?)),
+            false => None,
+        };
         let admin = Arc::new(Admin {
             metrics: metrics.clone(),
             ready: ready.clone(),
@@ -276,6 +288,7 @@ impl Gateway {
                 requests_topic: topics.name(TopicId::OutboundRequests).to_string(),
                 ack_timeout: cfg.ingress.ack_timeout,
                 body_limits: http::BodyLimits::of(&cfg, crate::admin::api::MAX_API_BODY),
+                media: media.clone(),
             },
         });
 
@@ -394,6 +407,14 @@ impl Gateway {
             contacts_stop.clone(),
             rx.clone(),
         )?);
+        let media_thread = match &media {
+            Some(m) => {
+                background.push(tokio::spawn(m.clone().sweep_loop(rx.clone())));
+                background.push(tokio::spawn(media_gauges(m.clone(), rx.clone())));
+                Some(m.clone().spawn(rx.clone())?)
+            }
+            None => None,
+        };
         for (name, tls) in [("public", public_tls), ("internal", internal_tls)] {
             if let Some(tls) = tls {
                 background.push(tokio::spawn(crate::tls::watch(
@@ -430,6 +451,8 @@ impl Gateway {
             numbers,
             numbers_threads,
             egress,
+            media_thread,
+            media,
             servers,
             background,
             producers: all_producers,
@@ -472,6 +495,11 @@ impl Gateway {
         if let Some(e) = self.egress {
             let left = self.shutdown_timeout.saturating_sub(start.elapsed());
             drained &= tokio::time::timeout(left, e).await.is_ok();
+        }
+        // The media worker winds down (items in flight get 5 s) and commits.
+        if let Some(t) = self.media_thread {
+            let joined = tokio::task::spawn_blocking(move || t.join());
+            let _ = tokio::time::timeout(Duration::from_secs(8), joined).await;
         }
         // The background tasks saw the same signal; they end at once.
         for b in self.background {
@@ -601,6 +629,17 @@ async fn gauges(
         if let Some(e) = &egress {
             metrics::gauge!(m::EGRESS_BACKLOG).set(e.backlog() as f64);
             metrics::gauge!(m::EGRESS_OLDEST_AGE_SECONDS).set(e.oldest_age().as_secs_f64());
+        }
+    }
+}
+
+/// The media worker's gauges, every second.
+async fn media_gauges(media: Arc<crate::media::Media>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => media.publish_gauges(),
         }
     }
 }

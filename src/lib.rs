@@ -16,6 +16,7 @@ pub mod egress;
 pub mod http;
 pub mod ingress;
 pub mod kafka;
+pub mod media;
 pub mod meta;
 pub mod metrics;
 pub mod numbers;

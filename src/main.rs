@@ -168,6 +168,7 @@ async fn serve(path: Option<std::path::PathBuf>, dev: bool) -> ExitCode {
         match wagate::sandbox::Sandbox::start(sb_cfg).await {
             Ok(sb) => {
                 cfg.graph.base_url = sb.base_url();
+                wagate::media::dev::seed(&sb);
                 Some(sb)
             }
             Err(e) => {
@@ -178,6 +179,10 @@ async fn serve(path: Option<std::path::PathBuf>, dev: bool) -> ExitCode {
     } else {
         None
     };
+    if dev && std::env::var_os("WAGATE_MEDIA_STORE").is_none() {
+        // --dev: media into a local folder, printed below.
+        cfg.media.store = wagate::config::MediaStore::File(wagate::media::dev::folder());
+    }
     let gw = match wagate::app::Gateway::start(cfg.clone()).await {
         Ok(g) => g,
         Err(e) => {
@@ -204,6 +209,13 @@ async fn serve(path: Option<std::path::PathBuf>, dev: bool) -> ExitCode {
             "  read records: wagate tail inbound.messages --from-beginning --brokers {}",
             cfg.kafka.connection.brokers()
         );
+        if cfg.media.enabled {
+            println!(
+                "  media:     {} (records: wagate tail inbound.media --from-beginning --brokers {})",
+                gw.media.as_ref().map(|m| m.store().describe()).unwrap_or_default(),
+                cfg.kafka.connection.brokers()
+            );
+        }
         println!("  secrets: $WAGATE_APP_SECRET / $WAGATE_VERIFY_TOKEN if set, else the development values in the README (never use --dev in production)");
     }
     wait_for_signal().await;

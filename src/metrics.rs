@@ -65,6 +65,16 @@ pub const TEMPLATES_BOOTSTRAP_SECONDS: &str = "wagate_templates_bootstrap_second
 pub const TEMPLATES_BOOTSTRAP_REMAINING: &str = "wagate_templates_bootstrap_remaining_partitions";
 pub const EGRESS_TEMPLATE_BLOCKED: &str = "wagate_egress_template_blocked_total";
 pub const TEMPLATE_CORRECTED: &str = "wagate_egress_template_category_corrections_total";
+// Inbound media (src/media/; described and zeroed there).
+pub const MEDIA_FETCHES: &str = "wagate_media_fetches_total";
+pub const MEDIA_BYTES: &str = "wagate_media_bytes_total";
+pub const MEDIA_FETCH_SECONDS: &str = "wagate_media_fetch_seconds";
+pub const MEDIA_RETRIES: &str = "wagate_media_retries_total";
+pub const MEDIA_PENDING: &str = "wagate_media_pending";
+pub const MEDIA_OLDEST_PENDING_SECONDS: &str = "wagate_media_oldest_pending_seconds";
+pub const MEDIA_SKIPPED: &str = "wagate_media_skipped_total";
+pub const MEDIA_REUSED: &str = "wagate_media_reused_total";
+pub const MEDIA_DELETED: &str = "wagate_media_deleted_total";
 
 /// Buckets for latency histograms, in seconds (0.5 ms … 10 s).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -514,6 +524,11 @@ fn describe() {
         META_API_SECONDS,
         Unit::Seconds,
         "Graph API send latency (attempt record + HTTP call)."
+    );
+    describe_histogram!(
+        MEDIA_FETCH_SECONDS,
+        Unit::Seconds,
+        "Permits, lookup, download and store of one media item."
     );
     describe_counter!(META_ERRORS, "Graph API errors by Meta error code.");
     describe_gauge!(

@@ -171,6 +171,7 @@ async fn dashboards_rules_and_exposition_hold_against_a_live_prometheus() {
     )
     .await;
     let (public, internal) = (gw.public_addr, gw.internal_addr);
+    let sb = Arc::new(sb);
 
     // Prometheus, scraping every second, with the alert rules loaded.
     let dir = std::env::temp_dir().join(format!("wagate-prom-{}", std::process::id()));
@@ -222,7 +223,7 @@ async fn dashboards_rules_and_exposition_hold_against_a_live_prometheus() {
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let load = {
-        let (stop, sent) = (stop.clone(), sent.clone());
+        let (stop, sent, sb) = (stop.clone(), sent.clone(), sb.clone());
         tokio::spawn(async move {
             let t0 = Instant::now();
             let mut i = 0u64;
@@ -242,6 +243,23 @@ async fn dashboards_rules_and_exposition_hold_against_a_live_prometheus() {
                     &[&format!("wamid.PROM-{}-0", i.max(2) - 1)],
                 );
                 post_signed(public, "/webhook", &again).await;
+                // Inbound media: stored, and every third item an id Meta
+                // no longer knows (failed), every fifth a 5xx first (retried).
+                let (media, id) = sb.inbound_media_body(
+                    "109876543210987",
+                    &format!("1415556{:04}", i % 10_000),
+                    &format!("wamid.PROM-MEDIA-{i}"),
+                    "image",
+                    vec![i as u8; 2048],
+                    "image/jpeg",
+                );
+                let fault = wagate::sandbox::media::MediaFault {
+                    expired: i % 3 == 0,
+                    lookup_5xx: u32::from(i % 5 == 0),
+                    ..Default::default()
+                };
+                sb.media().set_fault(&id, fault);
+                post_signed(public, "/webhook", &media).await;
                 if i % 10 == 0 {
                     post_signed(public, "/webhook", b"{not json").await;
                     post(public, "/webhook", b"{}", Some("sha256=00")).await;
@@ -323,6 +341,21 @@ async fn dashboards_rules_and_exposition_hold_against_a_live_prometheus() {
         }
     }
     assert!(n_rules >= 10, "alert rules loaded: {rules}");
+    // The media alert's condition holds on the live failures (every third
+    // item): the rule is pending (it fires after 15 minutes).
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = encode(r#"ALERTS{alertname="WagateMediaFetchesFailing",alertstate="pending"}"#);
+        let v = prom_get(&base, &format!("/api/v1/query?query={q}")).await;
+        if !v["data"]["result"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "WagateMediaFetchesFailing never pending: {v}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 
     // 3. Every dashboard query returns data.
     let queries = dashboard_queries(&root.join("grafana/dashboards"));

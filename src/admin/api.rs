@@ -29,6 +29,8 @@ pub struct Api {
     pub ack_timeout: Duration,
     /// Body limits of the API (`MAX_API_BODY`, the server's deadline and rate).
     pub body_limits: http::BodyLimits,
+    /// The media plane: DELETE also deletes the person's stored media.
+    pub media: Option<std::sync::Arc<crate::media::Media>>,
 }
 
 impl Api {
@@ -248,7 +250,21 @@ impl Api {
         wa_id: &str,
     ) -> Response<Body> {
         use crate::contacts::Contacts;
-        let ids = self.contacts.ids(phone_number_id, wa_id);
+        let mut ids = self.contacts.ids(phone_number_id, wa_id);
+        if !ids.iter().any(|i| i == wa_id) {
+            ids.push(wa_id.to_string());
+        }
+        // The person's stored media first, under every linked id: a 204
+        // means it is gone too (a failure is a 503, and DELETE is repeatable).
+        if let Some(media) = &self.media {
+            if let Err(e) = media.erase(phone_number_id, &ids).await {
+                tracing::warn!(error = %e, "media objects not deleted");
+                return http::unavailable(
+                    2,
+                    "the media store cannot delete the person's media now; retry",
+                );
+            }
+        }
         self.contacts.erase(phone_number_id, wa_id);
         let event_id = format!("erase:{}", crate::clock::now_ms());
         let keys: Vec<String> = ids

@@ -39,6 +39,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 
 mod env;
 mod kafka_security;
+mod media;
 mod raw;
 mod secret;
 #[cfg(test)]
@@ -46,6 +47,7 @@ mod tests;
 mod validate;
 
 pub use env::{apply_env, env_name_for};
+pub use media::{parse_store, MediaConfig, MediaStore, RawMedia, DEFAULT_MEDIA_DIR};
 pub use raw::*;
 pub use secret::Secret;
 use secret::{required_secret, secret};
@@ -101,6 +103,7 @@ pub struct Config {
     pub templates: TemplatesConfig,
     pub apps: Vec<AppConfig>,
     pub tenants: Vec<TenantConfig>,
+    pub media: MediaConfig,
 }
 
 #[derive(Debug, Clone)]

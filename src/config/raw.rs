@@ -29,6 +29,7 @@ pub struct RawConfig {
     pub apps: BTreeMap<String, RawApp>,
     /// API tenants by name.
     pub tenants: BTreeMap<String, RawTenant>,
+    pub media: RawMedia,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -298,6 +299,7 @@ impl Default for RawConfig {
             templates: RawTemplates::default(),
             apps: BTreeMap::new(),
             tenants: BTreeMap::new(),
+            media: RawMedia::default(),
         }
     }
 }

@@ -65,6 +65,7 @@ pub(super) fn validate(
     let contacts = contacts_config(&raw.contacts)?;
     let numbers = numbers(&raw.numbers)?;
     let public_url = public_url(&raw.server.public_url)?;
+    let media = super::media::media(&raw.media)?;
     let ServerConfig {
         max_body_bytes,
         header_read_timeout,
@@ -106,6 +107,7 @@ pub(super) fn validate(
         },
         apps,
         tenants,
+        media,
     })
 }
 

@@ -45,6 +45,8 @@ pub enum Kind<'a> {
     Erase,
     /// A template of the registry (`wa.templates`).
     Template,
+    /// A media item's outcome (`wa.inbound.media`).
+    Media,
 }
 
 impl<'a> Kind<'a> {
@@ -62,6 +64,7 @@ impl<'a> Kind<'a> {
             Kind::User => "user",
             Kind::Erase => "erase",
             Kind::Template => "template",
+            Kind::Media => "media",
         }
     }
 }

@@ -29,13 +29,16 @@ pub enum TopicId {
     /// Every template of every WABA served (DESIGN §14), compacted, keyed
     /// `{waba_id}:{name}:{language}`.
     Templates,
+    /// One record per inbound media item fetched (or not) into the object
+    /// store (DESIGN §13), keyed phone_number_id.
+    InboundMedia,
 }
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
 impl TopicId {
     /// How many topics there are.
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 15;
 
     pub const ALL: [TopicId; TopicId::COUNT] = [
         TopicId::InboundMessages,
@@ -52,6 +55,7 @@ impl TopicId {
         TopicId::InboundIds,
         TopicId::Numbers,
         TopicId::Templates,
+        TopicId::InboundMedia,
     ];
 
     /// The name without the prefix (`inbound.messages`).
@@ -76,6 +80,7 @@ impl TopicId {
             TopicId::InboundIds => TopicSpec::delete("inbound.ids", 2 * DAY_MS),
             TopicId::Numbers => TopicSpec::compact("numbers"),
             TopicId::Templates => TopicSpec::compact("templates"),
+            TopicId::InboundMedia => TopicSpec::delete("inbound.media", 30 * DAY_MS),
         }
     }
 

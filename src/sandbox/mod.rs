@@ -33,6 +33,7 @@ pub mod account;
 pub mod error;
 pub mod identity;
 pub mod limits;
+pub mod media;
 pub mod status;
 pub mod templates;
 pub mod validate;
@@ -333,6 +334,8 @@ struct State {
     stop: CancellationToken,
     accounts: Mutex<account::Accounts>,
     templates: Mutex<templates::Store>,
+    /// Media items: `GET /{version}/{media_id}` and their download listener.
+    media: Arc<media::MediaLibrary>,
 }
 
 /// A running sandbox. Dropping it stops the server too; [`Sandbox::shutdown`]
@@ -382,7 +385,11 @@ impl Sandbox {
             }
             _ => (None, None),
         };
+        let media_lib =
+            media::MediaLibrary::start(addr.ip(), cfg.access_tokens.clone(), stop_rx.clone())
+                .await?;
         let state = Arc::new(State {
+            media: media_lib,
             fixed: Mutex::new(cfg.fixed_errors.clone()),
             gate: Mutex::new(Gate {
                 throughput: Throughput::default(),
@@ -521,6 +528,41 @@ impl Sandbox {
         *at = (*at).max(at_unix_ms);
     }
 
+    /// The media items the sandbox serves (add them, set their faults).
+    pub fn media(&self) -> &Arc<media::MediaLibrary> {
+        &self.state.media
+    }
+
+    /// Adds `bytes` as a new media item and returns the body of a
+    /// `messages` webhook carrying it as a `kind` message (image, audio,
+    /// video, document, sticker) from `wa_id`, sent now, and its media id.
+    pub fn inbound_media_body(
+        &self,
+        phone_number_id: &str,
+        wa_id: &str,
+        wamid: &str,
+        kind: &str,
+        bytes: impl Into<bytes::Bytes>,
+        mime_type: &str,
+    ) -> (Vec<u8>, String) {
+        let now = unix_ms();
+        let id = self.state.media.next_id();
+        self.state.media.add(&id, bytes, mime_type);
+        let sha = self.state.media.sha256_hex(&id).unwrap_or_default();
+        self.record_inbound(phone_number_id, &digits(wa_id), now);
+        let body = media::inbound_media_body(media::InboundMedia {
+            phone_number_id,
+            wa_id: &digits(wa_id),
+            wamid,
+            kind,
+            media_id: &id,
+            mime_type,
+            sha256_hex: &sha,
+            at_unix_ms: now,
+        });
+        (body, id)
+    }
+
     /// Replaces the fixed errors.
     pub fn set_fixed_errors(&self, v: Vec<FixedError>) {
         *lock(&self.state.fixed) = v;
@@ -569,11 +611,39 @@ fn route(path: &str) -> Option<(&str, &str)> {
         .then_some((version, number))
 }
 
+/// `/{version}/{media_id}` (digits) → (version, media_id).
+fn media_route(path: &str) -> Option<(&str, &str)> {
+    let (version, id) = path.strip_prefix('/')?.split_once('/')?;
+    (is_version(version)
+        && !id.is_empty()
+        && id.len() <= 32
+        && id.bytes().all(|b| b.is_ascii_digit()))
+    .then_some((version, id))
+}
+
 fn roll(p: f64) -> bool {
     p > 0.0 && rand::random::<f64>() < p
 }
 
 async fn handle(st: Arc<State>, req: http::Req) -> Response<Body> {
+    // `GET /{version}/{id}` is a media item's lookup when the id is one of
+    // the library's, or when no `fields` are asked for (Meta's media
+    // lookup takes none; a number's or the doctor's always name them).
+    if req.method() == Method::GET {
+        let path = req.uri().path();
+        if let Some((version, media_id)) = media_route(path) {
+            let asks_fields = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("fields=")));
+            if st.media.sha256_hex(media_id).is_some() || !asks_fields {
+                if let Err(e) = st.authorize(req.headers(), req.uri().query()) {
+                    return e.response();
+                }
+                return st.media.lookup(version, media_id);
+            }
+        }
+    }
     let req = match account::handle(&st, req).await {
         Ok(answer) => return answer,
         Err(req) => req,

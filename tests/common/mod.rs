@@ -59,10 +59,25 @@ pub fn config(brokers: &str, prefix: &str, overrides: &[(&str, &str)]) -> config
     // A consumer group per test: groups are shared across topics, so one
     // test's members must not take part in another's rebalances.
     e.insert("WAGATE_EGRESS_GROUP_ID".into(), format!("{prefix}egress"));
+    e.insert("WAGATE_MEDIA_GROUP_ID".into(), format!("{prefix}media"));
+    e.insert("WAGATE_MEDIA_STORE".into(), media_store_for(prefix));
     for (k, v) in overrides {
         e.insert(k.to_string(), v.to_string());
     }
     config::load(None, &e, LoadOptions::default()).expect("test config")
+}
+
+/// A media folder of the test's own (`file://…/media-{prefix}` in the
+/// scratch directory).
+pub fn media_store_for(prefix: &str) -> String {
+    let dir = option_env!("CARGO_TARGET_TMPDIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    format!(
+        "file://{}/media-{}",
+        dir.display(),
+        prefix.trim_end_matches('.')
+    )
 }
 
 pub async fn create_topics(cfg: &KafkaConfig) {
@@ -94,6 +109,8 @@ pub fn gateway_process(brokers: &str, prefix: &str) -> process::GatewayProcess {
         .env("WAGATE_LISTEN", "127.0.0.1:0")
         .env("WAGATE_INTERNAL_LISTEN", "127.0.0.1:0")
         .env("WAGATE_EGRESS_GROUP_ID", format!("{prefix}egress"))
+        .env("WAGATE_MEDIA_GROUP_ID", format!("{prefix}media"))
+        .env("WAGATE_MEDIA_STORE", media_store_for(prefix))
         .env("WAGATE_LOG", "info")
 }
 

@@ -398,6 +398,11 @@ impl Gateway {
             )),
         ];
         background.extend(numbers_tasks);
+        background.push(tokio::spawn(wabas_from_numbers(
+            numbers.clone(),
+            templates.clone(),
+            rx.clone(),
+        )));
         background.extend(crate::templates::spawn(
             &cfg,
             &topics,
@@ -593,6 +598,34 @@ async fn kafka_pinger(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// The template registry learns each number's WABA from `wa.numbers` too,
+/// so an instance knows the WABA of a number whose webhooks another
+/// instance received (the registry alone learns only from its own).
+async fn wabas_from_numbers(
+    numbers: Arc<crate::numbers::Numbers>,
+    templates: Arc<crate::templates::Registry>,
+    stop: CancellationToken,
+) {
+    let mut seen = u64::MAX;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let g = numbers.generation();
+        if g == seen {
+            continue;
+        }
+        seen = g;
+        for n in numbers.all() {
+            if let Some(waba) = &n.waba_id {
+                templates.learn_number(&n.phone_number_id, waba);
+            }
         }
     }
 }

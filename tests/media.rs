@@ -37,7 +37,9 @@ fn bytes_of(n: usize, seed: u8) -> Vec<u8> {
 async fn media_records(b: &str, p: &str, want: usize, timeout: Duration) -> Vec<Value> {
     let end = Instant::now() + timeout;
     loop {
-        let recs: Vec<Value> = read_all(b, p, "inbound.media", Duration::from_millis(700))
+        // A reader's first fetch can take over a second on a broker that
+        // holds many topics: a shorter idle limit returns before it.
+        let recs: Vec<Value> = read_all(b, p, "inbound.media", Duration::from_secs(3))
             .await
             .into_iter()
             .map(|r| r.value)
@@ -588,7 +590,9 @@ async fn kill_9_mid_download_then_restart_one_record_each_objects_complete() {
     assert_eq!(r["outcome"], "stored");
     one(&by, &done_id);
     assert_eq!(recs.len(), 6, "exactly one record per item: {recs:#?}");
-    // Neither edge was downloaded.
+    // Neither edge was downloaded by the second instance: the stored object
+    // was reused (or, if the first instance reached it before the kill and
+    // recorded it, the record was found), the recorded item skipped.
     let m = String::from_utf8(
         get(&format!("http://{internal}/metrics"))
             .await
@@ -596,8 +600,10 @@ async fn kill_9_mid_download_then_restart_one_record_each_objects_complete() {
             .to_vec(),
     )
     .unwrap();
-    assert_eq!(metric_in(&m, "wagate_media_reused_total", &[]), 1.0, "{m}");
-    assert_eq!(metric_in(&m, "wagate_media_skipped_total", &[]), 1.0);
+    let reused = metric_in(&m, "wagate_media_reused_total", &[]);
+    let skipped = metric_in(&m, "wagate_media_skipped_total", &[]);
+    assert!(skipped >= 1.0, "{m}");
+    assert_eq!(reused + skipped, 2.0, "{m}");
     drop(gw);
 }
 

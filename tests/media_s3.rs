@@ -130,7 +130,7 @@ async fn media_into_s3_multipart_checksum_and_erasure() {
     }
     let end = Instant::now() + Duration::from_secs(90);
     let recs: Vec<Value> = loop {
-        let recs: Vec<Value> = read_all(&b, &p, "inbound.media", Duration::from_millis(700))
+        let recs: Vec<Value> = read_all(&b, &p, "inbound.media", Duration::from_secs(3))
             .await
             .into_iter()
             .map(|r| r.value)

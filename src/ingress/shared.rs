@@ -116,7 +116,11 @@ impl IdShare {
             wake: Notify::new(),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             failures: Default::default(),
-            records: metrics::counter!(m::DEDUPE_SHARED_RECORDS),
+            records: {
+                // Published at 0: a dashboard and an alert can rate it.
+                metrics::counter!(m::DEDUPE_SHARE_FAILURES).absolute(0);
+                metrics::counter!(m::DEDUPE_SHARED_RECORDS)
+            },
             ids: metrics::counter!(m::DEDUPE_SHARED_IDS),
         })
     }
@@ -306,7 +310,12 @@ pub fn tail(
     gauge_remaining.set(remaining(&behind, &at) as f64);
     let learned_c = metrics::counter!(m::DEDUPE_LEARNED);
     let late_c = metrics::counter!(m::DEDUPE_LATE_DUPLICATES);
-    let propagation = metrics::histogram!(m::DEDUPE_PROPAGATION_SECONDS);
+    // From other instances (the bound that matters) and this one's own
+    // records coming back (the topic's round trip, seen with one instance).
+    let propagation = [
+        metrics::histogram!(m::DEDUPE_PROPAGATION_SECONDS, "from" => "other"),
+        metrics::histogram!(m::DEDUPE_PROPAGATION_SECONDS, "from" => "self"),
+    ];
     let mut on_caught_up = Some(on_caught_up);
     let caught_up = AtomicBool::new(false);
     let mut reached = behind.is_empty();
@@ -350,6 +359,12 @@ pub fn tail(
                 }
                 records += 1;
                 if msg.key() == Some(&opts.own_key[..]) {
+                    if caught_up.load(Ordering::Relaxed) {
+                        if let Some(t) = msg.timestamp().to_millis().filter(|t| *t > 0) {
+                            let now = crate::clock::now_ms();
+                            propagation[1].record(now.saturating_sub(t as u64) as f64 / 1000.0);
+                        }
+                    }
                     continue;
                 }
                 let Some(payload) = msg.payload() else {
@@ -371,7 +386,7 @@ pub fn tail(
                     .map_or(now, |t| t as u64);
                 let live = caught_up.load(Ordering::Relaxed);
                 if live {
-                    propagation.record(now.saturating_sub(stored_at) as f64 / 1000.0);
+                    propagation[0].record(now.saturating_sub(stored_at) as f64 / 1000.0);
                 }
                 let (mut new, mut late) = (0u64, 0u64);
                 for h in hashes {

@@ -47,11 +47,7 @@ async fn api_send_is_accepted_and_status_webhooks_come_back() {
     let b = brokers();
     let p = unique_prefix("eg-api");
     // The sandbox posts status webhooks to the gateway's public port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let sb = sandbox(|c| {
         c.status_webhook = Some(wagate::sandbox::StatusWebhookConfig {
             url: format!("http://127.0.0.1:{port}/webhook"),

@@ -25,10 +25,7 @@ struct Instance {
 }
 
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 async fn spawn(brokers: &str, prefix: &str, name: &str) -> Instance {

@@ -44,10 +44,7 @@ fn config_file() -> std::path::PathBuf {
 }
 
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// One event as compared: (topic, event id) → (kind, key, received_at_ms).

@@ -17,11 +17,7 @@ async fn sigterm_under_load_loses_nothing_acknowledged() {
     let p = unique_prefix("shutdown");
     let cfg = config(&b, &p, &[]);
     create_topics(&cfg.kafka).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let child = gateway_process(&b, &p)
         .without("WAGATE_ACCESS_TOKEN")
         .env("WAGATE_LISTEN", format!("127.0.0.1:{port}"))
@@ -195,11 +191,7 @@ async fn sigterm_mid_drain_then_restart_one_result_each() {
             ids.push(id);
         }
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let child = spawn_egress(&b, &p, &sb.base_url(), port, "shutdown_egress_1.log");
     let end = Instant::now() + Duration::from_secs(60);
     while sb.accepted() < 20 {
@@ -229,11 +221,7 @@ async fn sigterm_mid_drain_then_restart_one_result_each() {
         "stopped too late: everything was sent"
     );
 
-    let port2 = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port2 = free_port();
     let mut child = spawn_egress(&b, &p, &sb.base_url(), port2, "shutdown_egress_2.log");
     let by = results(&b, &p, ids.len(), Duration::from_secs(120)).await;
     child.kill9();

@@ -679,18 +679,17 @@ async fn sandbox_media_lookup_and_short_lived_download_url() {
     assert_eq!(v["error"]["error_subcode"], 33);
 }
 
-/// `media.concurrency_per_number` bounds one number's downloads; other
-/// numbers are not held behind it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_number_concurrency_bounds_downloads() {
-    let b = brokers();
-    let p = unique_prefix("media-conc");
-    let sb = sandbox(|_| {}).await;
-    let gw =
-        gateway_with_sandbox(&b, &p, &sb, &[("WAGATE_MEDIA_CONCURRENCY_PER_NUMBER", "1")]).await;
+/// Posts `per_number` video webhooks (768 KiB each, served in slow chunks
+/// so downloads overlap) for each of `numbers`; returns how many.
+async fn post_slow_videos(
+    sb: &Sandbox,
+    gw: &wagate::app::Gateway,
+    numbers: &[&str],
+    per_number: usize,
+) -> usize {
     let mut n = 0;
-    for number in ["300000000000001", "300000000000002"] {
-        for i in 0..3 {
+    for number in numbers {
+        for i in 0..per_number {
             let (body, id) = sb.inbound_media_body(
                 number,
                 &format!("141555502{i}0"),
@@ -710,11 +709,55 @@ async fn per_number_concurrency_bounds_downloads() {
             n += 1;
         }
     }
+    n
+}
+
+/// `media.concurrency_per_number` bounds one number's downloads; other
+/// numbers are not held behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_number_concurrency_bounds_downloads() {
+    let b = brokers();
+    let p = unique_prefix("media-conc");
+    let sb = sandbox(|_| {}).await;
+    let gw =
+        gateway_with_sandbox(&b, &p, &sb, &[("WAGATE_MEDIA_CONCURRENCY_PER_NUMBER", "1")]).await;
+    let n = post_slow_videos(&sb, &gw, &["300000000000001", "300000000000002"], 3).await;
     let recs = media_records(&b, &p, n, Duration::from_secs(60)).await;
     assert_eq!(recs.len(), n);
     assert!(recs.iter().all(|r| r["outcome"] == "stored"), "{recs:#?}");
     let max = sb.media().max_concurrent_downloads();
     assert!(max <= 2, "one download per number at most: {max} at once");
     assert_eq!(max, 2, "the two numbers were fetched side by side");
+    assert!(gw.shutdown().await);
+}
+
+/// `media.concurrency` bounds the process's downloads across numbers, and
+/// is reached: three numbers with room for four each, two at once in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_concurrency_bounds_downloads_across_numbers() {
+    let b = brokers();
+    let p = unique_prefix("media-gconc");
+    let sb = sandbox(|_| {}).await;
+    let gw = gateway_with_sandbox(
+        &b,
+        &p,
+        &sb,
+        &[
+            ("WAGATE_MEDIA_CONCURRENCY", "2"),
+            ("WAGATE_MEDIA_CONCURRENCY_PER_NUMBER", "4"),
+        ],
+    )
+    .await;
+    let numbers = ["300000000000011", "300000000000012", "300000000000013"];
+    let n = post_slow_videos(&sb, &gw, &numbers, 2).await;
+    let recs = media_records(&b, &p, n, Duration::from_secs(60)).await;
+    assert_eq!(recs.len(), n);
+    assert!(recs.iter().all(|r| r["outcome"] == "stored"), "{recs:#?}");
+    let max = sb.media().max_concurrent_downloads();
+    assert!(
+        max <= 2,
+        "two downloads in the process at most: {max} at once"
+    );
+    assert_eq!(max, 2, "the limit was reached");
     assert!(gw.shutdown().await);
 }

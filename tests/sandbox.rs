@@ -1455,3 +1455,119 @@ async fn account_endpoints_and_controls() {
     );
     sb.shutdown().await;
 }
+
+/// The HTTP template control: a paused template refused with #132015, then
+/// approved over HTTP (the signed `message_template_status_update` posted)
+/// and sendable; a category change posts `template_category_update`; an
+/// unknown template is 404 #100, a body naming neither field 400 #100, and
+/// a call without a token 401 #190.
+#[tokio::test]
+async fn templates_change_over_http_and_post_their_webhooks() {
+    use wagate::sandbox::account::WABA_ID;
+    const SECRET: &str = "sandbox-template-secret";
+    let rx = Receiver::start(SECRET, 0).await;
+    let sb = start(SandboxConfig {
+        status_webhook: Some(StatusWebhookConfig {
+            url: format!("http://{}/webhook", rx.addr),
+            app_secret: SECRET.into(),
+            // No status webhooks: only the template webhooks arrive.
+            statuses: vec![],
+            delay: Duration::from_millis(1),
+        }),
+        templates: Some(wagate::sandbox::dev_templates()),
+        ..config()
+    })
+    .await;
+    let c = client();
+    let paused = |to: &str| {
+        json!({"messaging_product": "whatsapp", "to": to, "type": "template",
+               "template": {"name": "spring_sale_2026", "language": {"code": "en_US"}}})
+    };
+    assert_meta_error(
+        &send(&c, &sb, NUMBER, &paused("+14155550123")).await,
+        StatusCode::BAD_REQUEST,
+        132015,
+    );
+    let ctl = |name: &str, lang: &str| {
+        format!(
+            "http://{}/_sandbox/wabas/{WABA_ID}/templates/{name}/{lang}",
+            sb.addr()
+        )
+    };
+    let a = request(
+        &c,
+        "POST",
+        &ctl("spring_sale_2026", "en_US"),
+        Some(TOKEN),
+        br#"{"status":"approved"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.json);
+    assert_eq!(a.json["webhook_delivered"], true, "{}", a.json);
+    let t = sb
+        .templates()
+        .into_iter()
+        .find(|t| t.name == "spring_sale_2026")
+        .expect("in the library");
+    assert_eq!(t.status, "APPROVED");
+    // The webhook: signed, the WABA's entry, Meta's field and event.
+    let bodies = rx.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(*rx.bad_signatures.lock().expect("lock"), 0);
+    let change = &bodies[0]["entry"][0]["changes"][0];
+    assert_eq!(bodies[0]["entry"][0]["id"], WABA_ID);
+    assert_eq!(change["field"], "message_template_status_update");
+    assert_eq!(change["value"]["event"], "APPROVED");
+    assert_eq!(change["value"]["message_template_name"], "spring_sale_2026");
+    assert_eq!(change["value"]["message_template_language"], "en_US");
+    let a = send(&c, &sb, NUMBER, &paused("+14155550124")).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.json);
+
+    // A category change.
+    let a = request(
+        &c,
+        "POST",
+        &ctl("order_shipped", "pt_BR"),
+        Some(TOKEN),
+        br#"{"category":"marketing"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(a.json["webhook_delivered"], true, "{}", a.json);
+    let bodies = rx.wait_for(2, Duration::from_secs(10)).await;
+    let change = &bodies
+        .iter()
+        .find(|b| b["entry"][0]["changes"][0]["field"] == "template_category_update")
+        .expect("a category webhook")["entry"][0]["changes"][0];
+    assert_eq!(change["value"]["new_category"], "MARKETING");
+    assert_eq!(change["value"]["previous_category"], "UTILITY");
+
+    // Refusals.
+    let a = request(
+        &c,
+        "POST",
+        &ctl("no_such_template", "en_US"),
+        Some(TOKEN),
+        br#"{"status":"PAUSED"}"#.to_vec(),
+    )
+    .await;
+    assert_meta_error(&a, StatusCode::NOT_FOUND, 100);
+    let a = request(
+        &c,
+        "POST",
+        &ctl("order_shipped", "en_US"),
+        Some(TOKEN),
+        br#"{"paused":true}"#.to_vec(),
+    )
+    .await;
+    assert_meta_error(&a, StatusCode::BAD_REQUEST, 100);
+    let a = request(
+        &c,
+        "POST",
+        &ctl("order_shipped", "en_US"),
+        None,
+        br#"{"status":"PAUSED"}"#.to_vec(),
+    )
+    .await;
+    assert_meta_error(&a, StatusCode::UNAUTHORIZED, 190);
+    assert_eq!(rx.bodies().len(), 2, "refused calls post nothing");
+    sb.shutdown().await;
+}

@@ -648,6 +648,10 @@ async fn handle(st: Arc<State>, req: http::Req) -> Response<Body> {
         Ok(answer) => return answer,
         Err(req) => req,
     };
+    let req = match templates::control(&st, req).await {
+        Ok(answer) => return answer,
+        Err(req) => req,
+    };
     if req.method() == Method::POST {
         st.attempts.fetch_add(1, Ordering::Relaxed);
     }

@@ -273,7 +273,103 @@ impl Sandbox {
         language: &str,
         status: &str,
     ) -> bool {
-        let Some(t) = self.change(name, language, |t| t.status = status.to_string()) else {
+        self.state
+            .set_template_status(waba, name, language, status)
+            .await
+    }
+
+    /// Sets a template's category, then posts `template_category_update`.
+    pub async fn set_template_category(
+        &self,
+        waba: &str,
+        name: &str,
+        language: &str,
+        category: &str,
+    ) -> bool {
+        self.state
+            .set_template_category(waba, name, language, category)
+            .await
+    }
+}
+
+/// `POST /_sandbox/wabas/{waba_id}/templates/{name}/{language}` with
+/// `{"status":"APPROVED"}` and/or `{"category":"MARKETING"}`: the control
+/// `--dev` users and scripts drive over HTTP (the tests call the methods).
+/// Each change is made, then its webhook posted (status first). Answers
+/// `{"success":true,"webhook_delivered":…}`; an unknown template is #100
+/// (404), a body without either field #100 (400). `Err` gives the request
+/// back when the path is not this control's.
+pub(super) async fn control(
+    st: &State,
+    req: http::Req,
+) -> Result<hyper::Response<Body>, http::Req> {
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (waba, name, language) = match parts.as_slice() {
+        ["_sandbox", "wabas", waba, "templates", name, language]
+            if req.method() == hyper::Method::POST
+                && !waba.is_empty()
+                && waba.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            (waba.to_string(), name.to_string(), language.to_string())
+        }
+        _ => return Err(req),
+    };
+    if let Err(e) = st.authorize(req.headers(), req.uri().query()) {
+        return Ok(e.response());
+    }
+    let body: Value = match super::read_body(req).await {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or(Value::Null),
+        Err(e) => return Ok(e.response()),
+    };
+    let field = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_string);
+    let (status, category) = (field("status"), field("category"));
+    if status.is_none() && category.is_none() {
+        return Ok(GraphError::new(
+            100,
+            "The body must be a JSON object with \"status\" and/or \"category\" strings.",
+        )
+        .response());
+    }
+    if st.change_template(&name, &language, |_| {}).is_none() {
+        return Ok(GraphError::new(
+            100,
+            format!("No template {name} ({language}) in the sandbox's library."),
+        )
+        .with_status(StatusCode::NOT_FOUND)
+        .response());
+    }
+    let mut delivered = true;
+    if let Some(s) = status {
+        delivered &= st
+            .set_template_status(&waba, &name, &language, &s.to_ascii_uppercase())
+            .await;
+    }
+    if let Some(c) = category {
+        delivered &= st.set_template_category(&waba, &name, &language, &c).await;
+    }
+    Ok(http::json(
+        StatusCode::OK,
+        serde_json::to_vec(&json!({"success": true, "webhook_delivered": delivered}))
+            .unwrap_or_default(),
+    ))
+}
+
+impl State {
+    /// Sets a template's status, then posts the signed
+    /// `message_template_status_update` (event = `status`) for `waba` to the
+    /// status webhook URL. True once the gateway answered 200; false when
+    /// the template is not in the library, no webhook URL is configured,
+    /// or the webhook was not accepted.
+    pub(super) async fn set_template_status(
+        &self,
+        waba: &str,
+        name: &str,
+        language: &str,
+        status: &str,
+    ) -> bool {
+        let Some(t) = self.change_template(name, language, |t| t.status = status.to_string())
+        else {
             return false;
         };
         let value = json!({
@@ -289,7 +385,7 @@ impl Sandbox {
     }
 
     /// Sets a template's category, then posts `template_category_update`.
-    pub async fn set_template_category(
+    pub(super) async fn set_template_category(
         &self,
         waba: &str,
         name: &str,
@@ -297,7 +393,7 @@ impl Sandbox {
         category: &str,
     ) -> bool {
         let mut previous = String::new();
-        let Some(t) = self.change(name, language, |t| {
+        let Some(t) = self.change_template(name, language, |t| {
             previous = std::mem::replace(&mut t.category, category.to_ascii_uppercase())
         }) else {
             return false;
@@ -313,13 +409,13 @@ impl Sandbox {
             .await
     }
 
-    fn change(
+    pub(super) fn change_template(
         &self,
         name: &str,
         language: &str,
         f: impl FnOnce(&mut SandboxTemplate),
     ) -> Option<SandboxTemplate> {
-        let mut store = lock(&self.state.templates);
+        let mut store = lock(&self.templates);
         let t = store
             .list
             .as_mut()?
@@ -330,7 +426,7 @@ impl Sandbox {
     }
 
     async fn post_template_webhook(&self, waba: &str, field: &str, value: Value) -> bool {
-        let Some(cfg) = &self.state.cfg.status_webhook else {
+        let Some(cfg) = &self.cfg.status_webhook else {
             return false;
         };
         let Ok(uri) = status::check_config(cfg) else {
@@ -350,7 +446,7 @@ impl Sandbox {
             serde_json::to_vec(&body).unwrap_or_default(),
         )
         .await;
-        let c = &self.state.webhook_counters;
+        let c = &self.webhook_counters;
         if ok {
             c.delivered.fetch_add(1, Ordering::Relaxed);
         } else {

@@ -56,7 +56,7 @@ pub mod metrics {
         describe_counter!(REUSED, "Media items found stored and verified (a crash before the record), not downloaded again.");
         describe_counter!(
             DELETED,
-            "Media objects deleted, by reason (retention, erasure)."
+            "Media objects deleted, by reason (retention, erasure, staging: files of uploads a crash cut in a directory store)."
         );
         counter!(FETCHES, "outcome" => "stored", "reason" => "none").absolute(0);
         for r in super::record::FAIL_REASONS {
@@ -78,6 +78,7 @@ pub mod metrics {
         }
         counter!(DELETED, "reason" => "retention").absolute(0);
         counter!(DELETED, "reason" => "erasure").absolute(0);
+        counter!(DELETED, "reason" => "staging").absolute(0);
     }
 }
 

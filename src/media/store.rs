@@ -37,6 +37,9 @@ pub struct Store {
     prefix: Vec<String>,
     /// Local directories cannot keep a content type.
     local: bool,
+    /// A directory store's directory: its staging files are swept by hand
+    /// (object_store never lists them).
+    dir: Option<std::path::PathBuf>,
     part_size: usize,
 }
 
@@ -63,6 +66,7 @@ impl Store {
                         .to_string(),
                     prefix: Vec::new(),
                     local: true,
+                    dir: Some(dir.clone()),
                     part_size: cfg.part_size,
                 })
             }
@@ -84,6 +88,7 @@ impl Store {
                         .map(str::to_string)
                         .collect(),
                     local: false,
+                    dir: None,
                     part_size: cfg.part_size,
                 })
             }
@@ -196,13 +201,31 @@ impl Store {
     }
 
     /// Deletes every object of one user of one number; returns how many.
+    /// In a directory store, the staging files of uploads under that user
+    /// go too, whatever their age (they hold the person's bytes); an upload
+    /// still running then fails and is retried.
     pub async fn delete_user(
         &self,
         phone_number_id: &str,
         user: &str,
     ) -> Result<usize, object_store::Error> {
         let prefix = self.path_of(&[phone_number_id, user]);
-        self.delete_where(&prefix, |_| true).await
+        let n = self.delete_where(&prefix, |_| true).await?;
+        if let Some(dir) = &self.dir {
+            let under = dir.join(phone_number_id).join(user);
+            let _ = remove_staging(under, None).await;
+        }
+        Ok(n)
+    }
+
+    /// In a directory store: deletes the staging files (`NAME#N`, the
+    /// uploads a crash cut) last modified before `cutoff`; returns how many.
+    /// Nothing to do for S3 (its lifecycle rule drops incomplete uploads).
+    pub async fn sweep_staging(&self, cutoff: SystemTime) -> std::io::Result<usize> {
+        match &self.dir {
+            Some(dir) => remove_staging(dir.clone(), Some(cutoff)).await,
+            None => Ok(0),
+        }
     }
 
     /// Deletes every object last modified before `cutoff`; returns how many.
@@ -296,5 +319,154 @@ impl ObjectWriter {
                 tracing::warn!(error = %e, "media: aborting a multipart upload failed (the store's lifecycle rules should drop incomplete uploads)");
             }
         }
+    }
+}
+
+/// Whether `name` is an object_store staging file's: `NAME#N`, N digits.
+/// Object names here never hold a `#` (ids are digits or BSUIDs).
+fn is_staging(name: &str) -> bool {
+    name.rsplit_once('#').is_some_and(|(base, n)| {
+        !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+/// Removes the staging files under `root` (recursively; symbolic links are
+/// not followed) modified before `cutoff` (None: any). A missing `root` is
+/// no error.
+async fn remove_staging(
+    root: std::path::PathBuf,
+    cutoff: Option<SystemTime>,
+) -> std::io::Result<usize> {
+    tokio::task::spawn_blocking(move || {
+        let mut n = 0;
+        let mut dirs = vec![root];
+        while let Some(d) = dirs.pop() {
+            let entries = match std::fs::read_dir(&d) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for e in entries {
+                let e = e?;
+                let kind = e.file_type()?;
+                if kind.is_dir() {
+                    dirs.push(e.path());
+                    continue;
+                }
+                if !kind.is_file() || !is_staging(&e.file_name().to_string_lossy()) {
+                    continue;
+                }
+                let old = match cutoff {
+                    None => true,
+                    Some(c) => e.metadata()?.modified()? < c,
+                };
+                if old {
+                    match std::fs::remove_file(e.path()) {
+                        Ok(()) => n += 1,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(n)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn dir_store(dir: &std::path::Path) -> Store {
+        let env: std::collections::BTreeMap<String, String> = [
+            ("WAGATE_APP_SECRET", "s"),
+            ("WAGATE_VERIFY_TOKEN", "v"),
+            ("WAGATE_API_TOKEN", "t"),
+            ("WAGATE_ACCESS_TOKEN", "a"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .chain([(
+            "WAGATE_MEDIA_STORE".to_string(),
+            format!("file://{}", dir.display()),
+        )])
+        .collect();
+        let c = crate::config::load(None, &env, crate::config::LoadOptions::default()).unwrap();
+        Store::new(&c.media).unwrap()
+    }
+
+    fn file(dir: &std::path::Path, rel: &str, age: Duration) -> std::path::PathBuf {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, b"bytes").unwrap();
+        let f = std::fs::File::options().write(true).open(&p).unwrap();
+        f.set_modified(SystemTime::now() - age).unwrap();
+        p
+    }
+
+    #[test]
+    fn staging_names() {
+        assert!(is_staging("1234567890#1"));
+        assert!(is_staging("1234567890#42"));
+        assert!(!is_staging("1234567890"));
+        assert!(!is_staging("1234567890#"));
+        assert!(!is_staging("#1"));
+        assert!(!is_staging("1234567890#1a"));
+    }
+
+    /// The staging sweep removes staging files a day old and nothing else;
+    /// erasure removes the person's staging files whatever their age, and
+    /// no one else's.
+    #[tokio::test]
+    async fn staging_files_are_swept_when_old_and_erased_with_their_person() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let day = Duration::from_secs(86_400);
+        let object = file(d, "100/15550001/9001", 2 * day);
+        let old = file(d, "100/15550001/9002#1", 2 * day);
+        let fresh = file(d, "100/15550001/9003#1", Duration::from_secs(60));
+        let other = file(d, "100/15550002/9004#2", Duration::from_secs(60));
+        let store = dir_store(d);
+        let n = store.sweep_staging(SystemTime::now() - day).await.unwrap();
+        assert_eq!(n, 1);
+        assert!(!old.exists());
+        assert!(object.exists() && fresh.exists() && other.exists());
+        // Erasure of user 15550001: its object and its fresh staging file.
+        assert_eq!(store.delete_user("100", "15550001").await.unwrap(), 1);
+        assert!(!object.exists() && !fresh.exists());
+        assert!(other.exists(), "another person's upload is left alone");
+        // A store without a directory yet: nothing to sweep, no error.
+        let gone = d.join("not-yet");
+        let s2 = dir_store(&gone);
+        std::fs::remove_dir_all(&gone).unwrap();
+        assert_eq!(s2.sweep_staging(SystemTime::now()).await.unwrap(), 0);
+    }
+
+    /// The names `is_staging` looks for are object_store's own: an upload
+    /// that a crash cut (its drop never ran) leaves exactly such a file,
+    /// and the sweep removes it.
+    #[tokio::test]
+    async fn an_upload_cut_by_a_crash_leaves_a_staging_file_the_sweep_removes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = dir_store(tmp.path());
+        let path = store.path_of(&["100", "15550001", "9005"]);
+        let mut up = store.inner.put_multipart(&path).await.unwrap();
+        up.put_part(PutPayload::from(vec![7u8; 1024]))
+            .await
+            .unwrap();
+        std::mem::forget(up);
+        let user = tmp.path().join("100/15550001");
+        let names: Vec<String> = std::fs::read_dir(&user)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(is_staging(&names[0]), "{names:?}");
+        let later = SystemTime::now() + std::time::Duration::from_secs(1);
+        assert_eq!(store.sweep_staging(later).await.unwrap(), 1);
+        assert_eq!(std::fs::read_dir(&user).unwrap().count(), 0);
     }
 }

@@ -693,11 +693,19 @@ impl Media {
         Ok(n)
     }
 
-    /// The sweep, every `sweep_interval` until `stop`.
+    /// A directory store's staging files older than [`STAGING_MAX_AGE`]:
+    /// uploads a crash cut (no upload runs that long: a fetch is bounded by
+    /// `media.fetch_timeout_ms`).
+    pub async fn sweep_staging_once(&self) -> std::io::Result<usize> {
+        let cutoff = std::time::SystemTime::now() - STAGING_MAX_AGE;
+        let n = self.store.sweep_staging(cutoff).await?;
+        metrics::counter!(mm::DELETED, "reason" => "staging").increment(n as u64);
+        Ok(n)
+    }
+
+    /// The sweeps, every `sweep_interval` until `stop`: retention (when
+    /// `retention_days` is set) and a directory store's staging files.
     pub async fn sweep_loop(self: Arc<Self>, stop: CancellationToken) {
-        if self.cfg.retention.is_none() {
-            return;
-        }
         let mut tick = tokio::time::interval(self.cfg.sweep_interval);
         loop {
             tokio::select! {
@@ -709,9 +717,18 @@ impl Media {
                 Ok(n) => tracing::info!(deleted = n, "media: retention sweep"),
                 Err(e) => tracing::warn!(error = %e, "media: retention sweep failed"),
             }
+            match self.sweep_staging_once().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "media: staging files of cut uploads removed"),
+                Err(e) => tracing::warn!(error = %e, "media: staging sweep failed"),
+            }
         }
     }
 }
+
+/// Age after which a directory store's staging file is an upload a crash
+/// cut, and is removed by the sweep.
+pub const STAGING_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 fn store_retry(e: object_store::Error) -> FetchError {
     FetchError::Retry {

@@ -745,6 +745,20 @@ impl Receiver {
     }
 }
 
+/// The sandbox's webhook counters once `delivered` reached `n` (or after
+/// 5 s): a body reaches the receiver just before the sandbox reads the 200
+/// and counts it.
+async fn settled_stats(sb: &Sandbox, n: u64) -> WebhookStats {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = sb.webhook_stats();
+        if s.delivered >= n || Instant::now() > end {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn status(s: StatusCode) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = s;
@@ -831,7 +845,7 @@ async fn status_webhooks_arrive_signed_in_order_with_the_opaque_data() {
         assert!(st.get("biz_opaque_callback_data").is_none(), "{st}");
     }
     assert_eq!(
-        sb.webhook_stats(),
+        settled_stats(&sb, 6).await,
         WebhookStats {
             delivered: 6,
             failed: 0,
@@ -1142,7 +1156,7 @@ async fn statuses_of_a_username_user_carry_the_bsuid_only() {
         assert_eq!(st["recipient_id"], "14155550123");
         assert_eq!(st["recipient_user_id"], other.as_str());
     }
-    assert_eq!(sb.webhook_stats().delivered, 9);
+    assert_eq!(settled_stats(&sb, 9).await.delivered, 9);
     sb.shutdown().await;
     rx.task.abort();
 }
@@ -1458,7 +1472,7 @@ async fn account_endpoints_and_controls() {
 
 /// The HTTP template control: a paused template refused with #132015, then
 /// approved over HTTP (the signed `message_template_status_update` posted)
-/// and sendable; a category change posts `template_category_update`; an
+/// and sendable; a wrong body parameter count is #132000; a category change posts `template_category_update`; an
 /// unknown template is 404 #100, a body naming neither field 400 #100, and
 /// a call without a token 401 #190.
 #[tokio::test]
@@ -1481,7 +1495,9 @@ async fn templates_change_over_http_and_post_their_webhooks() {
     let c = client();
     let paused = |to: &str| {
         json!({"messaging_product": "whatsapp", "to": to, "type": "template",
-               "template": {"name": "spring_sale_2026", "language": {"code": "en_US"}}})
+               "template": {"name": "spring_sale_2026", "language": {"code": "en_US"},
+                            "components": [{"type": "body", "parameters": [
+                                {"type": "text", "text": "20%"}, {"type": "text", "text": "Sunday"}]}]}})
     };
     assert_meta_error(
         &send(&c, &sb, NUMBER, &paused("+14155550123")).await,
@@ -1520,6 +1536,24 @@ async fn templates_change_over_http_and_post_their_webhooks() {
     assert_eq!(change["value"]["message_template_name"], "spring_sale_2026");
     assert_eq!(change["value"]["message_template_language"], "en_US");
     let a = send(&c, &sb, NUMBER, &paused("+14155550124")).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.json);
+
+    // Another number of body parameters than placeholders: #132000.
+    let reminder = |params: &[&str]| {
+        let ps: Vec<Value> = params
+            .iter()
+            .map(|p| json!({"type": "text", "text": p}))
+            .collect();
+        json!({"messaging_product": "whatsapp", "to": "+14155550125", "type": "template",
+               "template": {"name": "appointment_reminder", "language": {"code": "en_US"},
+                            "components": [{"type": "body", "parameters": ps}]}})
+    };
+    assert_meta_error(
+        &send(&c, &sb, NUMBER, &reminder(&["Ana"])).await,
+        StatusCode::BAD_REQUEST,
+        132000,
+    );
+    let a = send(&c, &sb, NUMBER, &reminder(&["Ana", "Monday 10:00"])).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.json);
 
     // A category change.

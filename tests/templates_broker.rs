@@ -409,10 +409,18 @@ async fn without_knowledge_sends_proceed_and_a_restart_reads_the_registry_back()
                 None,
                 1,
             ),
+            tpl(
+                "no-waba-wrong-params",
+                "109876543210989",
+                "order_shipped",
+                "en_US",
+                Some("utility"),
+                3,
+            ),
         ],
     )
     .await;
-    let by = results(&b, &p, 5, Duration::from_secs(30)).await;
+    let by = results(&b, &p, 6, Duration::from_secs(30)).await;
     assert_eq!(
         code(one(&by, "paused-after-restart")),
         "template_not_approved"
@@ -424,6 +432,10 @@ async fn without_knowledge_sends_proceed_and_a_restart_reads_the_registry_back()
         assert_eq!(r["outcome"], "failed", "{r}");
         assert_eq!(code(r), 132001, "{r}");
     }
+    // Wrong parameter count, no knowledge: sent, and Meta answers 132000.
+    let r = one(&by, "no-waba-wrong-params");
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert_eq!(code(r), 132000, "{r}");
     let r = one(&by, "no-waba-no-category");
     assert_eq!(
         (r["outcome"].as_str(), code(r)),
@@ -463,7 +475,7 @@ async fn without_knowledge_sends_proceed_and_a_restart_reads_the_registry_back()
         )],
     )
     .await;
-    let by = results(&b, &p, 6, Duration::from_secs(30)).await;
+    let by = results(&b, &p, 7, Duration::from_secs(30)).await;
     assert_eq!(one(&by, "known-ok")["outcome"], "accepted");
     gw.shutdown().await;
 }

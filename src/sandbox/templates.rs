@@ -2,7 +2,8 @@
 //! every WABA id, `GET /{version}/{waba_id}/message_templates` paged like
 //! Meta (`limit`, `after` cursors, `paging.next`, `fields`), template sends
 //! refused like Meta when the template is missing (#132001), paused
-//! (#132015), disabled (#132016) or otherwise not approved (#132001), and
+//! (#132015), disabled (#132016) or otherwise not approved (#132001), or
+//! given another number of body parameters than its placeholders (#132000), and
 //! controls for tests: change a template's status or category (the sandbox
 //! then posts the signed `message_template_status_update` /
 //! `template_category_update` webhook to the gateway, as it posts status
@@ -233,11 +234,50 @@ pub(super) fn send_error(st: &State, body: &Value) -> Option<i64> {
         return Some(132001);
     };
     match found.status.as_str() {
-        "APPROVED" => None,
+        "APPROVED" => (body_params(t) != body_placeholders(&found.components)).then_some(132000),
         "PAUSED" => Some(132015),
         "DISABLED" => Some(132016),
         _ => Some(132001),
     }
+}
+
+/// The body parameters a send gives (`components[type=body].parameters`).
+fn body_params(template: &Value) -> usize {
+    template
+        .get("components")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|c| {
+            c.get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.eq_ignore_ascii_case("body"))
+        })
+        .filter_map(|c| c.get("parameters").and_then(Value::as_array))
+        .map(Vec::len)
+        .sum()
+}
+
+/// The distinct `{{…}}` placeholders of a template's BODY text: Meta
+/// answers #132000 when a send gives another number of body parameters
+/// (the sandbox checks the body only).
+fn body_placeholders(components: &Value) -> usize {
+    let text = components
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some("BODY"))
+        .and_then(|c| c.get("text").and_then(Value::as_str))
+        .unwrap_or("");
+    let mut names: Vec<&str> = text
+        .split("{{")
+        .skip(1)
+        .filter_map(|part| part.split_once("}}").map(|(name, _)| name.trim()))
+        .filter(|name| !name.is_empty())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names.len()
 }
 
 impl Sandbox {

@@ -321,7 +321,8 @@ async fn a_portfolio_without_a_limit_follows_metas_messaging_limit() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let reqs = templates("tier", n, 52);
     common::produce_requests(&brokers, &prefix, &reqs).await;
-    let by = common::results(&brokers, &prefix, 52, Duration::from_secs(40)).await;
+    let by = common::results(&brokers, &prefix, 52, Duration::from_secs(90)).await;
+    assert_eq!(by.len(), 52, "a result for every request within 90 s");
     let blocked: Vec<&Value> = by
         .values()
         .map(|v| &v[0])

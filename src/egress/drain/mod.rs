@@ -254,6 +254,10 @@ impl Egress {
                     if assigned.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         self.load_history().await;
                     }
+                    // The history load can hold this loop for seconds, past
+                    // commit ticks: tiers learnt meanwhile apply before the
+                    // first record is read.
+                    self.follow_tiers(&mut tiers_seen);
                     self.start_readers(queues, &readers, &lanes);
                 }
                 // Records fetched before their partition was split (rare):
@@ -269,6 +273,7 @@ impl Egress {
                     };
                     if assigned.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         self.load_history().await;
+                        self.follow_tiers(&mut tiers_seen);
                     }
                     let permit = self.buffered.clone().try_acquire_owned().ok();
                     let _r = readers.lock().unwrap();
